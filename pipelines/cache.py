@@ -1,0 +1,254 @@
+"""Every loaded model lives here, once.
+
+Sources (`--model` / `--depth-model`):
+- `bundled` (the default): `models/micro` when it is present; before that, a tiny
+  random-weight checkpoint built from configs into the Stepwise cache folder and
+  labelled untrained.
+- a local diffusers folder;
+- a Hugging Face hub repo id, loaded through the HF cache. `HF_HUB_OFFLINE=1` is
+  honoured; a model that is neither cached nor downloadable gives `ModelLoadError`
+  naming the model and how to provide it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderTiny,
+    DiffusionPipeline,
+    StableDiffusionDepth2ImgPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import DPTForDepthEstimation, DPTImageProcessor
+
+from .devices import memory_bytes, pick_device, pick_dtype, use_fastest_attention
+from .previews import LatentRGB, VAEDecoder, latent_rgb_for
+from .tiny import UNTRAINED_MARKER, save_tiny_checkpoint
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = "bundled"
+BUNDLED_FOLDER = REPO_ROOT / "models" / "micro"
+DEPTH_UNET, DEPTH_ESTIMATOR, TINY_VAE = "depth_unet", "depth_estimator", "tiny_vae"  # bundled-layout subfolders
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to do about it."""
+
+
+def stepwise_cache_dir() -> Path:
+    return Path(os.environ.get("STEPWISE_CACHE", Path.home() / ".cache" / "stepwise"))
+
+
+def bundled_folder() -> Path:
+    """models/micro once it is trained; until then a tiny random checkpoint."""
+    if (BUNDLED_FOLDER / "model_index.json").is_file():
+        return BUNDLED_FOLDER
+    folder = stepwise_cache_dir() / "untrained-tiny"
+    if not (folder / "model_index.json").is_file():
+        log.info("building the untrained tiny default model in %s", folder)
+        save_tiny_checkpoint(folder)
+    return folder
+
+
+def resolve_local(source: str) -> Path | None:
+    """The local folder a source names, or None for a hub repo id."""
+    if source == BUNDLED:
+        return bundled_folder()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"{source!r} is a folder but not a diffusers pipeline (it has no model_index.json)")
+        return path
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ModelLoadError(
+            f"model {source!r} is neither a local folder nor a hub repo id like 'org/name'; "
+            "pass an existing folder or a repo id"
+        )
+    return None
+
+
+def param_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the distinct parameters and buffers of `modules` (shared tensors count once)."""
+    seen: dict[int, int] = {}
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@dataclass
+class Checkpoint:
+    """One loaded checkpoint and every pipeline built on its modules."""
+
+    source: str
+    folder: Path | None
+    pipelines: dict[str, DiffusionPipeline]
+    latent_rgb: LatentRGB
+    untrained: bool
+    tiny_vae: VAEDecoder | None = None
+    attention: str = "sdpa"
+    extra_modules: list[torch.nn.Module] = field(default_factory=list)
+
+    @property
+    def base(self) -> DiffusionPipeline:
+        return next(iter(self.pipelines.values()))
+
+    def nbytes(self) -> int:
+        modules = [m for p in self.pipelines.values() for m in p.components.values() if isinstance(m, torch.nn.Module)]
+        return param_bytes(*modules, *self.extra_modules)
+
+
+class ModelCache:
+    """Loads each checkpoint once and hands out pipelines that share its modules.
+
+    - Sharing: img2img is `from_pipe` of txt2img, so both hold the very same
+      UNet, VAE and text encoder. A bundled-layout depth model reuses its family's
+      VAE, text encoder and tokenizer and adds only its depth UNet and estimator.
+    - Key: (source, device, dtype).
+    - Lock: one re-entrant lock around lookups and loads, so two requests for a
+      cold model load it once. Runs use the pipelines outside the lock.
+    - Running: `run_lock` lets one run use the device at a time (the UI also
+      serializes GPU events in one Gradio concurrency group).
+    - Eviction: least recently used first, once the parameter bytes of all
+      entries pass `budget_bytes` (default: half the device's memory). The entry
+      just asked for always stays. A run that still holds an evicted pipeline
+      keeps it alive until it ends.
+    - Device: cuda, then mps, then cpu; dtype fp16 on CUDA, else fp32; SDPA
+      attention, xformers only where it is installed and runs on the device.
+    """
+
+    def __init__(self, device: str | None = None, dtype: str | None = None, budget_bytes: int | None = None,
+                 tiny_vae: str | None = None):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        self.budget_bytes = budget_bytes if budget_bytes is not None else memory_bytes(self.device) // 2
+        self.tiny_vae_source = tiny_vae
+        self._entries: OrderedDict[tuple, Checkpoint] = OrderedDict()
+        self._lock = threading.RLock()
+        self.run_lock = threading.Lock()
+
+    # -- public -------------------------------------------------------------
+    def pipeline(self, mode: str, source: str = BUNDLED) -> DiffusionPipeline:
+        """The shared pipeline for `mode` ("txt2img", "img2img", "depth2img")."""
+        with self._lock:
+            entry = self.checkpoint(source, depth=mode == "depth2img")
+            if mode not in entry.pipelines:
+                entry.pipelines[mode] = self._derive(entry, mode)
+            return entry.pipelines[mode]
+
+    def checkpoint(self, source: str = BUNDLED, depth: bool = False) -> Checkpoint:
+        key = (source, str(self.device), self.dtype)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._load(source, depth)
+                self._entries[key] = entry
+                self._evict(keep=key)
+            self._entries.move_to_end(key)
+            return entry
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return [key[0] for key in self._entries]
+
+    def total_bytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes() for e in self._entries.values())
+
+    # -- loading ------------------------------------------------------------
+    def _load(self, source: str, depth: bool) -> Checkpoint:
+        folder = resolve_local(source)
+        where = str(folder) if folder else source
+        is_family = folder is not None and (folder / DEPTH_UNET).is_dir()
+        pipe_cls = StableDiffusionDepth2ImgPipeline if depth and not is_family else StableDiffusionPipeline
+        kwargs = {} if pipe_cls is StableDiffusionDepth2ImgPipeline else {"safety_checker": None,
+                                                                          "requires_safety_checker": False}
+        try:
+            pipe = pipe_cls.from_pretrained(where, dtype=self.dtype, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(self._load_hint(source, err)) from err
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(self.device)
+        mode = "depth2img" if pipe_cls is StableDiffusionDepth2ImgPipeline else "txt2img"
+        entry = Checkpoint(
+            source=source,
+            folder=folder,
+            pipelines={mode: pipe},
+            latent_rgb=latent_rgb_for(folder, pipe.vae),
+            untrained=folder is not None and (folder / UNTRAINED_MARKER).exists(),
+            attention=use_fastest_attention(pipe, self.device),
+        )
+        entry.tiny_vae = self._load_tiny_vae(folder)
+        if entry.tiny_vae is not None:
+            entry.extra_modules.append(entry.tiny_vae.vae)
+        return entry
+
+    def _load_tiny_vae(self, folder: Path | None) -> VAEDecoder | None:
+        source = self.tiny_vae_source or (folder / TINY_VAE if folder and (folder / TINY_VAE).is_dir() else None)
+        if source is None:
+            return None
+        try:
+            vae = AutoencoderTiny.from_pretrained(str(source), dtype=self.dtype).to(self.device)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(self._load_hint(str(source), err)) from err
+        return VAEDecoder(vae)
+
+    def _derive(self, entry: Checkpoint, mode: str) -> DiffusionPipeline:
+        base = entry.base
+        if mode in ("txt2img", "img2img"):
+            if isinstance(base, StableDiffusionDepth2ImgPipeline):
+                raise ModelLoadError(f"{entry.source!r} is a depth model; it runs only depth2img")
+            cls = StableDiffusionPipeline if mode == "txt2img" else StableDiffusionImg2ImgPipeline
+            pipe = cls.from_pipe(base)
+        else:
+            folder = entry.folder
+            if folder is None or not (folder / DEPTH_UNET).is_dir():
+                raise ModelLoadError(
+                    f"{entry.source!r} has no depth UNet; pass a depth checkpoint such as "
+                    "stabilityai/stable-diffusion-2-depth with --depth-model"
+                )
+            unet = UNet2DConditionModel.from_pretrained(folder / DEPTH_UNET, dtype=self.dtype)
+            estimator = DPTForDepthEstimation.from_pretrained(folder / DEPTH_ESTIMATOR, dtype=self.dtype)
+            pipe = StableDiffusionDepth2ImgPipeline(
+                vae=base.vae,
+                text_encoder=base.text_encoder,
+                tokenizer=base.tokenizer,
+                unet=unet,
+                scheduler=base.scheduler,
+                depth_estimator=estimator,
+                feature_extractor=DPTImageProcessor.from_pretrained(folder / DEPTH_ESTIMATOR),
+            ).to(self.device)
+            use_fastest_attention(pipe, self.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _evict(self, keep: tuple) -> None:
+        while self.total_bytes() > self.budget_bytes and len(self._entries) > 1:
+            oldest = next(k for k in self._entries if k != keep)
+            log.info("evicting %s to stay under the %d-byte budget", oldest[0], self.budget_bytes)
+            del self._entries[oldest]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @staticmethod
+    def _load_hint(source: str, err: Exception) -> str:
+        if resolve_local(source) is not None:
+            return f"could not load model {source!r}: {err}"
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such repo"
+        return (
+            f"model {source!r} is not in the local Hugging Face cache and {why}. "
+            f"On a connected machine run `hf download {source}` and copy the HF cache "
+            f"(~/.cache/huggingface) here, or pass a local diffusers folder with --model PATH. ({err})"
+        )

@@ -1,0 +1,178 @@
+"""One run: a validated request in, one frame per denoising step out."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .cache import BUNDLED, ModelCache
+from .previews import VAEDecoder, X0Recorder, to_pil
+from .request import GenerationRequest
+from .schedulers import make_scheduler
+
+
+class CancelToken:
+    """Stop flag for one run. Each run has its own; nothing here is process-wide."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+class Cancelled(Exception):
+    """Raised from the step callback to stop a pipeline that has no interrupt flag."""
+
+
+@dataclass
+class Frame:
+    step: int  # 1-based
+    total: int
+    timestep: float
+    image: Image.Image
+    view: str  # "x_t" or "x0"
+    seconds: float  # since the run started
+    depth: Image.Image | None = None  # depth2img: the depth map the UNet sees (first frame only)
+
+    @property
+    def caption(self) -> str:
+        return f"step {self.step}/{self.total} · t={self.timestep:.0f}"
+
+
+@dataclass
+class Final:
+    image: Image.Image
+    request: GenerationRequest
+    model: str
+    seconds: float
+
+
+_PIPELINE_CALL = {
+    # mode -> request fields the diffusers call takes besides the common ones
+    "txt2img": ("width", "height"),
+    "img2img": ("image", "strength"),
+    "depth2img": ("image", "strength"),
+}
+
+
+def generate(
+    request: GenerationRequest,
+    cache: ModelCache,
+    cancel: CancelToken | None = None,
+    source: str = BUNDLED,
+) -> Iterator[Frame | Final]:
+    """Yield a `Frame` after every denoising step, then one `Final`.
+
+    The diffusers call runs in a worker thread; its step callback decodes the
+    preview and hands it over a queue (a callback cannot yield). Closing this
+    iterator early (a client went away) cancels the run.
+    """
+    cancel = cancel or CancelToken()
+    # 1. The shared pipeline, and a per-run one with its own scheduler and interrupt flag
+    shared = cache.pipeline(request.mode, source)
+    checkpoint = cache.checkpoint(source, depth=request.mode == "depth2img")
+    scheduler = make_scheduler(request.scheduler, shared.scheduler.config)
+    pipe = _per_run(shared, scheduler)
+    recorder = X0Recorder(scheduler) if request.view == "x0" else None
+
+    # 2. The preview decoder
+    decode = {
+        "latent-rgb": checkpoint.latent_rgb,
+        "tiny-vae": checkpoint.tiny_vae,
+        "full-vae": VAEDecoder(pipe.vae),
+    }[request.preview]
+    if decode is None:
+        raise ValueError(f"preview 'tiny-vae' needs a tiny autoencoder; {source!r} has none configured")
+
+    # 3. Step callback: latents -> Frame, over a queue
+    frames: queue.Queue = queue.Queue()
+    started = time.perf_counter()
+    interruptible = hasattr(pipe, "_interrupt")
+
+    def on_step_end(p, i, t, tensors):
+        if cancel.cancelled:
+            if not interruptible:  # depth2img: no interrupt flag
+                raise Cancelled
+            p._interrupt = True
+            return tensors
+        latents = recorder.x0 if recorder is not None else _display_latents(scheduler, tensors["latents"])
+        depth = _depth_image(tensors["depth_mask"]) if i == 0 and "depth_mask" in tensors else None
+        frames.put(Frame(i + 1, p._num_timesteps, float(t), decode(latents), request.view,
+                         time.perf_counter() - started, depth))
+        return tensors
+
+    # 4. The diffusers call, as the bare pipeline would be called
+    call = dict(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or None,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+        callback_on_step_end=on_step_end,
+        callback_on_step_end_tensor_inputs=["latents", "depth_mask"] if request.mode == "depth2img" else ["latents"],
+        **{name: getattr(request, name) for name in _PIPELINE_CALL[request.mode]},
+    )
+    if request.depth_map is not None:
+        call["depth_map"] = torch.from_numpy(request.depth_map)[None]
+
+    def work():
+        try:
+            with cache.run_lock:
+                frames.put(pipe(**call).images[0])
+        except Cancelled:
+            frames.put(None)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            frames.put(err)
+
+    # 5. Run, relay frames, finish with the final image
+    worker = threading.Thread(target=work, name="stepwise-run", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = frames.get()
+            if isinstance(item, Frame):
+                yield item
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            if item is not None and not cancel.cancelled:
+                yield Final(item, request, source, time.perf_counter() - started)
+            return  # cancelled: the frames so far are what the run made
+    finally:
+        cancel.cancel()  # no-op after a finished run; stops one whose consumer left
+        worker.join()
+
+
+def _per_run(shared, scheduler):
+    """A pipeline object of our own over the shared modules: its own scheduler and
+    interrupt flag, no copies of weights (constructing one takes milliseconds)."""
+    extra = {"requires_safety_checker": False} if "requires_safety_checker" in shared.config else {}
+    pipe = type(shared)(**{**shared.components, "scheduler": scheduler}, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _display_latents(scheduler, latents: torch.Tensor) -> torch.Tensor:
+    # Sigma-space schedulers (Euler, ...) carry x_t = x0 + sigma * noise; scale to the
+    # variance-preserving form so early previews are not saturated noise.
+    if getattr(scheduler, "init_noise_sigma", 1.0) > 1.0 and scheduler.step_index is not None:
+        sigma = scheduler.sigmas[min(scheduler.step_index, len(scheduler.sigmas) - 1)]
+        return latents / (sigma**2 + 1) ** 0.5
+    return latents
+
+
+def _depth_image(depth_mask: torch.Tensor) -> Image.Image:
+    # depth_mask is already min-max scaled to [-1, 1] by the pipeline, one row per CFG half
+    return to_pil(depth_mask[:1].expand(-1, 3, -1, -1))
+

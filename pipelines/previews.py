@@ -1,0 +1,146 @@
+"""Turning a step's latents into a picture, and the scheduler's x0 estimate.
+
+Three decoders, cheapest first:
+- `LatentRGB`: a 4x3 linear map (+ bias) straight from latent channels to RGB at
+  latent resolution; no weights, about free.
+- `TinyDecoder`: an `AutoencoderTiny` (TAESD-style), when one is configured.
+- `FullVAE`: the checkpoint's own VAE; exact, as costly as the final decode.
+
+Decoders only read latents; they never touch the generator or the scheduler, so
+previews cannot change the final image.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+PREVIEW_MODES = ("latent-rgb", "tiny-vae", "full-vae")
+VIEWS = ("x_t", "x0")
+
+# SD 1.x / 2.x latents -> RGB, rows = latent channels. ComfyUI's `latent_formats.SD15`
+# (../shared/reference/FACTS.md); applied to raw latents, output roughly in [-1, 1].
+SD_LATENT_RGB = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
+# The SD VAE's config (FACTS.md): latents of a VAE built like this are SD latents.
+_SD_VAE_SIGNATURE = {"latent_channels": 4, "scaling_factor": 0.18215, "block_out_channels": [128, 256, 512, 512]}
+
+LATENT_RGB_FILE = "latent_rgb.json"
+
+
+def to_pil(images: torch.Tensor) -> Image.Image:
+    """First image of a batch in [-1, 1], (B, 3, H, W), as an 8-bit PIL image."""
+    pixels = ((images[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+
+
+@dataclass
+class LatentRGB:
+    matrix: torch.Tensor  # (C, 3)
+    bias: torch.Tensor  # (3,)
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> Image.Image:
+        matrix = self.matrix.to(latents.device, latents.dtype)
+        rgb = torch.einsum("bchw,cr->brhw", latents, matrix) + self.bias.to(latents.device, latents.dtype)[:, None, None]
+        return to_pil(rgb)
+
+    @classmethod
+    def sd(cls) -> LatentRGB:
+        return cls(torch.tensor(SD_LATENT_RGB), torch.zeros(3))
+
+    @classmethod
+    def load(cls, path: Path) -> LatentRGB:
+        data = json.loads(Path(path).read_text())
+        return cls(torch.tensor(data["matrix"], dtype=torch.float32), torch.tensor(data["bias"], dtype=torch.float32))
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, vae, samples: int = 8, size: int = 16, seed: int = 0) -> LatentRGB:
+        """Least-squares fit against the VAE's own decode (InvokeAI's
+        generate_vae_linear_approximation.py does the same), for latent spaces with
+        no published map. Random latents at the scale the pipeline uses them."""
+        param = next(vae.parameters())
+        generator = torch.Generator().manual_seed(seed)
+        channels = vae.config.latent_channels
+        latents = torch.randn(samples, channels, size, size, generator=generator) * vae.config.scaling_factor
+        decoded = vae.decode(latents.to(param.device, param.dtype) / vae.config.scaling_factor).sample.float().cpu()
+        decoded = torch.nn.functional.adaptive_avg_pool2d(decoded, size)
+        x = latents.permute(0, 2, 3, 1).reshape(-1, channels)
+        x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+        y = decoded.permute(0, 2, 3, 1).reshape(-1, 3)
+        solution = torch.linalg.lstsq(x, y).solution
+        return cls(solution[:channels], solution[channels])
+
+
+def latent_rgb_for(folder: Path | None, vae) -> LatentRGB:
+    """The map for this checkpoint: its own file, SD's published map, or a fit."""
+    if folder is not None and (Path(folder) / LATENT_RGB_FILE).is_file():
+        return LatentRGB.load(Path(folder) / LATENT_RGB_FILE)
+    if _is_sd_vae(vae.config):
+        return LatentRGB.sd()
+    return LatentRGB.fit(vae)
+
+
+def _is_sd_vae(config) -> bool:
+    # JSON configs hold lists where built ones may hold tuples
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return all(plain(config.get(k)) == v for k, v in _SD_VAE_SIGNATURE.items())
+
+
+@dataclass
+class VAEDecoder:
+    """Full VAE (`AutoencoderKL`) or tiny one (`AutoencoderTiny`): decode like the pipeline does."""
+
+    vae: torch.nn.Module
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> Image.Image:
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        return to_pil(self.vae.decode(latents, return_dict=False)[0])
+
+
+class X0Recorder:
+    """Keeps the latest clean-image estimate x0 of one run's own scheduler.
+
+    `callback_on_step_end` sees only x_t, so this wraps `step` on the run's
+    scheduler instance (never the class, never a shared one). It takes the
+    scheduler's `pred_original_sample` where it returns one (DDIM, Euler, Euler a)
+    and otherwise computes x0 from the model output and the step's noise level.
+    """
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.x0: torch.Tensor | None = None
+        self._step = scheduler.step
+        scheduler.step = self.step
+
+    def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+        out = self._step(model_output, timestep, sample, *args, return_dict=True, **kwargs)
+        x0 = getattr(out, "pred_original_sample", None)
+        self.x0 = x0 if x0 is not None else self._x0_from_output(model_output, timestep, sample)
+        return out if return_dict else (out.prev_sample,)
+
+    def _x0_from_output(self, model_output, timestep, sample):
+        s = self.scheduler
+        if hasattr(s, "_sigma_to_alpha_sigma_t"):  # DPM++ / UniPC: `step` just moved past the sigma it used
+            alpha_t, sigma_t = s._sigma_to_alpha_sigma_t(s.sigmas[s.step_index - 1])
+        else:  # PNDM and other alpha-bar schedulers
+            alpha_bar = s.alphas_cumprod[int(timestep)]
+            alpha_t, sigma_t = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+        alpha_t, sigma_t = (v.to(sample.device, sample.dtype) for v in (torch.as_tensor(alpha_t), torch.as_tensor(sigma_t)))
+        kind = s.config.prediction_type
+        if kind == "epsilon":
+            return (sample - sigma_t * model_output) / alpha_t.clamp(min=1e-4)
+        if kind == "v_prediction":
+            return alpha_t * sample - sigma_t * model_output
+        return model_output  # "sample"
