@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -159,9 +160,24 @@ def _text(raw: dict, name: str, limits: Limits, default: str | None = None) -> s
     return value
 
 
+def _open(value, name: str):
+    """Paths (Gradio uploads, gradio_client files) become images; a bad file is the field's error."""
+    if isinstance(value, dict) and "path" in value:  # a FileData dict from an API call
+        value = value["path"]
+    if isinstance(value, (str, Path)):
+        try:
+            with Image.open(value) as image:
+                image.load()
+                return image
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise RequestError(name, f"is not a readable image ({err})") from None
+    return value
+
+
 def _image(value, name: str, size: tuple[int, int]) -> Image.Image:
     if value is None:
         raise RequestError(name, "is required for this mode; upload an image")
+    value = _open(value, name)
     if isinstance(value, np.ndarray):
         value = Image.fromarray(value)
     if not isinstance(value, Image.Image):
@@ -172,11 +188,12 @@ def _image(value, name: str, size: tuple[int, int]) -> Image.Image:
 
 
 def _depth_map(value) -> np.ndarray:
+    value = _open(value, "depth_map")
     if isinstance(value, Image.Image):
         value = np.asarray(value.convert("F") if value.mode not in ("I;16", "I", "F") else value, dtype=np.float32)
     if not isinstance(value, np.ndarray):
         raise RequestError("depth_map", f"must be an image or array, got {type(value).__name__}")
-    depth = np.asarray(value, dtype=np.float32)
+    depth = np.array(value, dtype=np.float32)  # a writable copy, as torch.from_numpy wants
     if depth.ndim == 3:
         depth = depth.mean(axis=2)  # an RGB rendering of a grey depth map
     if depth.ndim != 2:

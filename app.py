@@ -1,0 +1,125 @@
+"""Stepwise: watch Stable Diffusion work, one denoising step at a time.
+
+    python app.py [--model SRC] [--depth-model SRC] [--device cuda|mps|cpu] [--dtype fp16|fp32]
+                  [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS] [--preset NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline-first: no phoning home
+
+import gradio as gr  # noqa: E402
+
+from pipelines import BUNDLED, ModelCache, ModelLoadError, generate  # noqa: E402
+from pipelines.cache import bundled_folder  # noqa: E402
+from pipelines.presets import PresetError, load_presets  # noqa: E402
+from ui import CSS, AppSpec, build_app  # noqa: E402
+
+log = logging.getLogger("stepwise")
+
+MAX_QUEUE = 16  # waiting runs beyond this are refused with "queue full"
+MAX_UPLOAD = "20mb"
+KEEP_RUNS = 32  # run folders of step frames kept on disk; older ones are deleted
+CACHE_SWEEP = (3600, 3600)  # Gradio's own cache: every hour, delete files older than an hour
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=BUNDLED, help="diffusers folder or hub repo id (default: the bundled micro model)")
+    p.add_argument("--depth-model", default=None,
+                   help="depth checkpoint, e.g. stabilityai/stable-diffusion-2-depth (default: --model's depth UNet)")
+    p.add_argument("--tiny-vae", default=None, help="AutoencoderTiny folder or repo id for the tiny-vae preview")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, else fp32)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("--auth", default=None, help="USER:PASS required to open the app")
+    p.add_argument("--preset", default=None, help="preset to start with (file stem in presets/)")
+    return p.parse_args(argv)
+
+
+def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
+    """Build the app around `cache`. Models load on first use."""
+    presets = load_presets()
+    preset = args.preset or _default_preset(args.model)
+    if preset not in presets:
+        raise SystemExit(f"--preset {preset!r} is unknown; choose one of {', '.join(presets)}")
+    folder = bundled_folder() if args.model == BUNDLED else Path(args.model)
+    card = _model_card(folder)
+    depth_source = args.depth_model or args.model
+
+    def run(request, token):
+        source = depth_source if request.mode == "depth2img" else args.model
+        return generate(request, cache, token, source=source)
+
+    spec = AppSpec(
+        generate=run,
+        model_label=card.get("label") or args.model,
+        untrained=(folder / "UNTRAINED").exists(),
+        run_root=str(Path(gr.utils.get_upload_folder()) / "stepwise-runs"),
+        presets=presets,
+        initial_preset=preset,
+        examples=card.get("example_prompts", []),
+        vocabulary=card.get("vocabulary", {}),
+        keep_runs=KEEP_RUNS,
+        delete_cache=CACHE_SWEEP,
+    )
+    return build_app(spec).queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
+
+
+def _default_preset(model: str) -> str:
+    return "micro-txt2img" if model == BUNDLED else "sd15-txt2img"
+
+
+def _model_card(folder: Path) -> dict:
+    """The bundled model's settings file (example prompts, vocabulary), if any."""
+    path = folder / "stepwise.json"
+    card = json.loads(path.read_text()) if path.is_file() else {}
+    if (folder / "UNTRAINED").exists():
+        card.setdefault("label", "untrained tiny model (random weights)")
+    elif folder.resolve() == (Path(__file__).parent / "models" / "micro").resolve():
+        card.setdefault("label", "bundled micro model")
+    return card
+
+
+def main(args: argparse.Namespace, cache: ModelCache, app: gr.Blocks) -> None:
+    try:
+        cache.checkpoint(args.model)  # load before serving, so the first click is fast
+    except ModelLoadError as err:
+        sys.exit(f"error: {err}")
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    if auth and len(auth) != 2:
+        sys.exit("error: --auth takes USER:PASS")
+    if args.share:
+        log.warning("--share makes a PUBLIC link: anyone with it can use this machine. Add --auth USER:PASS.")
+    launch = dict(server_name=args.host, server_port=args.port, auth=auth, max_file_size=MAX_UPLOAD,
+                  show_error=True, enable_monitoring=False, css=CSS)
+    try:
+        app.launch(share=args.share, **launch)
+    except Exception as err:  # noqa: BLE001 - only the share tunnel gets a second chance
+        if not args.share:
+            raise
+        log.error("could not open a share link (%s); serving on %s:%d only", err, args.host, args.port)
+        app.launch(share=False, **launch)
+
+
+# Spaces and `gradio app.py` look for `demo` at module level. Building it loads no
+# model: the cache fills on first use, or in main() before serving.
+ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
+CACHE = ModelCache(device=ARGS.device, dtype=ARGS.dtype, tiny_vae=ARGS.tiny_vae)
+try:
+    demo = create_demo(ARGS, CACHE)
+except PresetError as err:
+    sys.exit(f"error: {err}")
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(ARGS, CACHE, demo)

@@ -1,0 +1,102 @@
+"""Gradio event handlers: validate at the edge, run, stream, stop."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import gradio as gr
+
+from pipelines import CancelToken, Final, GenerationRequest, Limits, ModelLoadError, RequestError, validate_request
+from pipelines.metadata import save_png
+
+from .stream import RunStore, RunView, progress_html
+
+GenerateFn = Callable[[GenerationRequest, CancelToken], Iterator]
+
+
+class Runner:
+    """Runs generations for a Gradio app.
+
+    Each run has its own `CancelToken`, registered under the browser session that
+    started it, so Stop reaches that session's run and no other.
+    """
+
+    def __init__(self, generate: GenerateFn, store: RunStore, limits: Limits, model_label: str):
+        self.generate = generate
+        self.store = store
+        self.limits = limits
+        self.model_label = model_label
+        self._runs: dict[str, CancelToken] = {}
+        self._lock = threading.Lock()
+
+    def handler(self, mode: str, with_depth: bool = False):
+        """The event function for one tab; keyword inputs are the API parameters."""
+
+        def run(request: gr.Request, **fields) -> Iterator[tuple]:
+            yield from self._run(mode, request, fields, with_depth)
+
+        def run_depth(request: gr.Request, depth_map: str | None = None, **fields) -> Iterator[tuple]:
+            # the explicit `= None` makes depth_map optional for API clients
+            yield from self._run(mode, request, dict(fields, depth_map=depth_map), with_depth)
+
+        fn = run_depth if with_depth else run
+        fn.__name__ = mode
+        return fn
+
+    def stop(self, request: gr.Request) -> str:
+        with self._lock:
+            token = self._runs.get(request.session_hash)
+        if token is None:
+            return progress_html(0, 0, "nothing is running")
+        token.cancel()
+        return progress_html(0, 0, "stopping…")
+
+    def _run(self, mode: str, request: gr.Request, fields: dict, with_depth: bool) -> Iterator[tuple]:
+        try:
+            req = validate_request({"mode": mode, **fields}, self.limits)
+        except RequestError as err:
+            raise gr.Error(str(err), title="Check the settings") from None
+        session = request.session_hash or "api"
+        token = CancelToken()
+        with self._lock:
+            previous = self._runs.get(session)
+            if previous is not None:
+                previous.cancel()  # a new Generate from the same tab supersedes the old run
+            self._runs[session] = token
+        view = RunView(self.store.new_run())
+        extra = (gr.skip(),) if with_depth else ()
+        try:
+            for item in self.generate(req, token):
+                if isinstance(item, Final):
+                    final = save_png(item, view.folder / "final.png", self.model_label)
+                    note = f"done in {item.seconds:.2f} s"
+                    depth = (view.depth,) if with_depth else ()
+                    yield (view.preview, view.gallery, final, progress_html(view.step, view.total, note),
+                           _info(req, self.model_label, item.seconds), req.seed, *depth)
+                    return
+                view.add_frame(item)
+                gallery = view.gallery if view.gallery_due(time.perf_counter()) else gr.skip()
+                depth = (view.depth,) if with_depth and item.step == 1 else extra
+                yield (view.preview, gallery, gr.skip(), progress_html(view.step, view.total, f"t={item.timestep:.0f}"),
+                       gr.skip(), gr.skip(), *depth)
+            # the generator ended without a final image: the run was stopped
+            yield (view.preview, view.gallery, gr.skip(), progress_html(view.step, view.total, "stopped"),
+                   f"Stopped at step {view.step}/{view.total}; the steps so far stay in the gallery.", req.seed,
+                   *extra)
+        except (ModelLoadError, ValueError) as err:
+            raise gr.Error(str(err)) from None
+        finally:
+            token.cancel()
+            with self._lock:
+                if self._runs.get(session) is token:
+                    del self._runs[session]
+
+
+def _info(req: GenerationRequest, model: str, seconds: float) -> str:
+    strength = f" · strength {req.strength}" if req.mode != "txt2img" else ""
+    return (
+        f"**{req.mode}** · seed `{req.seed}` · {req.steps} steps · {req.scheduler} · CFG {req.guidance_scale}"
+        f" · {req.width}x{req.height}{strength} · {model} · {seconds:.2f} s"
+    )

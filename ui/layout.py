@@ -1,0 +1,154 @@
+"""The Blocks layout. Building it loads no model and starts nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gradio as gr
+
+from pipelines import PREVIEW_MODES, SCHEDULER_NAMES, VIEWS, Limits
+from pipelines.presets import Preset
+
+from .events import GenerateFn, Runner
+from .stream import RunStore, progress_html
+
+CSS = """
+.sw-progress { display: flex; gap: .75em; align-items: center; font-variant-numeric: tabular-nums; }
+.sw-progress progress { flex: 1; height: .9em; }
+"""
+
+
+@dataclass
+class AppSpec:
+    """Everything the layout needs to know about the server it fronts."""
+
+    generate: GenerateFn
+    model_label: str
+    run_root: str
+    untrained: bool = False
+    limits: Limits = field(default_factory=Limits)
+    presets: dict[str, Preset] = field(default_factory=dict)
+    initial_preset: str | None = None
+    examples: list[str] = field(default_factory=list)
+    vocabulary: dict[str, list[str]] = field(default_factory=dict)
+    keep_runs: int = 32
+    delete_cache: tuple[int, int] | None = (3600, 3600)  # Gradio's cache sweep: (every s, older than s)
+
+
+def build_app(spec: AppSpec) -> gr.Blocks:
+    runner = Runner(spec.generate, RunStore(spec.run_root, spec.keep_runs), spec.limits, spec.model_label)
+    start = dict(spec.presets[spec.initial_preset].values) if spec.initial_preset else {}
+    lim = spec.limits
+
+    with gr.Blocks(title="Stepwise: watch Stable Diffusion work", delete_cache=spec.delete_cache) as demo:
+        gr.Markdown(f"# Stepwise\nEvery denoising step, as it happens. Model: **{spec.model_label}**")
+        if spec.untrained:
+            gr.Markdown(
+                "> **Untrained model.** This checkpoint has random weights built from configs, so its "
+                "pictures are noise. Use the bundled micro model or pass `--model`.",
+                elem_id="untrained-banner",
+            )
+        last_seed = gr.State(-1)
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", lines=2, value=start.get("prompt", ""), elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", value=start.get("negative_prompt", ""))
+                with gr.Tabs(selected=start.get("mode", "txt2img")) as tabs:
+                    with gr.Tab("txt2img", id="txt2img"):
+                        go_txt = gr.Button("Generate", variant="primary", elem_id="generate-txt2img")
+                    with gr.Tab("img2img", id="img2img"):
+                        img_in = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"])
+                        img_strength = gr.Slider(0.01, 1.0, value=start.get("strength", 0.75), step=0.01,
+                                                 label="Strength (how much to change)")
+                        go_img = gr.Button("Generate", variant="primary", elem_id="generate-img2img")
+                    with gr.Tab("depth", id="depth2img"):
+                        with gr.Row():
+                            depth_in = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"])
+                            depth_map = gr.Image(label="Depth map (optional; estimated when empty)", type="filepath",
+                                                 sources=["upload"])
+                        depth_strength = gr.Slider(0.01, 1.0, value=start.get("strength", 0.8), step=0.01,
+                                                   label="Strength")
+                        go_depth = gr.Button("Generate", variant="primary", elem_id="generate-depth2img")
+                        depth_used = gr.Image(label="Depth map used (near = light)", interactive=False, height=160)
+                with gr.Group():
+                    with gr.Row():
+                        seed = gr.Number(label="Seed (-1 = random)", value=start.get("seed", -1), precision=0,
+                                         minimum=-1, maximum=2**32 - 1, scale=4)
+                        random_seed = gr.Button("🎲", scale=0, min_width=48)
+                        reuse_seed = gr.Button("♻ last", scale=0, min_width=72)
+                    steps = gr.Slider(lim.min_steps, lim.max_steps, value=start.get("steps", 20), step=1, label="Steps")
+                    guidance = gr.Slider(0, lim.max_guidance, value=start.get("guidance_scale", 7.5), step=0.5,
+                                         label="Guidance scale (CFG)")
+                    with gr.Row():
+                        width = gr.Slider(lim.min_side, lim.max_side, value=start.get("width", 512), step=8, label="Width")
+                        height = gr.Slider(lim.min_side, lim.max_side, value=start.get("height", 512), step=8,
+                                           label="Height")
+                    scheduler = gr.Dropdown(list(SCHEDULER_NAMES), value=start.get("scheduler", "Euler a"),
+                                            label="Scheduler")
+                    with gr.Row():
+                        preview = gr.Radio([m for m in PREVIEW_MODES if m in lim.preview_modes],
+                                           value=start.get("preview", "latent-rgb"), label="Preview decoder")
+                        view = gr.Radio(list(VIEWS), value=start.get("view", "x_t"),
+                                        label="Show noisy latent x_t or predicted clean image x0")
+                    preset = gr.Dropdown([(p.title, name) for name, p in spec.presets.items()],
+                                         value=spec.initial_preset, label="Preset")
+                    preset_note = gr.Markdown(_preset_note(spec, spec.initial_preset))
+                if spec.examples:
+                    gr.Examples([[p] for p in spec.examples], inputs=[prompt], label="Example prompts")
+                if spec.vocabulary:
+                    gr.Markdown("**Words this model knows.** " + " · ".join(
+                        f"*{kind}*: {', '.join(words)}" for kind, words in spec.vocabulary.items()))
+            with gr.Column(scale=3):
+                live = gr.Image(label="Live preview", interactive=False, height=384, elem_id="live-preview")
+                status = gr.HTML(progress_html(0, 0, "ready"), elem_id="status")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                final = gr.Image(label="Final image", type="filepath", format="png", interactive=False,
+                                 elem_id="final-image")
+                info = gr.Markdown()
+                with gr.Row():
+                    to_img2img = gr.Button("Send to img2img")
+                    to_depth = gr.Button("Send to depth")
+                gallery = gr.Gallery(label="Every step", columns=8, height="auto", object_fit="contain",
+                                     elem_id="steps-gallery")
+
+        common = dict(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
+                      width=width, height=height, scheduler=scheduler, preview=preview, view=view)
+        outputs = [live, gallery, final, status, info, last_seed]
+        gpu = dict(concurrency_limit=1, concurrency_id="gpu", show_progress="hidden")
+        go_txt.click(runner.handler("txt2img"), inputs_kwargs=common, outputs=outputs, api_name="txt2img", **gpu)
+        go_img.click(runner.handler("img2img"), inputs_kwargs=dict(common, image=img_in, strength=img_strength),
+                     outputs=outputs, api_name="img2img", **gpu)
+        go_depth.click(runner.handler("depth2img", with_depth=True),
+                       inputs_kwargs=dict(common, image=depth_in, strength=depth_strength, depth_map=depth_map),
+                       outputs=[*outputs, depth_used], api_name="depth2img", **gpu)
+        stop.click(runner.stop, outputs=[status], api_name="stop", queue=False)
+
+        private = dict(api_visibility="private", queue=False)
+        random_seed.click(lambda: -1, outputs=[seed], **private)
+        reuse_seed.click(lambda s: s, inputs=[last_seed], outputs=[seed], **private)
+        to_img2img.click(lambda p: (p, gr.Tabs(selected="img2img")), inputs=[final], outputs=[img_in, tabs], **private)
+        to_depth.click(lambda p: (p, gr.Tabs(selected="depth2img")), inputs=[final], outputs=[depth_in, tabs],
+                       **private)
+
+        preset_targets = dict(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
+                              width=width, height=height, scheduler=scheduler, preview=preview, view=view)
+
+        def apply_preset(name: str | None):
+            if not name:
+                return [gr.skip()] * (len(preset_targets) + 4)
+            p = spec.presets[name]
+            values = [p.values.get(key, gr.skip()) for key in preset_targets]
+            strength = p.values.get("strength", gr.skip())
+            return [*values, strength, strength, gr.Tabs(selected=p.mode), _preset_note(spec, name)]
+
+        preset.change(apply_preset, inputs=[preset],
+                      outputs=[*preset_targets.values(), img_strength, depth_strength, tabs, preset_note], **private)
+    return demo
+
+
+def _preset_note(spec: AppSpec, name: str | None) -> str:
+    if not name:
+        return ""
+    p = spec.presets[name]
+    expects = "" if p.model == "bundled" else f" Tuned for `{p.model}`."
+    return f"{p.description}{expects}"
