@@ -12,6 +12,7 @@ Sources (`--model` / `--depth-model`):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -76,6 +77,14 @@ def resolve_local(source: str) -> Path | None:
             "pass an existing folder or a repo id"
         )
     return None
+
+
+def _pipeline_class(folder: Path | None, depth: bool) -> type[DiffusionPipeline]:
+    """A local folder says what it is; a hub id is taken as what the caller wants."""
+    if folder is not None:
+        name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+        depth = name == StableDiffusionDepth2ImgPipeline.__name__
+    return StableDiffusionDepth2ImgPipeline if depth else StableDiffusionPipeline
 
 
 def param_bytes(*modules: torch.nn.Module) -> int:
@@ -170,8 +179,7 @@ class ModelCache:
     def _load(self, source: str, depth: bool) -> Checkpoint:
         folder = resolve_local(source)
         where = str(folder) if folder else source
-        is_family = folder is not None and (folder / DEPTH_UNET).is_dir()
-        pipe_cls = StableDiffusionDepth2ImgPipeline if depth and not is_family else StableDiffusionPipeline
+        pipe_cls = _pipeline_class(folder, depth)
         kwargs = {} if pipe_cls is StableDiffusionDepth2ImgPipeline else {"safety_checker": None,
                                                                           "requires_safety_checker": False}
         try:

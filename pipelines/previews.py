@@ -12,6 +12,7 @@ previews cannot change the final image.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,14 +122,18 @@ class X0Recorder:
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.x0: torch.Tensor | None = None
-        self._step = scheduler.step
-        scheduler.step = self.step
+        original = scheduler.step
 
-    def step(self, model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
-        out = self._step(model_output, timestep, sample, *args, return_dict=True, **kwargs)
-        x0 = getattr(out, "pred_original_sample", None)
-        self.x0 = x0 if x0 is not None else self._x0_from_output(model_output, timestep, sample)
-        return out if return_dict else (out.prev_sample,)
+        # wraps() keeps the signature: pipelines pass `generator` and `eta` only to a
+        # `step` that declares them, and Euler a draws its noise from that generator.
+        @functools.wraps(original)
+        def step(model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+            out = original(model_output, timestep, sample, *args, return_dict=True, **kwargs)
+            x0 = getattr(out, "pred_original_sample", None)
+            self.x0 = x0 if x0 is not None else self._x0_from_output(model_output, timestep, sample)
+            return out if return_dict else (out.prev_sample,)
+
+        scheduler.step = step
 
     def _x0_from_output(self, model_output, timestep, sample):
         s = self.scheduler

@@ -3,7 +3,8 @@
 Used by the tests and as the app's default model until the bundled micro model
 exists. The folder layout is the one `models/micro` uses: a diffusers
 `StableDiffusionPipeline` folder plus `depth_unet/` (SD 2-depth layout,
-in_channels=5) and `depth_estimator/` (DPT + its image processor).
+in_channels=5), `depth_estimator/` (DPT + its image processor) and, here,
+`tiny_vae/` (an `AutoencoderTiny` for the tiny-vae preview).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
@@ -76,6 +77,7 @@ def tiny_components(seed: int = 0) -> dict:
         beta_schedule="scaled_linear",
         clip_sample=False,
         set_alpha_to_one=False,
+        steps_offset=1,
     )
     depth_estimator = DPTForDepthEstimation(
         DPTConfig(
@@ -101,6 +103,14 @@ def tiny_components(seed: int = 0) -> dict:
         "depth_unet": tiny_unet(in_channels=5),
         "depth_estimator": depth_estimator,
         "feature_extractor": DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False),
+        # same 2x upsampling as the VAE above, for the tiny-vae preview
+        "tiny_vae": AutoencoderTiny(
+            encoder_block_out_channels=(8, 8),
+            decoder_block_out_channels=(8, 8),
+            num_encoder_blocks=(1, 1),
+            num_decoder_blocks=(1, 1),
+            latent_channels=4,
+        ),
     }
 
 
@@ -122,5 +132,6 @@ def save_tiny_checkpoint(folder: str | Path, seed: int = 0) -> Path:
     parts["depth_unet"].save_pretrained(folder / "depth_unet")
     parts["depth_estimator"].save_pretrained(folder / "depth_estimator")
     parts["feature_extractor"].save_pretrained(folder / "depth_estimator")
+    parts["tiny_vae"].save_pretrained(folder / "tiny_vae")
     (folder / UNTRAINED_MARKER).write_text("Random weights built from configs; not a trained model.\n")
     return folder

@@ -1,0 +1,52 @@
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import ModelCache, validate_request
+from pipelines.tiny import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random checkpoint in the bundled layout (txt2img + depth + tiny VAE)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def cache():
+    return ModelCache(device="cpu")
+
+
+@pytest.fixture
+def scene():
+    """A 64x64 test picture: a red square on blue."""
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[:] = (30, 40, 200)
+    pixels[16:48, 16:48] = (220, 30, 30)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture
+def make_request(scene):
+    def make(mode="txt2img", **overrides):
+        raw = dict(mode=mode, prompt="a red square", negative_prompt="", seed=3, steps=6, guidance_scale=5.0,
+                   width=64, height=64, scheduler="Euler", preview="latent-rgb", view="x_t", strength=0.7)
+        if mode != "txt2img":
+            raw["image"] = scene
+        raw.update(overrides)
+        return validate_request(raw)
+
+    return make
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if not isinstance(image, np.ndarray) else image)
+
+
+torch.manual_seed(0)

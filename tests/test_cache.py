@@ -1,0 +1,121 @@
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines import ModelCache, ModelLoadError
+from pipelines.cache import param_bytes
+from pipelines.tiny import save_tiny_checkpoint
+
+
+def test_img2img_shares_the_txt2img_modules(cache, tiny_dir):
+    txt = cache.pipeline("txt2img", str(tiny_dir))
+    before = cache.total_bytes()
+    img = cache.pipeline("img2img", str(tiny_dir))
+    assert img is not txt
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        assert getattr(img, name) is getattr(txt, name)
+    assert cache.total_bytes() == before  # no extra parameter bytes
+
+
+def test_depth_family_shares_vae_text_encoder_and_tokenizer(cache, tiny_dir):
+    txt = cache.pipeline("txt2img", str(tiny_dir))
+    before = cache.total_bytes()
+    depth = cache.pipeline("depth2img", str(tiny_dir))
+    for name in ("vae", "text_encoder", "tokenizer"):
+        assert getattr(depth, name) is getattr(txt, name)
+    assert depth.unet is not txt.unet and depth.unet.config.in_channels == 5
+    added = cache.total_bytes() - before
+    assert added == param_bytes(depth.unet, depth.depth_estimator)
+
+
+def test_same_pipeline_is_handed_out_again(cache, tiny_dir):
+    assert cache.pipeline("img2img", str(tiny_dir)) is cache.pipeline("img2img", str(tiny_dir))
+
+
+def test_least_recently_used_checkpoint_is_evicted(tmp_path):
+    a = save_tiny_checkpoint(tmp_path / "a", seed=1)
+    b = save_tiny_checkpoint(tmp_path / "b", seed=2)
+    probe = ModelCache(device="cpu")
+    one = probe.checkpoint(str(a)).nbytes()
+    cache = ModelCache(device="cpu", budget_bytes=int(one * 1.5))
+    cache.checkpoint(str(a))
+    cache.checkpoint(str(b))
+    assert cache.loaded() == [str(b)]
+    assert cache.total_bytes() <= int(one * 1.5)
+
+
+def test_recently_used_entry_survives(tmp_path):
+    paths = [save_tiny_checkpoint(tmp_path / n, seed=i) for i, n in enumerate("abc")]
+    one = ModelCache(device="cpu").checkpoint(str(paths[0])).nbytes()
+    cache = ModelCache(device="cpu", budget_bytes=int(one * 2.5))
+    cache.checkpoint(str(paths[0]))
+    cache.checkpoint(str(paths[1]))
+    cache.checkpoint(str(paths[0]))  # touch a: b is now the least recent
+    cache.checkpoint(str(paths[2]))
+    assert cache.loaded() == [str(paths[0]), str(paths[2])]
+
+
+def test_concurrent_cold_requests_load_once(tiny_dir):
+    cache = ModelCache(device="cpu")
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(cache.pipeline("txt2img", str(tiny_dir)))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and all(p is got[0] for p in got)
+    assert cache.loaded() == [str(tiny_dir)]
+
+
+def test_fp32_on_cpu_and_device_is_cpu(cache, tiny_dir):
+    pipe = cache.pipeline("txt2img", str(tiny_dir))
+    assert cache.device.type == "cpu" and pipe.unet.dtype == torch.float32
+    assert cache.checkpoint(str(tiny_dir)).attention == "sdpa"  # xformers is only tried on CUDA
+
+
+def test_missing_hub_model_offline_names_model_and_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelLoadError) as err:
+        ModelCache(device="cpu").checkpoint("nobody/not-a-model")
+    message = str(err.value)
+    assert "nobody/not-a-model" in message and "HF_HUB_OFFLINE" in message and "--model PATH" in message
+
+
+def test_hub_id_loads_from_the_hf_cache_offline(monkeypatch, tmp_path):
+    # the HF cache layout: models--org--name/snapshots/<rev>/..., refs/main -> rev
+    repo = tmp_path / "hub" / "models--stepwise--tiny"
+    save_tiny_checkpoint(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    pipe = ModelCache(device="cpu").pipeline("txt2img", "stepwise/tiny")
+    assert pipe.unet.config.in_channels == 4
+
+
+def test_folder_that_is_not_a_pipeline_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="no model_index.json"):
+        ModelCache(device="cpu").checkpoint(str(tmp_path))
+
+
+def test_failed_load_leaves_cache_usable(cache, tiny_dir, tmp_path):
+    with pytest.raises(ModelLoadError):
+        cache.checkpoint(str(tmp_path / "missing" / "x"))
+    assert cache.pipeline("txt2img", str(tiny_dir)) is not None
+
+
+def test_txt2img_only_model_has_no_depth(tmp_path):
+    folder = save_tiny_checkpoint(tmp_path / "c")
+    import shutil
+
+    shutil.rmtree(folder / "depth_unet")
+    with pytest.raises(ModelLoadError, match="--depth-model"):
+        ModelCache(device="cpu").pipeline("depth2img", str(folder))

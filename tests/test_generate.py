@@ -1,0 +1,184 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    StableDiffusionDepth2ImgPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import DPTForDepthEstimation, DPTImageProcessor
+
+from pipelines import CancelToken, Final, Frame, generate
+from pipelines.previews import LatentRGB, X0Recorder, latent_rgb_for
+from pipelines.schedulers import SCHEDULER_NAMES, make_scheduler
+
+from .conftest import pixels
+
+
+def run(req, cache, tiny_dir, cancel=None):
+    out = list(generate(req, cache, cancel, source=str(tiny_dir)))
+    frames = [o for o in out if isinstance(o, Frame)]
+    finals = [o for o in out if isinstance(o, Final)]
+    return frames, finals
+
+
+def bare_pipeline(mode, tiny_dir, scheduler_name):
+    """The plain diffusers pipeline, loaded on its own from the same folder."""
+    if mode == "depth2img":
+        base = StableDiffusionPipeline.from_pretrained(tiny_dir)
+        pipe = StableDiffusionDepth2ImgPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+            unet=UNet2DConditionModel.from_pretrained(tiny_dir / "depth_unet"), scheduler=base.scheduler,
+            depth_estimator=DPTForDepthEstimation.from_pretrained(tiny_dir / "depth_estimator"),
+            feature_extractor=DPTImageProcessor.from_pretrained(tiny_dir / "depth_estimator"),
+        )
+    else:
+        cls = StableDiffusionPipeline if mode == "txt2img" else StableDiffusionImg2ImgPipeline
+        pipe = cls.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = make_scheduler(scheduler_name, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bare_call(req, pipe):
+    kwargs = dict(prompt=req.prompt, negative_prompt=req.negative_prompt or None, num_inference_steps=req.steps,
+                  guidance_scale=req.guidance_scale, generator=torch.Generator().manual_seed(req.seed))
+    if req.mode == "txt2img":
+        kwargs.update(width=req.width, height=req.height)
+    else:
+        kwargs.update(image=req.image, strength=req.strength)
+    if req.depth_map is not None:
+        kwargs["depth_map"] = torch.from_numpy(req.depth_map)[None]
+    return pipe(**kwargs).images[0]
+
+
+@pytest.mark.parametrize("preview", ["latent-rgb", "tiny-vae", "full-vae"])
+@pytest.mark.parametrize("view", ["x_t", "x0"])
+def test_one_frame_per_step_for_each_preview_and_view(cache, tiny_dir, make_request, preview, view):
+    frames, finals = run(make_request(steps=5, preview=preview, view=view), cache, tiny_dir)
+    assert [f.step for f in frames] == [1, 2, 3, 4, 5] and {f.total for f in frames} == {5}
+    assert len(finals) == 1 and finals[0].image.size == (64, 64)
+    # latent-rgb works at latent resolution (vae factor 2 here); decoders give full size
+    expected = (32, 32) if preview == "latent-rgb" else (64, 64)
+    assert all(f.image.size == expected and f.view == view for f in frames)
+    timesteps = [f.timestep for f in frames]
+    assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 5
+    assert len({pixels(f.image).tobytes() for f in frames}) == 5  # every step is a new picture
+
+
+def test_x0_view_differs_from_x_t(cache, tiny_dir, make_request):
+    xt, _ = run(make_request(view="x_t", preview="full-vae"), cache, tiny_dir)
+    x0, _ = run(make_request(view="x0", preview="full-vae"), cache, tiny_dir)
+    assert not np.array_equal(pixels(xt[0].image), pixels(x0[0].image))
+
+
+@pytest.mark.parametrize("mode,scheduler", [
+    ("txt2img", "Euler a"), ("txt2img", "DPM++ 2M Karras"), ("txt2img", "PNDM"),
+    ("img2img", "DDIM"), ("img2img", "UniPC"),
+    ("depth2img", "Euler"), ("depth2img", "DDIM"),
+])
+def test_final_image_is_pixel_identical_to_bare_diffusers(cache, tiny_dir, make_request, mode, scheduler):
+    req = make_request(mode, scheduler=scheduler, preview="full-vae", view="x0", steps=6)
+    _, finals = run(req, cache, tiny_dir)
+    expected = bare_call(req, bare_pipeline(mode, tiny_dir, scheduler))
+    assert np.array_equal(pixels(finals[0].image), pixels(expected))
+
+
+def test_uploaded_depth_map_is_used_and_shown(cache, tiny_dir, make_request):
+    depth = np.zeros((64, 64), np.float32)
+    depth[:, 32:] = 1.0  # right half near
+    req = make_request("depth2img", depth_map=depth)
+    frames, finals = run(req, cache, tiny_dir)
+    shown = pixels(frames[0].depth)[..., 0].astype(int)
+    assert shown[:, -4:].mean() > 200 and shown[:, :4].mean() < 50  # near is light
+    expected = bare_call(req, bare_pipeline("depth2img", tiny_dir, "Euler"))
+    assert np.array_equal(pixels(finals[0].image), pixels(expected))
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(cache, tiny_dir, make_request):
+    a = run(make_request(seed=11), cache, tiny_dir)[1][0].image
+    b = run(make_request(seed=11), cache, tiny_dir)[1][0].image
+    c = run(make_request(seed=12), cache, tiny_dir)[1][0].image
+    assert np.array_equal(pixels(a), pixels(b)) and not np.array_equal(pixels(a), pixels(c))
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "depth2img"])
+def test_cancel_stops_within_a_step_and_frees_the_lock(cache, tiny_dir, make_request, mode):
+    token = CancelToken()
+    frames = []
+    for item in generate(make_request(mode, steps=30, strength=1.0), cache, token, source=str(tiny_dir)):
+        assert isinstance(item, Frame), "a cancelled run must not produce a final image"
+        frames.append(item)
+        if item.step == 2:
+            token.cancel()
+    assert 2 <= len(frames) <= 3
+    assert not cache.run_lock.locked()
+
+
+def test_closing_the_stream_cancels_the_run(cache, tiny_dir, make_request):
+    stream = generate(make_request(steps=30), cache, source=str(tiny_dir))
+    next(stream)
+    stream.close()  # what Gradio does when a client goes away
+    assert not cache.run_lock.locked()
+    assert not any(t.name == "stepwise-run" for t in threading.enumerate())
+
+
+def test_one_runs_cancel_leaves_another_running(cache, tiny_dir, make_request):
+    mine, theirs = CancelToken(), CancelToken()
+    mine.cancel()
+    assert run(make_request(), cache, tiny_dir, cancel=mine)[1] == []
+    assert len(run(make_request(), cache, tiny_dir, cancel=theirs)[1]) == 1
+
+
+def test_each_run_gets_its_own_scheduler(cache, tiny_dir, make_request):
+    shared = cache.pipeline("txt2img", str(tiny_dir))
+    before = shared.scheduler
+    run(make_request(scheduler="DPM++ 2M Karras"), cache, tiny_dir)
+    assert shared.scheduler is before and type(before).__name__ == "DDIMScheduler"
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_x0_computed_from_model_output_matches_ddim_own(prediction_type):
+    """The fallback x0 (for schedulers that do not return it) agrees with DDIM's."""
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=prediction_type, clip_sample=False)
+    sched.set_timesteps(10)
+    recorder = X0Recorder(sched)
+    sample, output = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    t = sched.timesteps[3]
+    sched.step(output, t, sample)
+    assert torch.allclose(recorder._x0_from_output(output, t, sample), recorder.x0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_every_scheduler_gives_an_x0(cache, tiny_dir, make_request, name):
+    frames, finals = run(make_request(scheduler=name, view="x0", steps=4), cache, tiny_dir)
+    # one frame per UNet evaluation: PNDM (PLMS) evaluates its first timestep twice
+    assert len(frames) == frames[0].total == (5 if name == "PNDM" else 4) and len(finals) == 1
+
+
+def test_sd_latent_space_uses_the_published_map():
+    vae_config = {"latent_channels": 4, "scaling_factor": 0.18215, "block_out_channels": [128, 256, 512, 512]}
+
+    class FakeVAE:
+        config = vae_config
+
+    m = latent_rgb_for(None, FakeVAE())
+    assert torch.allclose(m.matrix, LatentRGB.sd().matrix)
+
+
+def test_fitted_map_tracks_the_vae(cache, tiny_dir):
+    vae = cache.pipeline("txt2img", str(tiny_dir)).vae
+    fitted = LatentRGB.fit(vae, seed=1)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5)) * vae.config.scaling_factor
+    with torch.no_grad():
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+    target = torch.nn.functional.adaptive_avg_pool2d(decoded, 16)[0].permute(1, 2, 0).reshape(-1, 3)
+    approx = (torch.einsum("bchw,cr->bhwr", latents, fitted.matrix) + fitted.bias).reshape(-1, 3)
+    # the linear map explains a real share of the decode (random VAE: weak, but not zero)
+    residual = ((approx - target) ** 2).mean() / target.var()
+    assert residual < 0.9
