@@ -90,6 +90,12 @@ def _model_card(folder: Path) -> dict:
     return card
 
 
+def launch_options(host: str, port: int, auth: tuple[str, str] | None = None) -> dict:
+    """Safe defaults for `Blocks.launch`, shared by main() and the tests."""
+    return dict(server_name=host, server_port=port, auth=auth, max_file_size=MAX_UPLOAD, show_error=True,
+                enable_monitoring=False, css=CSS)
+
+
 def main(args: argparse.Namespace, cache: ModelCache, app: gr.Blocks) -> None:
     try:
         cache.checkpoint(args.model)  # load before serving, so the first click is fast
@@ -100,8 +106,7 @@ def main(args: argparse.Namespace, cache: ModelCache, app: gr.Blocks) -> None:
         sys.exit("error: --auth takes USER:PASS")
     if args.share:
         log.warning("--share makes a PUBLIC link: anyone with it can use this machine. Add --auth USER:PASS.")
-    launch = dict(server_name=args.host, server_port=args.port, auth=auth, max_file_size=MAX_UPLOAD,
-                  show_error=True, enable_monitoring=False, css=CSS)
+    launch = launch_options(args.host, args.port, auth)
     try:
         app.launch(share=args.share, **launch)
     except Exception as err:  # noqa: BLE001 - only the share tunnel gets a second chance

@@ -1,0 +1,119 @@
+"""The app end to end: a real server on localhost, driven through gradio_client."""
+
+import socket
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+import app as app_module
+from pipelines import ModelCache
+
+from .conftest import pixels
+from .test_generate import bare_call, bare_pipeline
+
+STEPS = 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    args = app_module.parse_args(["--model", str(tiny_dir), "--preset", "micro-txt2img"])
+    demo = app_module.create_demo(args, ModelCache(device="cpu"))
+    demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
+    yield demo
+    demo.close()
+
+
+@pytest.fixture
+def client(server):
+    return Client(server.local_url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def scene_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[:] = (30, 40, 200)
+    pixels[16:48, 16:48] = (220, 30, 30)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+COMMON = dict(prompt="a red square", negative_prompt="", seed=21, steps=STEPS, guidance_scale=5.0, width=64,
+              height=64, scheduler="Euler", preview="latent-rgb")
+
+
+def stream(client, api_name, **kwargs):
+    return list(client.submit(**{**COMMON, **kwargs}, api_name=api_name))
+
+
+@pytest.mark.parametrize("api_name,extra,steps", [
+    ("/txt2img", {}, STEPS),
+    ("/img2img", {"strength": 0.5}, STEPS // 2),
+    ("/depth2img", {"strength": 1.0}, STEPS),
+])
+def test_each_endpoint_streams_one_frame_per_step_and_a_final_image(client, scene_file, api_name, extra, steps):
+    if api_name != "/txt2img":
+        extra = dict(extra, image=handle_file(scene_file))
+    updates = stream(client, api_name, **extra)
+    previews = [u[0] for u in updates[:-1]]
+    assert len(previews) == steps and len(set(previews)) == steps  # distinct step frames
+    final = updates[-1]
+    gallery = final[1]
+    assert [item["caption"].split(" · ")[0] for item in gallery] == [f"step {i}/{steps}" for i in range(1, steps + 1)]
+    assert Image.open(final[2]).size == (64, 64)
+    assert f"seed `{COMMON['seed']}`" in final[4]
+
+
+def test_same_seed_twice_gives_identical_pixels_equal_to_bare_diffusers(client, tiny_dir):
+    a = Image.open(stream(client, "/txt2img")[-1][2])
+    b = Image.open(stream(client, "/txt2img")[-1][2])
+    assert np.array_equal(pixels(a), pixels(b))
+    from pipelines import validate_request
+
+    expected = bare_call(validate_request({"mode": "txt2img", **COMMON}), bare_pipeline("txt2img", tiny_dir, "Euler"))
+    assert np.array_equal(pixels(a), pixels(expected))
+
+
+def test_final_png_carries_a1111_parameters(client):
+    final = Image.open(stream(client, "/txt2img")[-1][2])
+    params = final.info["parameters"]
+    assert params.startswith("a red square\n") and "Steps: 6, Sampler: Euler, CFG scale: 5.0, Seed: 21" in params
+
+
+def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(client):
+    with pytest.raises(Exception, match="width: must be a multiple of 8"):
+        client.predict(**{**COMMON, "width": 100}, api_name="/txt2img")
+    with pytest.raises(Exception, match="image: is required"):
+        client.predict(**COMMON, image=None, api_name="/img2img")
+    assert len(stream(client, "/txt2img")) == STEPS + 1
+
+
+def test_stop_ends_only_the_callers_run(server):
+    mine, theirs = Client(server.local_url, verbose=False), Client(server.local_url, verbose=False)
+    job = mine.submit(**{**COMMON, "steps": 150}, api_name="/txt2img")
+    for update in job:
+        if update[0]:  # first frame arrived: stop from the same session
+            theirs.predict(api_name="/stop")  # another session's Stop touches nothing
+            mine.predict(api_name="/stop")
+            break
+    updates = list(job) if not job.done() else job.outputs()
+    assert "Stopped at step" in updates[-1][4]
+    assert len(stream(theirs, "/txt2img")) == STEPS + 1
+
+
+def test_launch_defaults_are_safe(server):
+    args = app_module.parse_args([])
+    assert args.host == "127.0.0.1" and not args.share and args.auth is None
+    assert server._queue.max_size == app_module.MAX_QUEUE
+    gpu_events = [fn for fn in server.fns.values() if fn.api_name in ("txt2img", "img2img", "depth2img")]
+    assert len(gpu_events) == 3
+    assert {fn.concurrency_id for fn in gpu_events} == {"gpu"} and {fn.concurrency_limit for fn in gpu_events} == {1}
+    assert server.max_file_size == 20 * 1024 * 1024
