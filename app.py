@@ -1,6 +1,6 @@
 """Stepwise: watch Stable Diffusion work, one denoising step at a time.
 
-    python app.py [--model SRC] [--depth-model SRC] [--device cuda|mps|cpu] [--dtype fp16|fp32]
+    python app.py [--model SRC] [--depth-model SRC] [--device cuda|mps|cpu] [--dtype fp16|fp32] [--compile]
                   [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS] [--preset NAME]
 """
 
@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny-vae", default=None, help="AutoencoderTiny folder or repo id for the tiny-vae preview")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, else fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPUs; the first run compiles)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
@@ -119,7 +120,7 @@ def main(args: argparse.Namespace, cache: ModelCache, app: gr.Blocks) -> None:
 # Spaces and `gradio app.py` look for `demo` at module level. Building it loads no
 # model: the cache fills on first use, or in main() before serving.
 ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
-CACHE = ModelCache(device=ARGS.device, dtype=ARGS.dtype, tiny_vae=ARGS.tiny_vae)
+CACHE = ModelCache(device=ARGS.device, dtype=ARGS.dtype, tiny_vae=ARGS.tiny_vae, compile_unet=ARGS.compile)
 try:
     demo = create_demo(ARGS, CACHE)
 except PresetError as err:

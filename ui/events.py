@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import gradio as gr
@@ -53,6 +52,10 @@ class Runner:
         token.cancel()
         return progress_html(0, 0, "stopping…")
 
+    @staticmethod
+    def _outputs(view: RunView, gallery, final, status: str, info: str, seed: int, with_depth: bool) -> tuple:
+        return (view.preview, gallery, final, status, info, seed, *((view.depth,) if with_depth else ()))
+
     def _run(self, mode: str, request: gr.Request, fields: dict, with_depth: bool) -> Iterator[tuple]:
         try:
             req = validate_request({"mode": mode, **fields}, self.limits)
@@ -66,25 +69,26 @@ class Runner:
                 previous.cancel()  # a new Generate from the same tab supersedes the old run
             self._runs[session] = token
         view = RunView(self.store.new_run())
-        extra = (gr.skip(),) if with_depth else ()
+        # Outputs: live, gallery, final, status, info, last seed[, depth used]. Outputs with
+        # nothing new get cheap values (None, "") rather than gr.skip(), for which Gradio
+        # rebuilds the component's config (milliseconds); only the gallery, whose resend
+        # grows with the run, is skipped between refreshes.
         try:
             for item in self.generate(req, token):
                 if isinstance(item, Final):
                     final = save_png(item, view.folder / "final.png", self.model_label)
-                    note = f"done in {item.seconds:.2f} s"
-                    depth = (view.depth,) if with_depth else ()
-                    yield (view.preview, view.gallery, final, progress_html(view.step, view.total, note),
-                           _info(req, self.model_label, item.seconds), req.seed, *depth)
+                    status = progress_html(view.step, view.total, f"done in {item.seconds:.2f} s")
+                    yield self._outputs(view, view.gallery, final, status, _info(req, self.model_label, item.seconds),
+                                        req.seed, with_depth)
                     return
                 view.add_frame(item)
-                gallery = view.gallery if view.gallery_due(time.perf_counter()) else gr.skip()
-                depth = (view.depth,) if with_depth and item.step == 1 else extra
-                yield (view.preview, gallery, gr.skip(), progress_html(view.step, view.total, f"t={item.timestep:.0f}"),
-                       gr.skip(), gr.skip(), *depth)
-            # the generator ended without a final image: the run was stopped
-            yield (view.preview, view.gallery, gr.skip(), progress_html(view.step, view.total, "stopped"),
-                   f"Stopped at step {view.step}/{view.total}; the steps so far stay in the gallery.", req.seed,
-                   *extra)
+                gallery = view.gallery if view.gallery_due() else gr.skip()
+                status = progress_html(view.step, view.total, f"t={item.timestep:.0f}")
+                yield self._outputs(view, gallery, None, status, "", req.seed, with_depth)
+            # the frames ended without a final image: the run was stopped
+            note = f"Stopped at step {view.step}/{view.total}; the steps so far stay in the gallery."
+            yield self._outputs(view, view.gallery, None, progress_html(view.step, view.total, "stopped"), note,
+                                req.seed, with_depth)
         except (ModelLoadError, ValueError) as err:
             raise gr.Error(str(err)) from None
         finally:

@@ -2,9 +2,11 @@
 
 Each frame is encoded once, to a small JPEG in this run's folder inside Gradio's
 cache (files there are served as they are, never copied or re-encoded), and is
-referred to by path from then on. The preview updates every step; the gallery,
-whose postprocessing touches every item, is refreshed at most every
-`gallery_interval` seconds and once more at the end, so it ends holding every step.
+referred to by path from then on. The preview updates every step. The gallery is
+the one output whose server cost grows with the run (Gradio postprocesses every
+item on each update), so it is refreshed only when it has grown by a quarter
+since its last refresh, and once more at the end: at most 5N items are processed
+in a run of N steps, a constant cost per step.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-GALLERY_INTERVAL_S = 0.5  # browsers render ~20 updates/s (gradio PR 7084); the gallery needs far fewer
+GALLERY_GROWTH = 1.25  # refresh the gallery when it is this many times the size last sent
 FRAME_FORMAT, FRAME_QUALITY = "JPEG", 85
 
 
@@ -53,7 +55,7 @@ class RunView:
     depth: str | None = None
     step: int = 0
     total: int = 0
-    _last_gallery: float = 0.0
+    _gallery_sent: int = 0
 
     def add_frame(self, frame) -> None:
         path = self.save(frame.image, f"step_{frame.step:04d}.jpg")
@@ -70,9 +72,10 @@ class RunView:
             image.save(path)
         return str(path)
 
-    def gallery_due(self, now: float, interval: float = GALLERY_INTERVAL_S) -> bool:
-        if now - self._last_gallery >= interval:
-            self._last_gallery = now
+    def gallery_due(self) -> bool:
+        """True when the gallery has grown enough to be worth sending again."""
+        if len(self.gallery) >= max(self._gallery_sent + 1, self._gallery_sent * GALLERY_GROWTH):
+            self._gallery_sent = len(self.gallery)
             return True
         return False
 

@@ -1,0 +1,208 @@
+"""Stepwise benchmarks: what watching every step costs.
+
+    python -m benchmarks.run [--model bundled] [--steps 20] [--repeats 7] [--json benchmarks/results.json]
+
+Prints a table and writes JSON. Every figure is a median over `--repeats` runs, and
+every comparison is measured side by side, interleaved, in this one process.
+1. streaming: the app's generation path (each step decoded and stored as a frame)
+   vs the bare diffusers call with no callback, same model, settings and seed.
+2. server: Gradio's per-yield work (handler + postprocess) as runs grow.
+3. cache: img2img after txt2img; switching between two checkpoints under a budget.
+4. gpu: full-size SD 1.5 / SD 2-depth architectures with random weights (CUDA);
+   on CPU it runs the same code at a reduced size to prove it works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from dataclasses import replace
+from types import SimpleNamespace
+
+import gradio as gr
+import torch
+
+from pipelines import Limits, ModelCache, generate, validate_request
+from pipelines.cache import BUNDLED, bundled_folder, param_bytes
+from pipelines.generate import _per_run
+from pipelines.schedulers import make_scheduler
+from pipelines.tiny import save_tiny_checkpoint
+from ui.layout import AppSpec, build_app
+from ui.stream import RunView
+
+from .gpu import gpu_section
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bare_run(cache: ModelCache, req, source: str):
+    """The plain diffusers call the app wraps: no callback, same scheduler and seed."""
+    shared = cache.pipeline(req.mode, source)
+    pipe = _per_run(shared, make_scheduler(req.scheduler, shared.scheduler.config))
+    size = dict(width=req.width, height=req.height) if req.mode == "txt2img" else dict(image=req.image)
+    return pipe(req.prompt, num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
+                generator=torch.Generator().manual_seed(req.seed), **size).images[0]
+
+
+def app_run(cache: ModelCache, req, source: str, folder: Path):
+    """The app's path: every step decoded, encoded once and stored, as the UI does."""
+    view = RunView(folder)
+    for item in generate(req, cache, source=source):
+        if hasattr(item, "step"):
+            view.add_frame(item)
+    return view
+
+
+def streaming_section(cache, source, base: dict, repeats: int, previews: list[str]) -> list[dict]:
+    configs = [(p, v) for p in previews for v in ("x_t", "x0")]
+    reqs = {c: validate_request(dict(base, preview=c[0], view=c[1])) for c in configs}
+    bare_req = reqs[configs[0]]
+    bare_run(cache, bare_req, source)  # warm-up
+    for c in configs:
+        app_run(cache, reqs[c], source, Path(tempfile.mkdtemp()))
+    samples = {"bare": [], **{c: [] for c in configs}}
+    for _ in range(repeats):  # interleaved, so drift hits every variant alike
+        samples["bare"].append(median_time(lambda: bare_run(cache, bare_req, source), 1))
+        for c in configs:
+            folder = Path(tempfile.mkdtemp())
+            samples[c].append(median_time(lambda: app_run(cache, reqs[c], source, folder), 1))
+    bare = statistics.median(samples["bare"])
+    rows = [{"variant": "bare diffusers (no callback)", "seconds": bare, "ms_per_step": 1000 * bare / base["steps"],
+             "ratio": 1.0}]
+    for (preview, view) in configs:
+        t = statistics.median(samples[(preview, view)])
+        rows.append({"variant": f"app: {preview}, {view}", "seconds": t, "ms_per_step": 1000 * t / base["steps"],
+                     "ratio": t / bare})
+    return rows
+
+
+def server_section(cache, source, base: dict, step_counts=(10, 50, 100, 150)) -> list[dict]:
+    """Gradio's own work per yield, generation taken out: a real run's frames are
+    replayed through the UI handler, and each yielded update is postprocessed the
+    way Gradio's queue does it (handler time + `postprocess_data`)."""
+    from gradio.state_holder import SessionState
+
+    from ui.events import Runner
+    from ui.stream import RunStore
+
+    recorded = list(generate(validate_request(dict(base, steps=max(step_counts))), cache, source=source))
+    frames, final = recorded[:-1], recorded[-1]
+    root = str(Path(gr.utils.get_upload_folder()) / "stepwise-bench")  # where the app keeps runs
+    rows = []
+    for n in step_counts:
+        def replay(_request, _token, n=n):
+            for f in frames[:n]:
+                yield replace(f, total=n)
+            yield final
+
+        demo = build_app(AppSpec(generate=replay, model_label="bench", run_root=root))
+        block_fn = next(fn for fn in demo.fns.values() if fn.api_name == "txt2img")
+        handler = Runner(replay, RunStore(root), Limits(), "bench").handler("txt2img")
+        updates = handler(SimpleNamespace(session_hash="bench"), **{k: v for k, v in base.items() if k != "mode"})
+        state, loop, per_yield = SessionState(demo), asyncio.new_event_loop(), []
+        while True:
+            start = time.perf_counter()
+            out = next(updates, None)
+            if out is None:
+                break
+            loop.run_until_complete(demo.postprocess_data(block_fn, list(out), state))
+            per_yield.append(time.perf_counter() - start)
+        loop.close()
+        rows.append({"steps": n, "yields": len(per_yield),
+                     "server_ms_per_yield_median": 1000 * statistics.median(per_yield),
+                     "server_ms_per_step_mean": 1000 * sum(per_yield) / n})
+    return rows
+
+
+def cache_section(source: str, repeats: int) -> dict:
+    cache = ModelCache(device="cpu")
+    cache.pipeline("txt2img", source)
+    before = cache.total_bytes()
+    start = time.perf_counter()
+    cache.pipeline("img2img", source)
+    img2img_ms = 1000 * (time.perf_counter() - start)
+    added = cache.total_bytes() - before
+    other = str(save_tiny_checkpoint(Path(tempfile.mkdtemp()) / "other", seed=5))
+    one = max(ModelCache(device="cpu").checkpoint(s).nbytes() for s in (source, other))
+    small = ModelCache(device="cpu", budget_bytes=int(one * 1.5))  # room for one checkpoint at a time
+    small.checkpoint(source)
+    switches = []
+    for i in range(repeats):
+        target = other if i % 2 == 0 else source
+        start = time.perf_counter()
+        small.checkpoint(target)
+        switches.append(time.perf_counter() - start)
+    return {"img2img_after_txt2img_ms": img2img_ms, "img2img_added_param_bytes": added,
+            "switch_checkpoint_ms_median": 1000 * statistics.median(switches), "loaded_after_switches": small.loaded()}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=BUNDLED)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--json", default="benchmarks/results.json")
+    p.add_argument("--skip-gpu", action="store_true")
+    args = p.parse_args(argv)
+
+    source = str(bundled_folder()) if args.model == BUNDLED else args.model
+    cache = ModelCache(device="cpu")
+    card = Path(source) / "stepwise.json"
+    settings = json.loads(card.read_text()) if card.is_file() else {}
+    side = settings.get("width", 64)
+    base = dict(mode="txt2img", prompt="a red circle on the left, blue background", seed=7, steps=args.steps,
+                guidance_scale=settings.get("guidance_scale", 4.0), width=side, height=settings.get("height", side),
+                scheduler=settings.get("scheduler", "Euler"))
+    previews = ["latent-rgb", "full-vae"] + (["tiny-vae"] if cache.checkpoint(source).tiny_vae else [])
+    results = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "model": source,
+        "settings": base,
+        "streaming": streaming_section(cache, source, base, args.repeats, previews),
+        "server": server_section(cache, source, base),
+        "cache": cache_section(source, args.repeats),
+    }
+    if not args.skip_gpu:
+        results["gpu"] = gpu_section()
+    print_table(results)
+    Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {args.json}")
+    return results
+
+
+def print_table(r: dict) -> None:
+    print(f"model {r['model']} · {r['settings']['width']}x{r['settings']['height']} · {r['settings']['steps']} steps · "
+          f"{r['machine']['threads']} threads · torch {r['machine']['torch']}")
+    print("\n1. streaming overhead (median)")
+    for row in r["streaming"]:
+        print(f"  {row['variant']:<32} {row['seconds']*1000:8.1f} ms  {row['ms_per_step']:7.2f} ms/step  x{row['ratio']:.3f}")
+    print("\n2. Gradio server work per yield (generation excluded)")
+    for row in r["server"]:
+        print(f"  {row['steps']:>4} steps: {row['server_ms_per_yield_median']:6.2f} ms/yield median, "
+              f"{row['server_ms_per_step_mean']:6.2f} ms/step mean over {row['yields']} yields")
+    c = r["cache"]
+    print(f"\n3. cache: img2img after txt2img {c['img2img_after_txt2img_ms']:.1f} ms, "
+          f"+{c['img2img_added_param_bytes']} parameter bytes; checkpoint switch {c['switch_checkpoint_ms_median']:.0f} ms")
+    if "gpu" in r:
+        print("\n4. GPU section")
+        for row in r["gpu"].get("rows", []):
+            print(f"  {row['variant']:<40} {row['seconds']:8.3f} s  x{row.get('ratio', 1):.3f}")
+        print(f"  ({r['gpu'].get('note', '')})")
+
+
+if __name__ == "__main__":
+    main()
