@@ -1,0 +1,494 @@
+"""Train the Stepwise micro latent-diffusion model from scratch.
+
+    python -m training.train --out models/micro --seed 0
+
+Stages (each resumable from training/runs/seed<S>/<stage>.pt, skipped when done):
+  vae -> latents -> unet (+ CLIP text encoder, jointly) -> depth_unet -> dpt -> export
+Each stage stops when its quick evaluation reaches the quality targets (or at its step cap).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import scenes as S
+from .models import (LATENT, MAX_TOKENS, RES, make_dpt, make_inference_scheduler, make_text_encoder,
+                     make_train_scheduler, make_unet, make_vae)
+from .tokenizer import build_tokenizer
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def log(run: Path, msg: str):
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    with open(run / "train.log", "a") as f:
+        f.write(line + "\n")
+
+
+def to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def save_ckpt(path: Path, **state):
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def lr_at(step, total, peak, warm=100, floor=0.1):
+    if step < warm:
+        return peak * (step + 1) / warm
+    p = min(1.0, (step - warm) / max(1, total - warm))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+# ----------------------------------------------------------------------------------------------- VAE
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """a, b in [-1, 1]; PSNR on the [0, 1] scale, averaged over images."""
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
+    return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
+
+
+def heldout_images(seed: int, n: int = 64) -> np.ndarray:
+    _, imgs, _ = S.render_batch(n, np.random.default_rng([seed, 999]), RES)
+    return imgs
+
+
+def stage_vae(args, run: Path):
+    ck = run / "vae.pt"
+    vae = make_vae().to(DEV)
+    opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
+    step = 0
+    if ck.exists():
+        st = torch.load(ck, map_location=DEV)
+        vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); step = st["step"]
+        if st.get("done"):
+            return vae
+        log(run, f"vae: resume at step {step}")
+    held = to_tensor(heldout_images(args.seed)).to(DEV)
+    bs, total = args.vae_batch, args.vae_steps
+    t0 = time.time()
+    while step < total:
+        rng = np.random.default_rng([args.seed, 1, step])
+        _, imgs, masks = S.render_batch(bs, rng, RES)
+        x = to_tensor(imgs).to(DEV)
+        # up-weight the shape and its surroundings: the flat background dominates the pixels otherwise
+        m = torch.from_numpy(masks).to(DEV)[:, None]
+        w = 1.0 + args.vae_shape_weight * (F.max_pool2d(m, 5, 1, 2) > 0.01).float()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, args.vae_lr)
+        post = vae.encode(x).latent_dist
+        z = post.mode()  # deterministic latents: sampled ones (std ~0.8 at KL weight 1e-6) blur the edges
+        rec = vae.decode(z).sample
+        err = rec - x
+        loss = ((err.pow(2) + 0.5 * err.abs()) * w).sum() / (w.sum() * 3) + args.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log(run, f"vae step {step} loss {loss.item():.5f} ({time.time() - t0:.0f}s)")
+        if step % args.eval_every_vae == 0 or step == total:
+            vae.eval()
+            with torch.no_grad():
+                p = psnr(vae.decode(vae.encode(held).latent_dist.mode()).sample, held)
+            vae.train()
+            done = p >= args.vae_target or step >= total
+            log(run, f"vae step {step} held-out PSNR {p:.2f} dB" + (" -> target reached" if p >= args.vae_target else ""))
+            save_ckpt(ck, model=vae.state_dict(), opt=opt.state_dict(), step=step, done=done, psnr=p)
+            if done:
+                break
+    vae.eval()
+    return vae
+
+
+
+# ------------------------------------------------------------------------------------------- latents
+def prep_depth(depth: torch.Tensor, latent: int = LATENT) -> torch.Tensor:
+    """Exactly what StableDiffusionDepth2ImgPipeline.prepare_depth_map does to a given depth map."""
+    d = F.interpolate(depth.unsqueeze(1), size=(latent, latent), mode="bicubic", align_corners=False)
+    lo = torch.amin(d, dim=[1, 2, 3], keepdim=True)
+    hi = torch.amax(d, dim=[1, 2, 3], keepdim=True)
+    return 2.0 * (d - lo) / (hi - lo) - 1.0
+
+
+def stage_latents(args, run: Path, vae):
+    path = run / "latents.pt"
+    if path.exists():
+        return torch.load(path)
+    rng = np.random.default_rng([args.seed, 2])
+    scenes, imgs, depths = S.render_batch(args.n_latents, rng, RES)
+    lat = []
+    with torch.no_grad():
+        for i in range(0, len(imgs), 256):
+            lat.append(vae.encode(to_tensor(imgs[i:i + 256]).to(DEV)).latent_dist.mode().cpu())
+    lat = torch.cat(lat)
+    sf = float(1.0 / lat.std())
+    depth = prep_depth(torch.from_numpy(0.1 + depths).float())
+    data = dict(latents=lat * sf, scaling_factor=sf, depth=depth, scenes=scenes)
+    torch.save(data, path)
+    log(run, f"latents: {tuple(lat.shape)} scaling_factor {sf:.4f}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- UNet
+def tokenize(tok, caps):
+    return tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+def ema_update(ema, model, decay):
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
+def quick_eval_txt2img(vae, te, tok, unet, n, seed, guidance, steps):
+    from diffusers import StableDiffusionPipeline
+    from .scorer import score
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=make_inference_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng([seed, 7])
+    sc = [S.sample_scene(rng) for _ in range(n)]
+    acc = {}
+    for i in range(0, n, 20):
+        chunk = sc[i:i + 20]
+        g = [torch.Generator().manual_seed(seed * 1000 + i + j) for j in range(len(chunk))]
+        ims = pipe([S.canonical_caption(s) for s in chunk], height=RES, width=RES, num_inference_steps=steps,
+                   guidance_scale=guidance, generator=g).images
+        for im, s in zip(ims, chunk):
+            for k, v in score(im, s).items():
+                acc[k] = acc.get(k, 0) + v
+    return {k: v / n for k, v in acc.items()}
+
+
+def stage_unet(args, run: Path, vae, data):
+    import copy
+    ck = run / "unet.pt"
+    tok = build_tokenizer(S.VOCAB_WORDS, MAX_TOKENS)
+    te = make_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id).to(DEV)
+    unet = make_unet(4).to(DEV)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
+    ema_u, ema_t = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
+    step = 0
+    if ck.exists():
+        st = torch.load(ck, map_location=DEV)
+        unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"]); opt.load_state_dict(st["opt"])
+        ema_u.load_state_dict(st["ema_unet"]); ema_t.load_state_dict(st["ema_te"]); step = st["step"]
+        if st.get("done"):
+            return ema_u, ema_t, tok
+        log(run, f"unet: resume at step {step}")
+    vae.register_to_config(scaling_factor=data["scaling_factor"])
+    sched = make_train_scheduler()
+    lat, scs = data["latents"].to(DEV), data["scenes"]
+    bs, total = args.unet_batch, args.unet_steps
+    t0 = time.time()
+    run_loss = 0.0
+    while step < total:
+        rng = np.random.default_rng([args.seed, 3, step])
+        idx = rng.integers(0, len(scs), bs)
+        caps = [S.random_caption(scs[i], rng) for i in idx]
+        ids = tokenize(tok, caps).to(DEV)
+        x0 = lat[torch.from_numpy(idx).to(DEV)]
+        gen = torch.Generator(device=DEV).manual_seed(args.seed * 100003 + step)
+        noise = torch.randn(x0.shape, generator=gen, device=DEV)
+        t = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=gen, device=DEV)
+        xt = sched.add_noise(x0, noise, t)
+        target = sched.get_velocity(x0, noise, t)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, args.unet_lr, warm=200)
+        cond = te(ids)[0]
+        pred = unet(xt, t, cond).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_u, unet, decay); ema_update(ema_t, te, decay)
+        run_loss += loss.item()
+        if step % 50 == 0:
+            log(run, f"unet step {step} loss {run_loss / 50:.4f} ({time.time() - t0:.0f}s)")
+            run_loss = 0.0
+        if step % args.eval_every_unet == 0 or step == total:
+            acc = quick_eval_txt2img(vae, ema_t, tok, ema_u, args.quick_n, args.seed, args.guidance, args.steps)
+            ok = all(acc[k] >= v for k, v in TARGETS_QUICK.items())
+            done = ok or step >= total
+            log(run, f"unet step {step} quick eval {acc}" + (" -> targets reached" if ok else ""))
+            save_ckpt(ck, unet=unet.state_dict(), te=te.state_dict(), opt=opt.state_dict(),
+                      ema_unet=ema_u.state_dict(), ema_te=ema_t.state_dict(), step=step, done=done, acc=acc)
+            if done:
+                break
+    return ema_u, ema_t, tok
+
+
+TARGETS_QUICK = {"colour": 0.97, "background": 0.97, "shape": 0.9, "position": 0.9}
+
+
+# ---------------------------------------------------------------------------------------- depth UNet
+def quick_eval_depth(vae, te, tok, dunet, n, seed, guidance, steps, strength=0.8):
+    from diffusers import StableDiffusionDepth2ImgPipeline
+    from PIL import Image
+    from .scorer import analyse
+    pipe = StableDiffusionDepth2ImgPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=dunet,
+                                            scheduler=make_inference_scheduler(), depth_estimator=None,
+                                            feature_extractor=None)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng([seed, 8])
+    ok = {"position": 0, "colour": 0}
+    for i in range(n):
+        s = S.sample_scene(rng)
+        _, depth = S.render(s, RES)
+        init = Image.new("RGB", (RES, RES), S.PALETTE[s["background"]])
+        im = pipe(f"a {s['colour']} {s['shape']}, {s['background']} background", image=init,
+                  depth_map=torch.from_numpy(0.1 + depth)[None], strength=strength, num_inference_steps=steps,
+                  guidance_scale=guidance, generator=torch.Generator().manual_seed(seed * 1000 + i)).images[0]
+        got = analyse(im)
+        ok["position"] += got["position"] == s["position"]
+        ok["colour"] += got["colour"] == s["colour"]
+    return {k: v / n for k, v in ok.items()}
+
+
+def stage_depth_unet(args, run: Path, vae, data, unet, te, tok):
+    import copy
+    ck = run / "depth_unet.pt"
+    dunet = make_unet(5).to(DEV)
+    sd = {k: v.clone() for k, v in unet.state_dict().items()}
+    w = sd["conv_in.weight"]
+    sd["conv_in.weight"] = torch.cat([w, torch.zeros_like(w[:, :1])], 1)
+    dunet.load_state_dict(sd)
+    opt = torch.optim.AdamW(dunet.parameters(), lr=args.depth_lr, weight_decay=0.01)
+    ema = copy.deepcopy(dunet).eval()
+    step = 0
+    if ck.exists():
+        st = torch.load(ck, map_location=DEV)
+        dunet.load_state_dict(st["unet"]); opt.load_state_dict(st["opt"]); ema.load_state_dict(st["ema_unet"])
+        step = st["step"]
+        if st.get("done"):
+            return ema
+        log(run, f"depth_unet: resume at step {step}")
+    te.requires_grad_(False)
+    sched = make_train_scheduler()
+    lat, dep, scs = data["latents"].to(DEV), data["depth"].to(DEV), data["scenes"]
+    bs, total = args.unet_batch, args.depth_steps
+    t0, run_loss = time.time(), 0.0
+    while step < total:
+        rng = np.random.default_rng([args.seed, 4, step])
+        idx = rng.integers(0, len(scs), bs)
+        caps = [S.random_caption(scs[i], rng) for i in idx]
+        ids = tokenize(tok, caps).to(DEV)
+        ti = torch.from_numpy(idx).to(DEV)
+        x0, d = lat[ti], dep[ti]
+        gen = torch.Generator(device=DEV).manual_seed(args.seed * 100019 + step)
+        noise = torch.randn(x0.shape, generator=gen, device=DEV)
+        t = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=gen, device=DEV)
+        xt = torch.cat([sched.add_noise(x0, noise, t), d], 1)
+        target = sched.get_velocity(x0, noise, t)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, args.depth_lr, warm=50)
+        with torch.no_grad():
+            cond = te(ids)[0]
+        loss = F.mse_loss(dunet(xt, t, cond).sample, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dunet.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema_update(ema, dunet, min(args.ema, (1 + step) / (10 + step)))
+        run_loss += loss.item()
+        if step % 50 == 0:
+            log(run, f"depth_unet step {step} loss {run_loss / 50:.4f} ({time.time() - t0:.0f}s)")
+            run_loss = 0.0
+        if step % args.eval_every_depth == 0 or step == total:
+            acc = quick_eval_depth(vae, te, tok, ema, args.quick_n_depth, args.seed, args.guidance, args.steps)
+            ok = all(v >= 0.92 for v in acc.values())
+            done = ok or step >= total
+            log(run, f"depth_unet step {step} quick eval {acc}" + (" -> targets reached" if ok else ""))
+            save_ckpt(ck, unet=dunet.state_dict(), opt=opt.state_dict(), ema_unet=ema.state_dict(), step=step,
+                      done=done, acc=acc)
+            if done:
+                break
+    return ema
+
+
+# ----------------------------------------------------------------------------------------------- DPT
+def stage_dpt(args, run: Path):
+    ck = run / "dpt.pt"
+    dpt, proc = make_dpt()
+    dpt.to(DEV)
+    opt = torch.optim.AdamW(dpt.parameters(), lr=args.dpt_lr, weight_decay=0.01)
+    step = 0
+    if ck.exists():
+        st = torch.load(ck, map_location=DEV)
+        dpt.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); step = st["step"]
+        if st.get("done"):
+            return dpt.eval(), proc
+    _, himg, hdep = S.render_batch(128, np.random.default_rng([args.seed, 998]), RES)
+    hx, hm = to_tensor(himg).to(DEV), torch.from_numpy(hdep).to(DEV)
+    total, t0 = args.dpt_steps, time.time()
+    while step < total:
+        rng = np.random.default_rng([args.seed, 5, step])
+        _, imgs, deps = S.render_batch(args.dpt_batch, rng, RES)
+        x, y = to_tensor(imgs).to(DEV), 0.1 + torch.from_numpy(deps).to(DEV)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, args.dpt_lr, warm=50)
+        pred = dpt(pixel_values=x).predicted_depth
+        pred = F.interpolate(pred[:, None], size=(RES, RES), mode="bilinear", align_corners=False)[:, 0]
+        loss = F.mse_loss(pred, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log(run, f"dpt step {step} loss {loss.item():.5f} ({time.time() - t0:.0f}s)")
+        if step % 200 == 0 or step == total:
+            dpt.eval()
+            with torch.no_grad():
+                p = F.interpolate(dpt(pixel_values=hx).predicted_depth[:, None], size=(RES, RES), mode="bilinear")[:, 0]
+            dpt.train()
+            pm, gm = p > 0.6, hm > 0.5
+            iou = float(((pm & gm).flatten(1).sum(1) / (pm | gm).flatten(1).sum(1).clamp_min(1)).mean())
+            done = iou >= 0.95 or step >= total
+            log(run, f"dpt step {step} held-out mask IoU {iou:.3f}")
+            save_ckpt(ck, model=dpt.state_dict(), opt=opt.state_dict(), step=step, done=done, iou=iou)
+            if done:
+                break
+    return dpt.eval(), proc
+
+
+# -------------------------------------------------------------------------------------------- export
+def fit_latent_rgb(vae, data, n=512):
+    """Least-squares linear map raw (scaled) latents -> RGB in [-1,1] of the VAE decode at latent size."""
+    sf = data["scaling_factor"]
+    z = data["latents"][:n].to(DEV)
+    with torch.no_grad():
+        rgb = torch.cat([vae.decode(z[i:i + 128] / sf).sample for i in range(0, len(z), 128)]).clamp(-1, 1)
+    rgb = F.avg_pool2d(rgb, RES // LATENT)
+    X = z.permute(0, 2, 3, 1).reshape(-1, 4).double().cpu()
+    X = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+    Y = rgb.permute(0, 2, 3, 1).reshape(-1, 3).double().cpu()
+    sol = torch.linalg.lstsq(X, Y).solution
+    resid = float((X @ sol - Y).pow(2).mean().sqrt())
+    return {"matrix": sol[:4].tolist(), "bias": sol[4].tolist(),
+            "source": f"least-squares fit of {n} encoded renders (raw pipeline latents, i.e. scaled by "
+                      f"scaling_factor={sf:.5f}) against this VAE's decode avg-pooled to {LATENT}x{LATENT}; "
+                      f"rms residual {resid:.4f}"}
+
+
+def stage_export(args, run: Path, vae, data, unet, te, tok, dunet, dpt, proc):
+    from diffusers import StableDiffusionPipeline
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vae.register_to_config(scaling_factor=data["scaling_factor"])
+    # pick the guidance scale on a fresh quick sample
+    best = None
+    for g in args.guidance_grid:
+        acc = quick_eval_txt2img(vae, te, tok, unet, args.quick_n, args.seed + 1, g, args.steps)
+        log(run, f"export: guidance {g} quick eval {acc}")
+        if best is None or min(acc.values()) > best[1]:
+            best = (g, min(acc.values()))
+    guidance = best[0]
+    # diffusers models are stored in fp16 (diffusers upcasts to fp32 on a plain from_pretrained); the small
+    # transformers models stay fp32 because transformers 5 loads weights in their stored dtype by default.
+    dt = torch.float16 if args.fp16 else torch.float32
+    for m in (vae, unet, dunet):
+        m.to("cpu", dt)
+    for m in (te, dpt):
+        m.to("cpu", torch.float32)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=make_inference_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    dunet.save_pretrained(out / "depth_unet", safe_serialization=True)
+    dpt.save_pretrained(out / "depth_estimator", safe_serialization=True)
+    proc.save_pretrained(out / "depth_estimator")
+    for m in (vae, unet, te, dunet, dpt):
+        m.to(DEV, torch.float32)
+    (out / "latent_rgb.json").write_text(json.dumps(fit_latent_rgb(vae, data), indent=2) + "\n")
+    examples = [
+        "a red circle on the left, blue background", "a yellow triangle at the top, black background",
+        "a white square in the center, purple background", "a green circle at the bottom, orange background",
+        "a blue triangle on the right, yellow background", "an orange square on the left, green background",
+    ]
+    cfg = {"width": RES, "height": RES, "steps": args.steps, "guidance_scale": guidance, "scheduler": "DDIM",
+           "example_prompts": examples,
+           "vocabulary": {"shapes": S.SHAPES, "colours": S.COLOURS,
+                          "positions": [S.POSITION_PHRASE[p] for p in S.POSITIONS]}}
+    (out / "stepwise.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    log(run, f"export: wrote {out} (guidance {guidance}, dtype {dt})")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="models/micro")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runs", default="training/runs")
+    ap.add_argument("--stages", default="vae,latents,unet,depth_unet,dpt,export")
+    ap.add_argument("--threads", type=int, default=1)
+    # VAE
+    ap.add_argument("--vae-steps", type=int, default=2000)
+    ap.add_argument("--vae-batch", type=int, default=8)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-kl", type=float, default=1e-6)
+    ap.add_argument("--vae-target", type=float, default=31.0)
+    ap.add_argument("--vae-shape-weight", type=float, default=9.0)
+    ap.add_argument("--eval-every-vae", type=int, default=200)
+    ap.add_argument("--n-latents", type=int, default=16000)
+    # UNet + text encoder
+    ap.add_argument("--unet-steps", type=int, default=1800)
+    ap.add_argument("--unet-batch", type=int, default=64)
+    ap.add_argument("--unet-lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--eval-every-unet", type=int, default=300)
+    ap.add_argument("--quick-n", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--guidance-grid", type=float, nargs="+", default=[2.0, 4.0, 6.0])
+    # depth UNet
+    ap.add_argument("--depth-steps", type=int, default=500)
+    ap.add_argument("--depth-lr", type=float, default=5e-4)
+    ap.add_argument("--eval-every-depth", type=int, default=125)
+    ap.add_argument("--quick-n-depth", type=int, default=25)
+    # DPT
+    ap.add_argument("--dpt-steps", type=int, default=1000)
+    ap.add_argument("--dpt-batch", type=int, default=32)
+    ap.add_argument("--dpt-lr", type=float, default=1e-3)
+    ap.add_argument("--fp16", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    run = Path(args.runs) / f"seed{args.seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    stages = args.stages.split(",")
+    log(run, f"start {vars(args)} device={DEV}")
+    vae = stage_vae(args, run)
+    if stages == ["vae"]:
+        return
+    data = stage_latents(args, run, vae)
+    vae.register_to_config(scaling_factor=data["scaling_factor"])
+    unet, te, tok = stage_unet(args, run, vae, data)
+    if "depth_unet" not in stages:
+        return
+    dunet = stage_depth_unet(args, run, vae, data, unet, te, tok)
+    if "dpt" not in stages:
+        return
+    dpt, proc = stage_dpt(args, run)
+    if "export" in stages:
+        stage_export(args, run, vae, data, unet, te, tok, dunet, dpt, proc)
+
+
+if __name__ == "__main__":
+    main()
