@@ -7,12 +7,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from PIL import Image
 
 from .cache import BUNDLED, ModelCache
-from .previews import VAEDecoder, X0Recorder, to_pil
+from .previews import HostCopy, VAEDecoder, X0Recorder, to_pixels
 from .request import GenerationRequest
 from .schedulers import make_scheduler
 
@@ -39,11 +40,23 @@ class Cancelled(Exception):
 class Frame:
     step: int  # 1-based
     total: int
-    timestep: float
-    image: Image.Image
+    t: HostCopy  # the timestep, copied without a host sync
     view: str  # "x_t" or "x0"
     seconds: float  # since the run started
-    depth: Image.Image | None = None  # depth2img: the depth map the UNet sees (first frame only)
+    pixels: HostCopy  # uint8 (H, W, 3)
+    depth_pixels: HostCopy | None = None  # depth2img: the depth map the UNet sees (first frame only)
+
+    @cached_property
+    def timestep(self) -> float:
+        return float(self.t.tensor())
+
+    @cached_property
+    def image(self) -> Image.Image:
+        return self.pixels.pil()
+
+    @cached_property
+    def depth(self) -> Image.Image | None:
+        return self.depth_pixels.pil() if self.depth_pixels is not None else None
 
     @property
     def caption(self) -> str:
@@ -107,9 +120,9 @@ def generate(
             p._interrupt = True
             return tensors
         latents = recorder.x0 if recorder is not None else _display_latents(scheduler, tensors["latents"])
-        depth = _depth_image(tensors["depth_mask"]) if i == 0 and "depth_mask" in tensors else None
-        frames.put(Frame(i + 1, p._num_timesteps, float(t), decode(latents), request.view,
-                         time.perf_counter() - started, depth))
+        depth = HostCopy(_depth_pixels(tensors["depth_mask"])) if i == 0 and "depth_mask" in tensors else None
+        frames.put(Frame(i + 1, p._num_timesteps, HostCopy(torch.as_tensor(t)), request.view,
+                         time.perf_counter() - started, HostCopy(decode(latents)), depth))
         return tensors
 
     # 4. The diffusers call, as the bare pipeline would be called
@@ -172,7 +185,7 @@ def _display_latents(scheduler, latents: torch.Tensor) -> torch.Tensor:
     return latents
 
 
-def _depth_image(depth_mask: torch.Tensor) -> Image.Image:
+def _depth_pixels(depth_mask: torch.Tensor) -> torch.Tensor:
     # depth_mask is already min-max scaled to [-1, 1] by the pipeline, one row per CFG half
-    return to_pil(depth_mask[:1].expand(-1, 3, -1, -1))
+    return to_pixels(depth_mask[:1].expand(-1, 3, -1, -1))
 

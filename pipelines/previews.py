@@ -6,8 +6,10 @@ Three decoders, cheapest first:
 - `TinyDecoder`: an `AutoencoderTiny` (TAESD-style), when one is configured.
 - `FullVAE`: the checkpoint's own VAE; exact, as costly as the final decode.
 
-Decoders only read latents; they never touch the generator or the scheduler, so
-previews cannot change the final image.
+Decoders run on the device that holds the latents and return uint8 pixels there;
+`HostCopy` brings them over without stalling the loop. Decoders only read
+latents; they never touch the generator or the scheduler, so previews cannot
+change the final image.
 """
 
 from __future__ import annotations
@@ -38,10 +40,33 @@ _SD_VAE_SIGNATURE = {"latent_channels": 4, "scaling_factor": 0.18215, "block_out
 LATENT_RGB_FILE = "latent_rgb.json"
 
 
-def to_pil(images: torch.Tensor) -> Image.Image:
-    """First image of a batch in [-1, 1], (B, 3, H, W), as an 8-bit PIL image."""
-    pixels = ((images[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """First image of a batch in [-1, 1], (B, 3, H, W), as uint8 (H, W, 3) on the same device."""
+    return ((images[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
+
+
+class HostCopy:
+    """A tensor on its way to host memory. On CUDA the copy is queued behind the
+    work that produces it (pinned memory, non_blocking), so the denoising loop
+    never waits for it; reading it waits, on the thread that wants it."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._ready = None
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = tensor.detach().contiguous()
+
+    def tensor(self) -> torch.Tensor:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host
+
+    def pil(self) -> Image.Image:
+        return Image.fromarray(self.tensor().numpy())
 
 
 @dataclass
@@ -50,10 +75,10 @@ class LatentRGB:
     bias: torch.Tensor  # (3,)
 
     @torch.no_grad()
-    def __call__(self, latents: torch.Tensor) -> Image.Image:
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         matrix = self.matrix.to(latents.device, latents.dtype)
         rgb = torch.einsum("bchw,cr->brhw", latents, matrix) + self.bias.to(latents.device, latents.dtype)[:, None, None]
-        return to_pil(rgb)
+        return to_pixels(rgb)
 
     @classmethod
     def sd(cls) -> LatentRGB:
@@ -105,9 +130,9 @@ class VAEDecoder:
     vae: torch.nn.Module
 
     @torch.no_grad()
-    def __call__(self, latents: torch.Tensor) -> Image.Image:
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        return to_pil(self.vae.decode(latents, return_dict=False)[0])
+        return to_pixels(self.vae.decode(latents, return_dict=False)[0])
 
 
 class X0Recorder:
