@@ -12,6 +12,7 @@ Sources (`--model` / `--depth-model`):
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -254,13 +255,21 @@ class ModelCache:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def free_memory(self) -> None:
+        """Hand cached, unused device memory back (after an eviction or an OOM)."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _evict(self, keep: tuple) -> None:
+        evicted = False
         while self.total_bytes() > self.budget_bytes and len(self._entries) > 1:
             oldest = next(k for k in self._entries if k != keep)
             log.info("evicting %s to stay under the %d-byte budget", oldest[0], self.budget_bytes)
             del self._entries[oldest]
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            evicted = True
+        if evicted:
+            self.free_memory()
 
     @staticmethod
     def _load_hint(source: str, err: Exception) -> str:

@@ -36,6 +36,10 @@ class Cancelled(Exception):
     """Raised from the step callback to stop a pipeline that has no interrupt flag."""
 
 
+class GenerationError(RuntimeError):
+    """A run failed in a way the user can act on; the message says how."""
+
+
 @dataclass
 class Frame:
     step: int  # 1-based
@@ -69,6 +73,7 @@ class Final:
     request: GenerationRequest
     model: str
     seconds: float
+    notes: tuple[str, ...] = ()  # what was coerced or cut on the way in
 
 
 _PIPELINE_CALL = {
@@ -98,6 +103,7 @@ def generate(
     scheduler = make_scheduler(request.scheduler, shared.scheduler.config)
     pipe = _per_run(shared, scheduler)
     recorder = X0Recorder(scheduler) if request.view == "x0" else None
+    notes = request.notes + _truncation_notes(pipe.tokenizer, request)
 
     # 2. The preview decoder
     decode = {
@@ -145,6 +151,11 @@ def generate(
                 frames.put(pipe(**call).images[0])
         except Cancelled:
             frames.put(None)
+        except torch.OutOfMemoryError:
+            cache.free_memory()
+            frames.put(GenerationError(
+                f"the {cache.device.type} ran out of memory at {request.width}x{request.height}; "
+                "lower width and height (or close other GPU programs) and try again"))
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             frames.put(err)
 
@@ -160,11 +171,23 @@ def generate(
             if isinstance(item, BaseException):
                 raise item
             if item is not None and not cancel.cancelled:
-                yield Final(item, request, source, time.perf_counter() - started)
+                yield Final(item, request, source, time.perf_counter() - started, notes)
             return  # cancelled: the frames so far are what the run made
     finally:
         cancel.cancel()  # no-op after a finished run; stops one whose consumer left
         worker.join()
+
+
+def _truncation_notes(tokenizer, request: GenerationRequest) -> tuple[str, ...]:
+    """CLIP reads model_max_length tokens (77 for SD); say what was cut, as diffusers only logs it."""
+    notes = []
+    for field in ("prompt", "negative_prompt"):
+        ids = tokenizer(getattr(request, field), truncation=False).input_ids
+        limit = tokenizer.model_max_length
+        if len(ids) > limit:
+            cut = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True)
+            notes.append(f"{field}: {len(ids)} tokens, the model reads {limit}; cut off: “{cut}”")
+    return tuple(notes)
 
 
 def _per_run(shared, scheduler):

@@ -19,6 +19,7 @@ Mode = Literal["txt2img", "img2img", "depth2img"]
 MODES: tuple[Mode, ...] = ("txt2img", "img2img", "depth2img")
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1  # documented coercion: -1 asks for a fresh random seed
+MAX_INPUT_PIXELS = 40_000_000  # uploads larger than this are refused before decoding (decompression bombs)
 
 
 class RequestError(ValueError):
@@ -59,6 +60,7 @@ class GenerationRequest:
     strength: float = 0.75
     image: Image.Image | None = field(default=None, repr=False)
     depth_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) float32
+    notes: tuple[str, ...] = ()  # documented coercions applied to the inputs, to tell the user
 
     def settings(self) -> dict[str, Any]:
         """The plain-data settings of this run (no images), for captions and metadata."""
@@ -93,7 +95,8 @@ def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> Generati
         )
     if mode != "txt2img":
         req["strength"] = _float(raw, "strength", 0.0, 1.0, default=0.75, low_open=True)
-        req["image"] = _image(raw.get("image"), "image", (req["width"], req["height"]))
+        req["image"], notes = _image(raw.get("image"), "image", (req["width"], req["height"]))
+        req["notes"] = tuple(notes)
     if mode == "depth2img" and raw.get("depth_map") is not None:
         req["depth_map"] = _depth_map(raw["depth_map"])
     return GenerationRequest(**req)
@@ -161,20 +164,28 @@ def _text(raw: dict, name: str, limits: Limits, default: str | None = None) -> s
 
 
 def _open(value, name: str):
-    """Paths (Gradio uploads, gradio_client files) become images; a bad file is the field's error."""
-    if isinstance(value, dict) and "path" in value:  # a FileData dict from an API call
-        value = value["path"]
+    """Paths (Gradio uploads, scripts) become images; a bad file is the field's error."""
     if isinstance(value, (str, Path)):
         try:
             with Image.open(value) as image:
+                _check_pixels(image, name)  # before decoding: a small file can hold a huge image
                 image.load()
                 return image
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise RequestError(name, f"is not a readable image ({err})") from None
+    if isinstance(value, Image.Image):
+        _check_pixels(value, name)
     return value
 
 
-def _image(value, name: str, size: tuple[int, int]) -> Image.Image:
+def _check_pixels(image: Image.Image, name: str) -> None:
+    width, height = image.size
+    if width * height > MAX_INPUT_PIXELS:
+        raise RequestError(name, f"is {width}x{height}; the largest accepted is {MAX_INPUT_PIXELS // 10**6} megapixels")
+
+
+def _image(value, name: str, size: tuple[int, int]) -> tuple[Image.Image, list[str]]:
+    """The input image as RGB at the requested size, and what was changed to get there."""
     if value is None:
         raise RequestError(name, "is required for this mode; upload an image")
     value = _open(value, name)
@@ -182,9 +193,15 @@ def _image(value, name: str, size: tuple[int, int]) -> Image.Image:
         value = Image.fromarray(value)
     if not isinstance(value, Image.Image):
         raise RequestError(name, f"must be an image, got {type(value).__name__}")
+    notes = []
+    if value.mode != "RGB":
+        notes.append(f"{name}: converted from {value.mode} to RGB")
     image = ImageOps.exif_transpose(value).convert("RGB")
-    # Output size follows the width/height controls, as in other web UIs.
-    return image.resize(size, Image.Resampling.LANCZOS) if image.size != size else image
+    if image.size != size:
+        # output size follows the width/height controls, as in other web UIs
+        notes.append(f"{name}: resized from {image.width}x{image.height} to {size[0]}x{size[1]}")
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return image, notes
 
 
 def _depth_map(value) -> np.ndarray:

@@ -7,7 +7,16 @@ from collections.abc import Callable, Iterator
 
 import gradio as gr
 
-from pipelines import CancelToken, Final, GenerationRequest, Limits, ModelLoadError, RequestError, validate_request
+from pipelines import (
+    CancelToken,
+    Final,
+    GenerationError,
+    GenerationRequest,
+    Limits,
+    ModelLoadError,
+    RequestError,
+    validate_request,
+)
 from pipelines.metadata import save_png
 
 from .stream import RunStore, RunView, progress_html
@@ -78,7 +87,9 @@ class Runner:
                 if isinstance(item, Final):
                     final = save_png(item, view.folder / "final.png", self.model_label)
                     status = progress_html(view.step, view.total, f"done in {item.seconds:.2f} s")
-                    yield self._outputs(view, view.gallery, final, status, _info(req, self.model_label, item.seconds),
+                    for note in item.notes:
+                        gr.Warning(note)
+                    yield self._outputs(view, view.gallery, final, status, _info(req, self.model_label, item),
                                         req.seed, with_depth)
                     return
                 view.add_frame(item)
@@ -89,7 +100,7 @@ class Runner:
             note = f"Stopped at step {view.step}/{view.total}; the steps so far stay in the gallery."
             yield self._outputs(view, view.gallery, None, progress_html(view.step, view.total, "stopped"), note,
                                 req.seed, with_depth)
-        except (ModelLoadError, ValueError) as err:
+        except (ModelLoadError, GenerationError, ValueError) as err:
             raise gr.Error(str(err)) from None
         finally:
             token.cancel()
@@ -98,9 +109,10 @@ class Runner:
                     del self._runs[session]
 
 
-def _info(req: GenerationRequest, model: str, seconds: float) -> str:
+def _info(req: GenerationRequest, model: str, final: Final) -> str:
     strength = f" · strength {req.strength}" if req.mode != "txt2img" else ""
+    notes = "".join(f"\n\n⚠ {note}" for note in final.notes)
     return (
         f"**{req.mode}** · seed `{req.seed}` · {req.steps} steps · {req.scheduler} · CFG {req.guidance_scale}"
-        f" · {req.width}x{req.height}{strength} · {model} · {seconds:.2f} s"
+        f" · {req.width}x{req.height}{strength} · {model} · {final.seconds:.2f} s{notes}"
     )

@@ -9,6 +9,7 @@ import gradio as gr
 from pipelines import PREVIEW_MODES, SCHEDULER_NAMES, VIEWS, Limits
 from pipelines.presets import Preset
 
+from . import fields
 from .events import GenerateFn, Runner
 from .stream import RunStore, progress_html
 
@@ -58,7 +59,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                         go_txt = gr.Button("Generate", variant="primary", elem_id="generate-txt2img")
                     with gr.Tab("img2img", id="img2img"):
                         img_in = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"])
-                        img_strength = gr.Slider(0.01, 1.0, value=start.get("strength", 0.75), step=0.01,
+                        img_strength = fields.Slider(0.01, 1.0, value=start.get("strength", 0.75), step=0.01,
                                                  label="Strength (how much to change)")
                         go_img = gr.Button("Generate", variant="primary", elem_id="generate-img2img")
                     with gr.Tab("depth", id="depth2img"):
@@ -66,31 +67,31 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                             depth_in = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"])
                             depth_map = gr.Image(label="Depth map (optional; estimated when empty)", type="filepath",
                                                  sources=["upload"])
-                        depth_strength = gr.Slider(0.01, 1.0, value=start.get("strength", 0.8), step=0.01,
+                        depth_strength = fields.Slider(0.01, 1.0, value=start.get("strength", 0.8), step=0.01,
                                                    label="Strength")
                         go_depth = gr.Button("Generate", variant="primary", elem_id="generate-depth2img")
                         depth_used = gr.Image(label="Depth map used (near = light)", interactive=False, height=160)
                 with gr.Group():
                     with gr.Row():
-                        seed = gr.Number(label="Seed (-1 = random)", value=start.get("seed", -1), precision=0,
+                        seed = fields.Number(label="Seed (-1 = random)", value=start.get("seed", -1), precision=0,
                                          minimum=-1, maximum=2**32 - 1, scale=4)
                         random_seed = gr.Button("🎲", scale=0, min_width=48)
                         reuse_seed = gr.Button("♻ last", scale=0, min_width=72)
-                    steps = gr.Slider(lim.min_steps, lim.max_steps, value=start.get("steps", 20), step=1, label="Steps")
-                    guidance = gr.Slider(0, lim.max_guidance, value=start.get("guidance_scale", 7.5), step=0.5,
+                    steps = fields.Slider(lim.min_steps, lim.max_steps, value=start.get("steps", 20), step=1, label="Steps")
+                    guidance = fields.Slider(0, lim.max_guidance, value=start.get("guidance_scale", 7.5), step=0.5,
                                          label="Guidance scale (CFG)")
                     with gr.Row():
-                        width = gr.Slider(lim.min_side, lim.max_side, value=start.get("width", 512), step=8, label="Width")
-                        height = gr.Slider(lim.min_side, lim.max_side, value=start.get("height", 512), step=8,
+                        width = fields.Slider(lim.min_side, lim.max_side, value=start.get("width", 512), step=8, label="Width")
+                        height = fields.Slider(lim.min_side, lim.max_side, value=start.get("height", 512), step=8,
                                            label="Height")
-                    scheduler = gr.Dropdown(list(SCHEDULER_NAMES), value=start.get("scheduler", "Euler a"),
+                    scheduler = fields.Dropdown(list(SCHEDULER_NAMES), value=start.get("scheduler", "Euler a"),
                                             label="Scheduler")
                     with gr.Row():
-                        preview = gr.Radio([m for m in PREVIEW_MODES if m in lim.preview_modes],
+                        preview = fields.Radio([m for m in PREVIEW_MODES if m in lim.preview_modes],
                                            value=start.get("preview", "latent-rgb"), label="Preview decoder")
-                        view = gr.Radio(list(VIEWS), value=start.get("view", "x_t"),
+                        view = fields.Radio(list(VIEWS), value=start.get("view", "x_t"),
                                         label="Show noisy latent x_t or predicted clean image x0")
-                    preset = gr.Dropdown([(p.title, name) for name, p in spec.presets.items()],
+                    preset = fields.Dropdown([(p.title, name) for name, p in spec.presets.items()],
                                          value=spec.initial_preset, label="Preset")
                     preset_note = gr.Markdown(_preset_note(spec, spec.initial_preset))
                 if spec.examples:
