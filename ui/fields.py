@@ -16,6 +16,8 @@ def _named(component, preprocess, payload):
         return preprocess(payload)
     except gr.Error as err:
         raise gr.Error(f"{component.label}: {err.message}", title="Check the settings") from None
+    except (TypeError, ValueError):  # e.g. a string where a number belongs
+        raise gr.Error(f"{component.label}: {payload!r} is not a valid value", title="Check the settings") from None
 
 
 class Slider(gr.Slider):

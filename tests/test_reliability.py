@@ -1,0 +1,313 @@
+"""Bad input, load, faults, security and disk, against a real server on localhost."""
+
+import concurrent.futures as futures
+import math
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from PIL import Image
+
+import app as app_module
+from pipelines import CancelToken, GenerationError, Limits, ModelCache, generate, validate_request
+from ui.events import Runner
+from ui.stream import RunStore
+
+from .conftest import pixels
+from .test_app import COMMON, free_port
+
+STEPS = 4
+BASE = dict(COMMON, steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dir):
+    cache = ModelCache(device="cpu")
+    demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir), "--preset", "micro-txt2img"]), cache)
+    demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
+    yield SimpleNamespace(demo=demo, cache=cache, url=demo.local_url, source=str(tiny_dir))
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Every awkward kind of upload, as files."""
+    d = tmp_path_factory.mktemp("uploads")
+    rgb = Image.new("RGB", (48, 40), (200, 30, 30))
+    files = {}
+    for name, image in {
+        "gray.png": rgb.convert("L"), "rgba.png": rgb.convert("RGBA"), "palette.png": rgb.convert("P"),
+        "cmyk.jpg": rgb.convert("CMYK"), "one_pixel.png": Image.new("RGB", (1, 1), (9, 9, 9)),
+        "sixteen_bit.png": Image.fromarray((np.arange(48 * 40).reshape(40, 48) * 30).astype(np.uint16)),
+    }.items():
+        image.save(d / name)
+        files[name] = str(d / name)
+    Image.new("1", (9000, 9000)).save(d / "bomb.png")  # 81 megapixels in a few kB
+    files["bomb.png"] = str(d / "bomb.png")
+    good = d / "truncated.png"
+    Image.effect_noise((64, 64), 50).convert("RGB").save(good)
+    (d / "cut.png").write_bytes(good.read_bytes()[:300])
+    files["truncated.png"] = str(d / "cut.png")
+    (d / "text.png").write_text("this is not an image")
+    files["not_an_image.png"] = str(d / "text.png")
+    return files
+
+
+# field, value, what the error must say (the field and what is allowed)
+BAD_FIELDS = [
+    ("steps", 0, "Steps: Value 0 is less than minimum value 1"),
+    ("steps", 151, "Steps: Value 151 is greater than maximum value 150"),
+    ("steps", 2.5, "steps: must be a whole number"),
+    ("guidance_scale", -1, "Guidance scale (CFG): Value -1 is less than minimum value 0"),
+    ("guidance_scale", 31, "greater than maximum value 30"),
+    ("width", 32, "Width: Value 32 is less than minimum value 64"),
+    ("width", 100, "width: must be a multiple of 8"),
+    ("height", 4096, "Height: Value 4096 is greater than maximum value 2048"),
+    ("width", 2048, "width: 2048x64"),  # fine alone; see the budget case below
+    ("seed", -5, "Seed (-1 = random): Value -5 is less than minimum value -1"),
+    ("seed", 2**33, "greater than maximum value"),
+    ("scheduler", "Heun++", "Scheduler: Value: Heun++ is not in the list of choices"),
+    ("preview", "magic", "Preview decoder: Value: 'magic'"),
+    ("steps", "many", "Steps: 'many' is not a valid value"),
+]
+
+
+@pytest.mark.parametrize("field,value,needle", [c for c in BAD_FIELDS if c[0] != "width" or c[1] != 2048])
+def test_bad_field_is_a_clear_error(served, field, value, needle):
+    with pytest.raises(Exception) as err:
+        Client(served.url, verbose=False).predict(**{**BASE, field: value}, api_name="/txt2img")
+    assert needle.lower() in str(err.value).lower()
+
+
+def raw_call(url: str, api_name: str, values: dict) -> str:
+    """Gradio's REST route with a hand-written JSON body: NaN and Infinity, which
+    gradio_client refuses to send, reach the server this way."""
+    params = Client(url, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
+    order = [p["parameter_name"] for p in params[f"/{api_name}"]["parameters"]]
+    body = "[" + ", ".join(values[name] if isinstance(values[name], str) and values[name] in ("NaN", "Infinity")
+                           else __import__("json").dumps(values[name]) for name in order) + "]"
+    event = httpx.post(f"{url}gradio_api/call/{api_name}", content='{"data": ' + body + "}",
+                       headers={"content-type": "application/json"}).json()["event_id"]
+    return httpx.get(f"{url}gradio_api/call/{api_name}/{event}", timeout=60).text
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_nan_and_inf_are_refused(served, value):
+    values = {**BASE, "guidance_scale": value, "view": "x_t"}
+    reply = raw_call(served.url, "txt2img", values)
+    assert "event: error" in reply
+    assert "guidance_scale: must be a finite number" in reply or "greater than maximum value 30" in reply
+
+
+def test_size_over_the_memory_budget(served):
+    with pytest.raises(Exception, match="more than this server's budget"):
+        Client(served.url, verbose=False).predict(**{**BASE, "width": 2048, "height": 2048}, api_name="/txt2img")
+
+
+@pytest.mark.parametrize("name", ["gray.png", "rgba.png", "palette.png", "cmyk.jpg", "one_pixel.png",
+                                  "sixteen_bit.png"])
+def test_odd_images_are_converted_and_run(served, images, name):
+    updates = list(Client(served.url, verbose=False).submit(
+        **BASE, image=handle_file(images[name]), strength=1.0, api_name="/img2img"))
+    assert Image.open(updates[-1][2]).size == (64, 64)
+    assert "resized from" in updates[-1][4]  # the coercion is reported
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("bomb.png", "largest accepted"),
+    ("truncated.png", "readable image"),
+    ("not_an_image.png", "readable image"),
+])
+def test_unusable_images_are_refused(served, images, name, needle):
+    with pytest.raises(Exception) as err:
+        Client(served.url, verbose=False).predict(**BASE, image=handle_file(images[name]), api_name="/img2img")
+    assert needle in str(err.value) or "image" in str(err.value).lower()
+
+
+def test_depth_map_of_another_size_and_dtype_is_resized(served, images, tmp_path):
+    depth = np.zeros((30, 50), np.uint16)
+    depth[:, 25:] = 40000
+    Image.fromarray(depth).save(tmp_path / "d.png")
+    updates = list(Client(served.url, verbose=False).submit(
+        **BASE, image=handle_file(images["rgba.png"]), depth_map=handle_file(str(tmp_path / "d.png")),
+        strength=1.0, api_name="/depth2img"))
+    shown = pixels(Image.open(updates[-1][5]))[..., 0].astype(int)
+    assert shown[:, -3:].mean() > shown[:, :3].mean() + 100  # right half raised, as uploaded
+
+
+def test_flat_depth_map_is_refused(served, images, tmp_path):
+    Image.new("L", (64, 64), 7).save(tmp_path / "flat.png")
+    with pytest.raises(Exception, match="depth_map: is flat"):
+        Client(served.url, verbose=False).predict(**BASE, image=handle_file(images["rgba.png"]),
+                                                  depth_map=handle_file(str(tmp_path / "flat.png")),
+                                                  api_name="/depth2img")
+
+
+@pytest.mark.parametrize("prompt", ["", "ein Kreis, 円, круг 🌀", 12])  # a number is taken as its text
+def test_empty_and_non_ascii_prompts_run(served, prompt):
+    updates = list(Client(served.url, verbose=False).submit(**{**BASE, "prompt": prompt}, api_name="/txt2img"))
+    assert len(updates) == STEPS + 1
+
+
+def test_long_prompt_is_truncated_and_says_so(served):
+    prompt = "a very long prompt " * 30  # one token per character with this tokenizer
+    final = list(Client(served.url, verbose=False).submit(**{**BASE, "prompt": prompt}, api_name="/txt2img"))[-1]
+    assert "prompt: " in final[4] and "the model reads 77; cut off" in final[4]
+
+
+def test_python_api_validates_the_same_way():
+    with pytest.raises(ValueError, match="steps: must be between 1 and 150"):
+        validate_request({**BASE, "mode": "txt2img", "steps": 500})
+    with pytest.raises(ValueError, match="scheduler: unknown value 'Heun"):
+        validate_request({**BASE, "mode": "txt2img", "scheduler": "Heun++"})
+
+
+def test_unknown_preset_is_a_clear_exit():
+    result = subprocess.run([sys.executable, "app.py", "--preset", "nope", "--port", str(free_port())],
+                            cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--preset 'nope' is unknown; choose one of" in result.stderr
+
+
+def test_still_serving_after_all_that(served):
+    assert len(list(Client(served.url, verbose=False).submit(**BASE, api_name="/txt2img"))) == STEPS + 1
+
+
+# -- load ----------------------------------------------------------------------
+
+def test_eight_clients_three_runs_each_no_cross_talk(served):
+    seeds = {(c, r): 100 + 10 * c + r for c in range(8) for r in range(3)}
+    references = {}
+    for key, seed in seeds.items():
+        req = validate_request({**BASE, "mode": "txt2img", "seed": seed})
+        references[key] = pixels([o for o in generate(req, served.cache, source=served.source)][-1].image)
+
+    def client_runs(c):
+        client = Client(served.url, verbose=False)
+        got = {}
+        for r in range(3):
+            final = list(client.submit(**{**BASE, "seed": seeds[(c, r)]}, api_name="/txt2img"))[-1]
+            got[(c, r)] = pixels(Image.open(final[2]))
+        return got
+
+    with futures.ThreadPoolExecutor(8) as pool:
+        results = {}
+        for got in pool.map(client_runs, range(8)):
+            results.update(got)
+    assert len(results) == 24
+    for key, image in results.items():
+        assert np.array_equal(image, references[key]), f"client {key[0]} run {key[1]} got another run's image"
+
+
+def test_queue_full_is_a_clear_refusal(tiny_dir):
+    demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir)]), ModelCache(device="cpu"))
+    demo.queue(max_size=1)
+    demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
+    try:
+        clients = [Client(demo.local_url, verbose=False) for _ in range(4)]
+        jobs = [c.submit(**{**BASE, "steps": 60}, api_name="/txt2img") for c in clients]
+        outcomes = []
+        for job in jobs:
+            try:
+                job.result(timeout=120)
+                outcomes.append("done")
+            except Exception as err:  # noqa: BLE001
+                outcomes.append(str(err))
+        assert "done" in outcomes
+        assert any("queue is full" in o.lower() for o in outcomes if o != "done"), outcomes
+    finally:
+        demo.close()
+
+
+# -- faults --------------------------------------------------------------------
+
+def test_out_of_memory_is_a_clear_error_and_the_next_run_works(served, monkeypatch):
+    unet = served.cache.pipeline("txt2img", served.source).unet
+    calls = {"n": 0}
+    original = unet.forward
+
+    def failing_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", failing_forward)
+    with pytest.raises(Exception, match="ran out of memory at 64x64; lower width and height"):
+        Client(served.url, verbose=False).predict(**BASE, api_name="/txt2img")
+    assert not served.cache.run_lock.locked()
+    assert len(list(Client(served.url, verbose=False).submit(**BASE, api_name="/txt2img"))) == STEPS + 1
+
+
+def test_out_of_memory_through_the_python_api(served, monkeypatch):
+    unet = served.cache.pipeline("txt2img", served.source).unet
+    monkeypatch.setattr(unet, "forward", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(GenerationError, match="ran out of memory"):
+        list(generate(validate_request({**BASE, "mode": "txt2img"}), served.cache, source=served.source))
+
+
+def test_client_that_disconnects_mid_run_stops_its_run(served):
+    code = (
+        "import os\nfrom gradio_client import Client\n"
+        f"job = Client({served.url!r}, verbose=False).submit(prompt='x', seed=1, steps=150, width=64, height=64,"
+        " api_name='/txt2img')\n"
+        "for update in job:\n    os._exit(0)\n"
+    )
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], timeout=120, check=True)
+    one_step = 0.3  # generous: a tiny-model step takes tens of ms
+    deadline = time.perf_counter() + 150 * one_step / 4
+    while served.cache.run_lock.locked() and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert not served.cache.run_lock.locked(), "the run went on after its client left"
+    assert time.perf_counter() - started < 150 * one_step
+
+
+# -- security ------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["../../../../etc/passwd", "/etc/passwd", "..%2F..%2F..%2Fetc%2Fpasswd",
+                                  os.path.abspath(__file__)])
+def test_files_outside_the_cache_cannot_be_read(served, path):
+    response = httpx.get(f"{served.url}gradio_api/file={path}")
+    assert response.status_code in (403, 404) and "root:" not in response.text
+
+
+def test_uploads_over_the_size_limit_are_refused(served):
+    big = b"\0" * (21 * 1024 * 1024)
+    response = httpx.post(f"{served.url}gradio_api/upload", files={"files": ("big.png", big, "image/png")})
+    assert response.status_code == 413
+
+
+def test_share_warns_and_survives_offline():
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, app; a = app.parse_args(['--share']); "
+         "app.main(a, app.CACHE, type('D', (), {'launch': lambda self, share, **k: sys.exit(0) if not share "
+         "else (_ for _ in ()).throw(OSError('no network'))})())"],
+        cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "PUBLIC link" in result.stderr and "--auth" in result.stderr
+    assert "could not open a share link (no network); serving on 127.0.0.1:7860 only" in result.stderr
+
+
+# -- disk ----------------------------------------------------------------------
+
+def test_step_images_do_not_pile_up(served, tmp_path):
+    root = tmp_path / "runs"
+
+    def one_step(req, token):
+        return generate(req, served.cache, token, source=served.source)
+
+    runner = Runner(one_step, RunStore(root, keep=8), Limits(), "tiny")
+    handler = runner.handler("txt2img")
+    for i in range(100):
+        list(handler(SimpleNamespace(session_hash=f"s{i}"), **{**BASE, "steps": 1, "seed": i}))
+    runs = [p for p in root.iterdir() if p.is_dir()]
+    assert len(runs) == 8
+    assert sum(f.stat().st_size for f in root.rglob("*")) < 8 * 200_000
