@@ -50,3 +50,11 @@ def pixels(image) -> np.ndarray:
 
 
 torch.manual_seed(0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # lets fixtures see whether the test failed (the browser tests screenshot failures)
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

@@ -16,6 +16,10 @@ from .stream import RunStore, progress_html
 CSS = """
 .sw-progress { display: flex; gap: .75em; align-items: center; font-variant-numeric: tabular-nums; }
 .sw-progress progress { flex: 1; height: .9em; }
+/* frames can be latent-sized (64x64 for SD): scale them up, keep the pixels crisp */
+#live-preview img, #final-image img, #depth-used img, #steps-gallery img {
+    width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
+}
 """
 
 
@@ -58,28 +62,32 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                     with gr.Tab("txt2img", id="txt2img"):
                         go_txt = gr.Button("Generate", variant="primary", elem_id="generate-txt2img")
                     with gr.Tab("img2img", id="img2img"):
-                        img_in = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"])
+                        img_in = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
+                                          elem_id="img2img-input")
                         img_strength = fields.Slider(0.01, 1.0, value=start.get("strength", 0.75), step=0.01,
                                                  label="Strength (how much to change)")
                         go_img = gr.Button("Generate", variant="primary", elem_id="generate-img2img")
                     with gr.Tab("depth", id="depth2img"):
                         with gr.Row():
-                            depth_in = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"])
+                            depth_in = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
+                                                elem_id="depth-input")
                             depth_map = gr.Image(label="Depth map (optional; estimated when empty)", type="filepath",
                                                  sources=["upload"])
                         depth_strength = fields.Slider(0.01, 1.0, value=start.get("strength", 0.8), step=0.01,
                                                    label="Strength")
                         go_depth = gr.Button("Generate", variant="primary", elem_id="generate-depth2img")
-                        depth_used = gr.Image(label="Depth map used (near = light)", interactive=False, height=160)
+                        depth_used = gr.Image(label="Depth map used (near = light)", interactive=False, height=160,
+                                              elem_id="depth-used")
                 with gr.Group():
                     with gr.Row():
                         seed = fields.Number(label="Seed (-1 = random)", value=start.get("seed", -1), precision=0,
-                                         minimum=-1, maximum=2**32 - 1, scale=4)
+                                         minimum=-1, maximum=2**32 - 1, scale=4, elem_id="seed")
                         random_seed = gr.Button("🎲", scale=0, min_width=48)
                         reuse_seed = gr.Button("♻ last", scale=0, min_width=72)
-                    steps = fields.Slider(lim.min_steps, lim.max_steps, value=start.get("steps", 20), step=1, label="Steps")
+                    steps = fields.Slider(lim.min_steps, lim.max_steps, value=start.get("steps", 20), step=1, label="Steps",
+                                          elem_id="steps")
                     guidance = fields.Slider(0, lim.max_guidance, value=start.get("guidance_scale", 7.5), step=0.5,
-                                         label="Guidance scale (CFG)")
+                                         label="Guidance scale (CFG)", elem_id="guidance")
                     with gr.Row():
                         width = fields.Slider(lim.min_side, lim.max_side, value=start.get("width", 512), step=8, label="Width")
                         height = fields.Slider(lim.min_side, lim.max_side, value=start.get("height", 512), step=8,
@@ -103,13 +111,13 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                 live = gr.Image(label="Live preview", interactive=False, height=384, elem_id="live-preview")
                 status = gr.HTML(progress_html(0, 0, "ready"), elem_id="status")
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                final = gr.Image(label="Final image", type="filepath", format="png", interactive=False,
+                final = gr.Image(label="Final image", type="filepath", format="png", interactive=False, height=384,
                                  elem_id="final-image")
                 info = gr.Markdown()
                 with gr.Row():
-                    to_img2img = gr.Button("Send to img2img")
-                    to_depth = gr.Button("Send to depth")
-                gallery = gr.Gallery(label="Every step", columns=8, height="auto", object_fit="contain",
+                    to_img2img = gr.Button("Send to img2img", elem_id="send-img2img")
+                    to_depth = gr.Button("Send to depth", elem_id="send-depth")
+                gallery = gr.Gallery(label="Every step", columns=6, height="auto", object_fit="contain",
                                      elem_id="steps-gallery")
 
         common = dict(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
@@ -150,6 +158,4 @@ def build_app(spec: AppSpec) -> gr.Blocks:
 def _preset_note(spec: AppSpec, name: str | None) -> str:
     if not name:
         return ""
-    p = spec.presets[name]
-    expects = "" if p.model == "bundled" else f" Tuned for `{p.model}`."
-    return f"{p.description}{expects}"
+    return spec.presets[name].description

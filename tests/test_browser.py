@@ -1,0 +1,138 @@
+"""The app in a real browser: Debian's Chromium driven by Playwright.
+
+CI installs chromium (.ci/run) and sets STEPWISE_REQUIRE_BROWSER=1, so a missing
+browser fails there instead of skipping. Failed tests leave a screenshot in
+artifacts/screenshots/.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app as app_module
+from pipelines import ModelCache
+
+from .test_app import free_port
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
+
+if not os.path.exists(CHROMIUM):
+    if os.environ.get("STEPWISE_REQUIRE_BROWSER"):
+        raise RuntimeError(f"browser tests need Chromium at {CHROMIUM}")
+    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+playwright = pytest.importorskip("playwright.sync_api")
+# Chromium as root, offline: no sandbox, and none of its background calls home
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def url(tiny_dir):
+    demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir), "--preset", "micro-txt2img"]),
+                                  ModelCache(device="cpu"))
+    demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
+    yield demo.local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, url, request):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.set_default_timeout(30_000)
+    page.goto(url)
+    page.wait_for_selector("#generate-txt2img")
+    yield page
+    report = getattr(request.node, "rep_call", None)  # set by conftest's makereport hook
+    if report is None or report.failed:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=SHOTS / f"{request.node.name}.png", full_page=True)
+    page.close()
+
+
+@pytest.fixture
+def scene(tmp_path):
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[:] = (30, 40, 200)
+    pixels[16:48, 16:48] = (220, 30, 30)
+    path = tmp_path / "scene.png"
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def set_number(page, elem_id: str, value) -> None:
+    field = page.locator(f"#{elem_id} input[type=number]")
+    field.fill(str(value))
+    field.press("Enter")
+
+
+def gallery_count(page) -> int:
+    return page.locator("#steps-gallery img").count()
+
+
+def test_sliders_generate_live_preview_and_full_gallery(page):
+    set_number(page, "seed", 5)
+    set_number(page, "steps", 12)
+    set_number(page, "guidance", 3)
+    assert page.locator("#steps input[type=range]").input_value() == "12"
+    page.click("#generate-txt2img")
+    seen = set()
+    page.wait_for_selector("#live-preview img")
+    while not page.locator("#final-image img").count():  # the preview changes while the run streams
+        src = page.locator("#live-preview img").first.get_attribute("src")
+        if src:
+            seen.add(src)
+        page.wait_for_timeout(20)
+    assert len(seen) >= 2
+    page.wait_for_function("document.querySelectorAll('#steps-gallery img').length >= 12")
+    assert gallery_count(page) == 12
+    assert "seed `5`" in page.inner_text("body") or "seed 5" in page.inner_text("body")
+    assert "step 12/12" in page.inner_text("#status")
+
+
+def test_stop_mid_run_keeps_the_steps_so_far(page):
+    set_number(page, "steps", 150)
+    page.click("#generate-txt2img")
+    page.wait_for_function("document.querySelector('#status').innerText.match(/step [1-9]\\d*\\/150/)")
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('stopped')")
+    stopped_at = gallery_count(page)
+    assert 0 < stopped_at < 150
+    assert "Stopped at step" in page.inner_text("body")
+    assert page.locator("#final-image img").count() == 0
+
+
+def test_send_to_img2img_then_generate(page):
+    set_number(page, "steps", 6)
+    page.click("#generate-txt2img")
+    page.wait_for_selector("#final-image img")
+    page.click("#send-img2img")
+    page.wait_for_selector("#img2img-input img")
+    page.click("#generate-img2img")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('done')")
+    assert page.locator("#final-image img").count() == 1
+    assert "img2img" in page.inner_text("body")
+
+
+def test_depth_tab_with_an_uploaded_image(page, scene):
+    page.get_by_role("tab", name="depth").click()
+    set_number(page, "steps", 6)
+    page.locator("#depth-input input[type=file]").set_input_files(scene)
+    page.wait_for_selector("#depth-input img")
+    page.click("#generate-depth2img")
+    page.wait_for_selector("#depth-used img")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('done')")
+    assert page.locator("#final-image img").count() == 1
