@@ -53,13 +53,16 @@ class Runner:
         fn.__name__ = mode
         return fn
 
-    def stop(self, request: gr.Request) -> str:
+    def stop(self, request: gr.Request) -> None:
+        """Cancel this session's run. It has no outputs: the run's own last update
+        says where it stopped (an output here could land after it and hide it)."""
         with self._lock:
             token = self._runs.get(request.session_hash)
         if token is None:
-            return progress_html(0, 0, "nothing is running")
+            gr.Info("Nothing is running.")
+            return
         token.cancel()
-        return progress_html(0, 0, "stopping…")
+        gr.Info("Stopping after this step…")
 
     @staticmethod
     def _outputs(view: RunView, gallery, final, status: str, info: str, seed: int, with_depth: bool) -> tuple:

@@ -130,7 +130,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         go_depth.click(runner.handler("depth2img", with_depth=True),
                        inputs_kwargs=dict(common, image=depth_in, strength=depth_strength, depth_map=depth_map),
                        outputs=[*outputs, depth_used], api_name="depth2img", **gpu)
-        stop.click(runner.stop, outputs=[status], api_name="stop", queue=False)
+        stop.click(runner.stop, api_name="stop", queue=False)
 
         private = dict(api_visibility="private", queue=False)
         random_seed.click(lambda: -1, outputs=[seed], **private)
