@@ -1,8 +1,8 @@
 """Bad input, load, faults, security and disk, against a real server on localhost."""
 
 import concurrent.futures as futures
-import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -106,6 +106,14 @@ def test_nan_and_inf_are_refused(served, value):
     assert "guidance_scale: must be a finite number" in reply or "greater than maximum value 30" in reply
 
 
+@pytest.mark.parametrize("strength,needle", [(0, "Strength (how much to change): Value 0 is less than minimum"),
+                                             (1.5, "greater than maximum value 1")])
+def test_strength_out_of_range(served, images, strength, needle):
+    with pytest.raises(Exception, match=re.escape(needle)):
+        Client(served.url, verbose=False).predict(**BASE, image=handle_file(images["rgba.png"]), strength=strength,
+                                                  api_name="/img2img")
+
+
 def test_size_over_the_memory_budget(served):
     with pytest.raises(Exception, match="more than this server's budget"):
         Client(served.url, verbose=False).predict(**{**BASE, "width": 2048, "height": 2048}, api_name="/txt2img")
@@ -205,6 +213,22 @@ def test_eight_clients_three_runs_each_no_cross_talk(served):
         assert np.array_equal(image, references[key]), f"client {key[0]} run {key[1]} got another run's image"
 
 
+def test_one_clients_stop_leaves_a_concurrent_run_alone(served):
+    stopper, other = Client(served.url, verbose=False), Client(served.url, verbose=False)
+    reference = pixels([o for o in generate(validate_request({**BASE, "mode": "txt2img", "seed": 77, "steps": 30}),
+                                            served.cache, source=served.source)][-1].image)
+    theirs = other.submit(**{**BASE, "seed": 77, "steps": 30}, api_name="/txt2img")
+    mine = stopper.submit(**{**BASE, "steps": 150}, api_name="/txt2img")  # queued behind theirs, then runs
+    stopper.predict(api_name="/stop")  # may land before mine starts: then it stops nothing
+    while not mine.outputs():
+        time.sleep(0.02)
+    stopper.predict(api_name="/stop")
+    final = theirs.result()
+    assert np.array_equal(pixels(Image.open(final[2])), reference)
+    mine.result()
+    assert "Stopped at step" in mine.outputs()[-1][4]
+
+
 def test_queue_full_is_a_clear_refusal(tiny_dir):
     demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir)]), ModelCache(device="cpu"))
     demo.queue(max_size=1)
@@ -294,6 +318,15 @@ def test_share_warns_and_survives_offline():
     assert result.returncode == 0
     assert "PUBLIC link" in result.stderr and "--auth" in result.stderr
     assert "could not open a share link (no network); serving on 127.0.0.1:7860 only" in result.stderr
+
+
+def test_gradio_has_the_2026_security_fixes():
+    import gradio
+
+    major, minor = (int(x) for x in gradio.__version__.split(".")[:2])
+    assert (major, minor) >= (6, 24)
+    pin = next(line for line in open("requirements.txt") if line.startswith("gradio=="))
+    assert tuple(int(x) for x in pin.split("==")[1].split(".")[:2]) >= (6, 24)
 
 
 # -- disk ----------------------------------------------------------------------
