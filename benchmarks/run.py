@@ -66,26 +66,30 @@ def app_run(cache: ModelCache, req, source: str, folder: Path):
     return view
 
 
-def streaming_section(cache, source, base: dict, repeats: int, previews: list[str]) -> list[dict]:
-    configs = [(p, v) for p in previews for v in ("x_t", "x0")]
+def streaming_section(source, base: dict, repeats: int, previews: list[str]) -> list[dict]:
+    """Bare call vs the app path for each preview and view, decoding inline and on
+    a decode thread, all interleaved in one loop."""
+    caches = {"inline": ModelCache(device="cpu", overlap_decode=False),
+              "thread": ModelCache(device="cpu", overlap_decode=True)}
+    configs = [(p, v, how) for p in previews for v in ("x_t", "x0") for how in caches]
     reqs = {c: validate_request(dict(base, preview=c[0], view=c[1])) for c in configs}
-    bare_req = reqs[configs[0]]
-    bare_run(cache, bare_req, source)  # warm-up
+    bare_req = validate_request(base)
+    runs = {"bare": lambda: bare_run(caches["inline"], bare_req, source)}
     for c in configs:
-        app_run(cache, reqs[c], source, Path(tempfile.mkdtemp()))
-    samples = {"bare": [], **{c: [] for c in configs}}
+        runs[c] = lambda c=c: app_run(caches[c[2]], reqs[c], source, Path(tempfile.mkdtemp()))
+    for fn in runs.values():  # warm-up
+        fn()
+    samples = {key: [] for key in runs}
     for _ in range(repeats):  # interleaved, so drift hits every variant alike
-        samples["bare"].append(median_time(lambda: bare_run(cache, bare_req, source), 1))
-        for c in configs:
-            folder = Path(tempfile.mkdtemp())
-            samples[c].append(median_time(lambda: app_run(cache, reqs[c], source, folder), 1))
+        for key, fn in runs.items():
+            samples[key].append(median_time(fn, 1))
     bare = statistics.median(samples["bare"])
     rows = [{"variant": "bare diffusers (no callback)", "seconds": bare, "ms_per_step": 1000 * bare / base["steps"],
              "ratio": 1.0}]
-    for (preview, view) in configs:
-        t = statistics.median(samples[(preview, view)])
-        rows.append({"variant": f"app: {preview}, {view}", "seconds": t, "ms_per_step": 1000 * t / base["steps"],
-                     "ratio": t / bare})
+    for (preview, view, how) in configs:
+        t = statistics.median(samples[(preview, view, how)])
+        rows.append({"variant": f"app: {preview}, {view}, decode {how}", "seconds": t,
+                     "ms_per_step": 1000 * t / base["steps"], "ratio": t / bare})
     return rows
 
 
@@ -172,7 +176,7 @@ def main(argv=None) -> dict:
                     "torch": torch.__version__, "python": platform.python_version()},
         "model": source,
         "settings": base,
-        "streaming": streaming_section(cache, source, base, args.repeats, previews),
+        "streaming": streaming_section(source, base, args.repeats, previews),
         "server": server_section(cache, source, base),
         "cache": cache_section(source, args.repeats),
     }
@@ -189,7 +193,7 @@ def print_table(r: dict) -> None:
           f"{r['machine']['threads']} threads · torch {r['machine']['torch']}")
     print("\n1. streaming overhead (median)")
     for row in r["streaming"]:
-        print(f"  {row['variant']:<32} {row['seconds']*1000:8.1f} ms  {row['ms_per_step']:7.2f} ms/step  x{row['ratio']:.3f}")
+        print(f"  {row['variant']:<40} {row['seconds']*1000:8.1f} ms  {row['ms_per_step']:7.2f} ms/step  x{row['ratio']:.3f}")
     print("\n2. Gradio server work per yield (generation excluded)")
     for row in r["server"]:
         print(f"  {row['steps']:>4} steps: {row['server_ms_per_yield_median']:6.2f} ms/yield median, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -114,7 +115,9 @@ def generate(
     if decode is None:
         raise ValueError(f"preview 'tiny-vae' needs a tiny autoencoder; {source!r} has none configured")
 
-    # 3. Step callback: latents -> Frame, over a queue
+    # 3. Step callback: hand the step's latents to the decoder, which turns them
+    #    into a Frame (on its own thread, overlapping the next UNet step, where the
+    #    cache says so)
     frames: queue.Queue = queue.Queue()
     started = time.perf_counter()
     interruptible = hasattr(pipe, "_interrupt")
@@ -127,8 +130,9 @@ def generate(
             return tensors
         latents = recorder.x0 if recorder is not None else _display_latents(scheduler, tensors["latents"])
         depth = HostCopy(_depth_pixels(tensors["depth_mask"])) if i == 0 and "depth_mask" in tensors else None
-        frames.put(Frame(i + 1, p._num_timesteps, HostCopy(torch.as_tensor(t)), request.view,
-                         time.perf_counter() - started, HostCopy(decode(latents)), depth))
+        fields = dict(step=i + 1, total=p._num_timesteps, t=HostCopy(torch.as_tensor(t)), view=request.view,
+                      seconds=time.perf_counter() - started, depth_pixels=depth)
+        decoder.submit(latents, lambda pixels: Frame(pixels=pixels, **fields))
         return tensors
 
     # 4. The diffusers call, as the bare pipeline would be called
@@ -146,20 +150,22 @@ def generate(
         call["depth_map"] = torch.from_numpy(request.depth_map)[None]
 
     def work():
+        # what ends the run goes through the decode thread, behind the last frames
         try:
             with cache.run_lock:
-                frames.put(pipe(**call).images[0])
+                decoder.finish(pipe(**call).images[0])
         except Cancelled:
-            frames.put(None)
+            decoder.finish(None)
         except torch.OutOfMemoryError:
             cache.free_memory()
-            frames.put(GenerationError(
+            decoder.finish(GenerationError(
                 f"the {cache.device.type} ran out of memory at {request.width}x{request.height}; "
                 "lower width and height (or close other GPU programs) and try again"))
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
-            frames.put(err)
+            decoder.finish(err)
 
     # 5. Run, relay frames, finish with the final image
+    decoder = _Decoder(decode, frames, cache.device, threaded=cache.overlap_decode)
     worker = threading.Thread(target=work, name="stepwise-run", daemon=True)
     worker.start()
     try:
@@ -176,6 +182,56 @@ def generate(
     finally:
         cancel.cancel()  # no-op after a finished run; stops one whose consumer left
         worker.join()
+
+
+class _Decoder:
+    """Turns queued step latents into Frames, in the order steps arrive.
+
+    Threaded (the default on CUDA): the step callback only queues latents and a
+    thread decodes them, on CUDA on a side stream that first waits for the
+    step's latents, so decoding overlaps the next UNet step and the loop never
+    syncs with the host. Inline: the callback decodes before the loop goes on.
+    """
+
+    def __init__(self, decode, out: queue.Queue, device: torch.device, threaded: bool):
+        self._decode, self._out = decode, out
+        self._in: queue.Queue | None = queue.Queue() if threaded else None
+        self._stream = torch.cuda.Stream(device) if threaded and device.type == "cuda" else None
+        if threaded:
+            threading.Thread(target=self._run, name="stepwise-decode", daemon=True).start()
+
+    def submit(self, latents: torch.Tensor, make_frame) -> None:
+        if self._in is None:
+            self._out.put(make_frame(HostCopy(self._decode(latents))))
+            return
+        ready = None
+        if self._stream is not None:
+            ready = torch.cuda.Event()
+            ready.record()
+            latents.record_stream(self._stream)  # keep the allocator off it until the side stream is done
+        self._in.put((latents, ready, make_frame))
+
+    def finish(self, item) -> None:
+        """Pass the run's end (final image, None when cancelled, or an error) on after the frames."""
+        if self._in is None:
+            self._out.put(item)
+        else:
+            self._in.put((None, None, item))
+
+    def _run(self) -> None:
+        while True:
+            latents, ready, item = self._in.get()
+            if latents is None:
+                self._out.put(item)
+                return
+            try:
+                with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                    if ready is not None:
+                        self._stream.wait_event(ready)
+                    self._out.put(item(HostCopy(self._decode(latents))))
+            except Exception as err:  # noqa: BLE001 - surfaces in the caller's thread
+                self._out.put(err)
+                return
 
 
 def _truncation_notes(tokenizer, request: GenerationRequest) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from diffusers import (
 )
 from transformers import DPTForDepthEstimation, DPTImageProcessor
 
-from pipelines import CancelToken, Final, Frame, generate
+from pipelines import CancelToken, Final, Frame, ModelCache, generate
 from pipelines.previews import LatentRGB, X0Recorder, latent_rgb_for
 from pipelines.schedulers import SCHEDULER_NAMES, make_scheduler
 
@@ -182,3 +183,30 @@ def test_fitted_map_tracks_the_vae(cache, tiny_dir):
     # the linear map explains a real share of the decode (random VAE: weak, but not zero)
     residual = ((approx - target) ** 2).mean() / target.var()
     assert residual < 0.9
+
+
+@pytest.fixture(scope="module")
+def overlap_cache():
+    """Previews decoded on their own thread, as on CUDA (there on a side stream)."""
+    return ModelCache(device="cpu", overlap_decode=True)
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "depth2img"])
+def test_decode_thread_keeps_order_and_pixels(overlap_cache, tiny_dir, make_request, mode):
+    req = make_request(mode, preview="full-vae", view="x0", steps=8, scheduler="DDIM", strength=1.0)
+    frames, finals = run(req, overlap_cache, tiny_dir)
+    assert [f.step for f in frames] == list(range(1, 9))
+    inline_frames, _ = run(req, ModelCache(device="cpu"), tiny_dir)
+    assert all(np.array_equal(pixels(a.image), pixels(b.image)) for a, b in zip(frames, inline_frames))
+    expected = bare_call(req, bare_pipeline(mode, tiny_dir, "DDIM"))
+    assert np.array_equal(pixels(finals[0].image), pixels(expected))
+
+
+def test_decode_thread_stops_with_a_cancelled_run(overlap_cache, tiny_dir, make_request):
+    token = CancelToken()
+    for item in generate(make_request(steps=40), overlap_cache, token, source=str(tiny_dir)):
+        if item.step == 2:
+            token.cancel()
+    time.sleep(0.2)
+    assert not any(t.name in ("stepwise-run", "stepwise-decode") for t in threading.enumerate())
+    assert not overlap_cache.run_lock.locked()
