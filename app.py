@@ -18,6 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline-first: no 
 import gradio as gr  # noqa: E402
 
 from pipelines import BUNDLED, ModelCache, ModelLoadError, generate  # noqa: E402
+from pipelines.anatomy import Anatomy  # noqa: E402
 from pipelines.cache import bundled_folder  # noqa: E402
 from pipelines.presets import PresetError, load_presets  # noqa: E402
 from ui import CSS, AppSpec, build_app  # noqa: E402
@@ -71,6 +72,7 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
         examples=card.get("example_prompts", []),
         vocabulary=card.get("vocabulary", {}),
         keep_runs=KEEP_RUNS,
+        anatomy=Anatomy(cache, args.model),
         delete_cache=CACHE_SWEEP,
     )
     return build_app(spec).queue(max_size=MAX_QUEUE, default_concurrency_limit=1)

@@ -50,6 +50,25 @@ class Frame:
     seconds: float  # since the run started
     pixels: HostCopy  # uint8 (H, W, 3)
     depth_pixels: HostCopy | None = None  # depth2img: the depth map the UNet sees (first frame only)
+    latents: HostCopy | None = None  # x_t as the pipeline holds it, for the timeline
+    x0: HostCopy | None = None  # the step's clean-image estimate
+    alphas_cumprod: torch.Tensor | None = None  # the run's noise schedule (CPU), shared by its frames
+    schedule_t: HostCopy | None = None  # first frame: every timestep of the run
+
+    @cached_property
+    def noise_level(self) -> float:
+        """sqrt(1 - alpha_bar_t): the share of noise in x_t (1 = pure noise)."""
+        return _noise_level(self.alphas_cumprod, self.timestep)
+
+    def schedule_levels(self) -> list[float]:
+        """The noise level at every step of the run (first frame only)."""
+        return [_noise_level(self.alphas_cumprod, float(t)) for t in self.schedule_t.tensor()]
+
+    @property
+    def sigma(self) -> float:
+        """sigma_t = sqrt((1 - alpha_bar) / alpha_bar), the noise scale Euler-type samplers use."""
+        level = self.noise_level
+        return float("inf") if level >= 1 else level / (1 - level**2) ** 0.5
 
     @cached_property
     def timestep(self) -> float:
@@ -103,7 +122,7 @@ def generate(
     checkpoint = cache.checkpoint(source, depth=request.mode == "depth2img")
     scheduler = make_scheduler(request.scheduler, shared.scheduler.config)
     pipe = _per_run(shared, scheduler)
-    recorder = X0Recorder(scheduler) if request.view == "x0" else None
+    recorder = X0Recorder(scheduler)  # x0 for every frame: the timeline shows both views
     notes = request.notes + _truncation_notes(pipe.tokenizer, request)
 
     # 2. The preview decoder
@@ -128,10 +147,13 @@ def generate(
                 raise Cancelled
             p._interrupt = True
             return tensors
-        latents = recorder.x0 if recorder is not None else _display_latents(scheduler, tensors["latents"])
+        latents = recorder.x0 if request.view == "x0" else _display_latents(scheduler, tensors["latents"])
         depth = HostCopy(_depth_pixels(tensors["depth_mask"])) if i == 0 and "depth_mask" in tensors else None
         fields = dict(step=i + 1, total=p._num_timesteps, t=HostCopy(torch.as_tensor(t)), view=request.view,
-                      seconds=time.perf_counter() - started, depth_pixels=depth)
+                      seconds=time.perf_counter() - started, depth_pixels=depth,
+                      latents=HostCopy(tensors["latents"]), x0=HostCopy(recorder.x0),
+                      alphas_cumprod=scheduler.alphas_cumprod,
+                      schedule_t=HostCopy(scheduler.timesteps[-p._num_timesteps:]) if i == 0 else None)
         decoder.submit(latents, lambda pixels: Frame(pixels=pixels, **fields))
         return tensors
 
@@ -232,6 +254,11 @@ class _Decoder:
             except Exception as err:  # noqa: BLE001 - surfaces in the caller's thread
                 self._out.put(err)
                 return
+
+
+def _noise_level(alphas_cumprod: torch.Tensor, timestep: float) -> float:
+    alpha_bar = float(alphas_cumprod[min(int(round(timestep)), len(alphas_cumprod) - 1)])
+    return (1 - alpha_bar) ** 0.5
 
 
 def _truncation_notes(tokenizer, request: GenerationRequest) -> tuple[str, ...]:

@@ -3,6 +3,7 @@ which A1111, ComfyUI, InvokeAI and sd-parsers all read."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from PIL import PngImagePlugin
@@ -26,6 +27,39 @@ def a1111_parameters(req: GenerationRequest, model: str) -> str:
         lines.append(f"Negative prompt: {req.negative_prompt}")
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
+
+
+def read_parameters(image) -> dict:
+    """Settings from an A1111 "parameters" text (or a PNG carrying one), as request fields."""
+    text = image if isinstance(image, str) else getattr(image, "info", {}).get("parameters")
+    if not text:
+        raise ValueError("this image carries no generation settings (no 'parameters' text chunk)")
+    lines = text.strip().split("\n")
+    settings_line = lines[-1]
+    prompt_lines, negative = lines[:-1], ""
+    for n, line in enumerate(prompt_lines):
+        if line.startswith("Negative prompt:"):
+            negative = "\n".join([line[len("Negative prompt:"):].strip(), *prompt_lines[n + 1:]])
+            prompt_lines = prompt_lines[:n]
+            break
+    fields = dict(_split_settings(settings_line))
+    out: dict = {"prompt": "\n".join(prompt_lines), "negative_prompt": negative}
+    for key, name, cast in (("Steps", "steps", int), ("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
+                            ("Sampler", "scheduler", str), ("Denoising strength", "strength", float),
+                            ("Model", "model", str)):
+        if key in fields:
+            out[name] = cast(fields[key])
+    if "Size" in fields:
+        out["width"], out["height"] = (int(v) for v in fields["Size"].split("x"))
+    return out
+
+
+def _split_settings(line: str):
+    # "Steps: 20, Sampler: Euler a, Model: a, b" - values may hold commas, so split on ", Key: "
+    parts = re.split(r", (?=[A-Z][\w ]*: )", line)
+    for part in parts:
+        key, _, value = part.partition(": ")
+        yield key.strip(), value.strip()
 
 
 def save_png(final, path: str | Path, model: str) -> str:

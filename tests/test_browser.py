@@ -136,3 +136,24 @@ def test_depth_tab_with_an_uploaded_image(page, scene):
     page.wait_for_selector("#depth-used img")
     page.wait_for_function("document.querySelector('#status').innerText.includes('done')")
     assert page.locator("#final-image img").count() == 1
+
+
+def test_scrub_the_timeline_and_download_an_animation(page):
+    set_number(page, "steps", 8)
+    page.click("#generate-txt2img")
+    page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('step 8/8')")
+    set_number(page, "timeline-step", 3)
+    page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('step 3/8')")
+    first = page.locator("#timeline-x0 img").get_attribute("src")
+    set_number(page, "timeline-step", 0)
+    page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('starting noise')")
+    set_number(page, "timeline-step", 6)
+    page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('step 6/8')")
+    assert page.locator("#timeline-x0 img").get_attribute("src") != first
+    page.click("#export-gif")
+    link = page.locator("#export-file a").first
+    link.wait_for()
+    with page.expect_download() as download:
+        link.click()
+    path = download.value.path()
+    assert Image.open(path).n_frames == 8

@@ -22,6 +22,7 @@ from pipelines.metadata import save_png
 from .stream import RunStore, RunView, progress_html
 
 GenerateFn = Callable[[GenerationRequest, CancelToken], Iterator]
+KEEP_SESSION_RUNS = 4  # runs a browser session keeps for the timeline and comparisons
 
 
 class Runner:
@@ -42,12 +43,13 @@ class Runner:
     def handler(self, mode: str, with_depth: bool = False):
         """The event function for one tab; keyword inputs are the API parameters."""
 
-        def run(request: gr.Request, **fields) -> Iterator[tuple]:
-            yield from self._run(mode, request, fields, with_depth)
+        def run(request: gr.Request, runs: list | None = None, **fields) -> Iterator[tuple]:
+            yield from self._run(mode, request, runs, fields, with_depth)
 
-        def run_depth(request: gr.Request, depth_map: str | None = None, **fields) -> Iterator[tuple]:
+        def run_depth(request: gr.Request, runs: list | None = None, depth_map: str | None = None,
+                      **fields) -> Iterator[tuple]:
             # the explicit `= None` makes depth_map optional for API clients
-            yield from self._run(mode, request, dict(fields, depth_map=depth_map), with_depth)
+            yield from self._run(mode, request, runs, dict(fields, depth_map=depth_map), with_depth)
 
         fn = run_depth if with_depth else run
         fn.__name__ = mode
@@ -65,10 +67,10 @@ class Runner:
         gr.Info("Stopping after this step…")
 
     @staticmethod
-    def _outputs(view: RunView, gallery, final, status: str, info: str, seed: int, with_depth: bool) -> tuple:
-        return (view.preview, gallery, final, status, info, seed, *((view.depth,) if with_depth else ()))
+    def _outputs(view: RunView, gallery, final, status: str, info: str, runs: list, with_depth: bool) -> tuple:
+        return (view.preview, gallery, final, status, info, runs, *((view.depth,) if with_depth else ()))
 
-    def _run(self, mode: str, request: gr.Request, fields: dict, with_depth: bool) -> Iterator[tuple]:
+    def _run(self, mode: str, request: gr.Request, runs: list | None, fields: dict, with_depth: bool) -> Iterator[tuple]:
         try:
             req = validate_request({"mode": mode, **fields}, self.limits)
         except RequestError as err:
@@ -80,29 +82,32 @@ class Runner:
             if previous is not None:
                 previous.cancel()  # a new Generate from the same tab supersedes the old run
             self._runs[session] = token
-        view = RunView(self.store.new_run())
-        # Outputs: live, gallery, final, status, info, last seed[, depth used]. Outputs with
+        view = RunView(self.store.new_run(), request=req)
+        runs = runs if runs is not None else []  # this session's runs, newest last, for the timeline
+        runs.append(view)
+        del runs[:-KEEP_SESSION_RUNS]
+        # Outputs: live, gallery, final, status, info, runs[, depth used]. Outputs with
         # nothing new get cheap values (None, "") rather than gr.skip(), for which Gradio
         # rebuilds the component's config (milliseconds); only the gallery, whose resend
         # grows with the run, is skipped between refreshes.
         try:
             for item in self.generate(req, token):
                 if isinstance(item, Final):
-                    final = save_png(item, view.folder / "final.png", self.model_label)
-                    status = progress_html(view.step, view.total, f"done in {item.seconds:.2f} s")
+                    final = view.final = save_png(item, view.folder / "final.png", self.model_label)
+                    status = progress_html(view.step, view.total, f"done in {item.seconds:.2f} s", view.levels)
                     for note in item.notes:
                         gr.Warning(note)
                     yield self._outputs(view, view.gallery, final, status, _info(req, self.model_label, item),
-                                        req.seed, with_depth)
+                                        runs, with_depth)
                     return
                 view.add_frame(item)
                 gallery = view.gallery if view.gallery_due() else gr.skip()
-                status = progress_html(view.step, view.total, f"t={item.timestep:.0f}")
-                yield self._outputs(view, gallery, None, status, "", req.seed, with_depth)
+                status = progress_html(view.step, view.total, f"t={item.timestep:.0f}", view.levels)
+                yield self._outputs(view, gallery, None, status, "", runs, with_depth)
             # the frames ended without a final image: the run was stopped
             note = f"Stopped at step {view.step}/{view.total}; the steps so far stay in the gallery."
-            yield self._outputs(view, view.gallery, None, progress_html(view.step, view.total, "stopped"), note,
-                                req.seed, with_depth)
+            yield self._outputs(view, view.gallery, None, progress_html(view.step, view.total, "stopped", view.levels),
+                                note, runs, with_depth)
         except (ModelLoadError, GenerationError, ValueError) as err:
             raise gr.Error(str(err)) from None
         finally:

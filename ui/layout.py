@@ -11,13 +11,20 @@ from pipelines.presets import Preset
 
 from . import fields
 from .events import GenerateFn, Runner
+from .inspect import Inspector
 from .stream import RunStore, progress_html
 
 CSS = """
 .sw-progress { display: flex; gap: .75em; align-items: center; font-variant-numeric: tabular-nums; }
 .sw-progress progress { flex: 1; height: .9em; }
+.sw-schedule { width: 100%; max-width: 520px; height: auto; font: 11px sans-serif; }
+.sw-schedule .curve { fill: none; stroke: #f97316; stroke-width: 2; }
+.sw-schedule .axis { stroke: #888; } .sw-schedule .now { stroke: #2563eb; fill: #2563eb; }
+.sw-schedule text { fill: currentColor; }
+.sw-token { display: inline-block; margin: 2px; padding: 0 4px; border: 1px solid #ccc; border-radius: 4px; }
+.sw-token sub { color: #888; margin-left: 2px; } .sw-token.cut { text-decoration: line-through; opacity: .5; }
 /* frames can be latent-sized (64x64 for SD): scale them up, keep the pixels crisp */
-#live-preview img, #final-image img, #depth-used img, #steps-gallery img {
+#live-preview img, #final-image img, #depth-used img, #steps-gallery img, [id^="timeline-"] img {
     width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
 }
 """
@@ -37,6 +44,7 @@ class AppSpec:
     examples: list[str] = field(default_factory=list)
     vocabulary: dict[str, list[str]] = field(default_factory=dict)
     keep_runs: int = 32
+    anatomy: object = None  # pipelines.anatomy.Anatomy: tokens, starting noise, latents -> pictures
     delete_cache: tuple[int, int] | None = (3600, 3600)  # Gradio's cache sweep: (every s, older than s)
 
 
@@ -53,10 +61,11 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                 "pictures are noise. Use the bundled micro model or pass `--model`.",
                 elem_id="untrained-banner",
             )
-        last_seed = gr.State(-1)
+        runs = gr.State([])  # this session's runs (ui.stream.RunView), newest last
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, value=start.get("prompt", ""), elem_id="prompt")
+                tokens = gr.HTML(elem_id="tokens")
                 negative = gr.Textbox(label="Negative prompt", value=start.get("negative_prompt", ""))
                 with gr.Tabs(selected=start.get("mode", "txt2img")) as tabs:
                     with gr.Tab("txt2img", id="txt2img"):
@@ -102,6 +111,8 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                     preset = fields.Dropdown([(p.title, name) for name, p in spec.presets.items()],
                                          value=spec.initial_preset, label="Preset")
                     preset_note = gr.Markdown(_preset_note(spec, spec.initial_preset))
+                    load_png = gr.File(label="Load settings from a PNG (A1111 'parameters')", file_types=[".png"],
+                                       elem_id="load-png", height=90)
                 if spec.examples:
                     gr.Examples([[p] for p in spec.examples], inputs=[prompt], label="Example prompts")
                 if spec.vocabulary:
@@ -119,22 +130,64 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                     to_depth = gr.Button("Send to depth", elem_id="send-depth")
                 gallery = gr.Gallery(label="Every step", columns=6, height="auto", object_fit="contain",
                                      elem_id="steps-gallery")
+        with gr.Accordion("Inspect: scrub the steps, compare runs, export", open=True, elem_id="inspect"):
+            with gr.Row():
+                pick = gr.Dropdown(label="Run", choices=[], elem_id="timeline-run")
+                other = gr.Dropdown(label="Compare with", choices=[], elem_id="timeline-compare")
+            scrub = gr.Slider(0, lim.max_steps, value=0, step=1, label="Step (0 = the seed's starting noise)",
+                              elem_id="timeline-step")
+            step_info = gr.Markdown(elem_id="timeline-info")
+            with gr.Row():
+                xt_view = gr.Image(label="Noisy latent x_t", interactive=False, height=256, elem_id="timeline-xt")
+                x0_view = gr.Image(label="Predicted clean image x0", interactive=False, height=256,
+                                   elem_id="timeline-x0")
+                other_view = gr.Image(label="x0 of the compared run", interactive=False, height=256,
+                                      elem_id="timeline-other")
+            with gr.Row():
+                channels = gr.Gallery(label="The 4 latent channels of x_t", columns=4, height=160,
+                                      elem_id="timeline-channels")
+                schedule = gr.HTML(elem_id="timeline-schedule")
+            with gr.Row():
+                export_buttons = {kind: gr.Button(f"Download {label}", elem_id=f"export-{kind}") for kind, label in
+                                  (("gif", "GIF"), ("webp", "WebP"), ("mp4", "MP4"), ("zip", "PNGs (zip)"))}
+                download = gr.File(label="Download", elem_id="export-file", height=90)
 
         common = dict(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
                       width=width, height=height, scheduler=scheduler, preview=preview, view=view)
-        outputs = [live, gallery, final, status, info, last_seed]
+        common_gpu = dict(common, runs=runs)
+        outputs = [live, gallery, final, status, info, runs]
         gpu = dict(concurrency_limit=1, concurrency_id="gpu", show_progress="hidden")
-        go_txt.click(runner.handler("txt2img"), inputs_kwargs=common, outputs=outputs, api_name="txt2img", **gpu)
-        go_img.click(runner.handler("img2img"), inputs_kwargs=dict(common, image=img_in, strength=img_strength),
-                     outputs=outputs, api_name="img2img", **gpu)
-        go_depth.click(runner.handler("depth2img", with_depth=True),
-                       inputs_kwargs=dict(common, image=depth_in, strength=depth_strength, depth_map=depth_map),
-                       outputs=[*outputs, depth_used], api_name="depth2img", **gpu)
+        inspector = Inspector(spec.anatomy)
+        timeline = [pick, other, scrub]
+        shown = dict(fn=inspector.show, inputs=[runs, pick, other, scrub],
+                     outputs=[xt_view, x0_view, other_view, step_info, channels, schedule], **_private())
+        events = [
+            go_txt.click(runner.handler("txt2img"), inputs_kwargs=common_gpu, outputs=outputs, api_name="txt2img",
+                         **gpu),
+            go_img.click(runner.handler("img2img"), inputs_kwargs=dict(common_gpu, image=img_in, strength=img_strength),
+                         outputs=outputs, api_name="img2img", **gpu),
+            go_depth.click(runner.handler("depth2img", with_depth=True),
+                           inputs_kwargs=dict(common_gpu, image=depth_in, strength=depth_strength, depth_map=depth_map),
+                           outputs=[*outputs, depth_used], api_name="depth2img", **gpu),
+        ]
+        for event in events:
+            event.then(inspector.refresh, inputs=[runs], outputs=timeline, **_private()).then(**shown)
+        scrub.release(**shown)
+        scrub.input(**shown, trigger_mode="always_last")
+        pick.input(**shown)
+        other.input(**shown)
+        for kind, button in export_buttons.items():
+            button.click(lambda r, p, kind=kind: inspector.export(r, p, kind), inputs=[runs, pick], outputs=[download],
+                         **_private())
+        prompt.change(inspector.tokens, inputs=[prompt], outputs=[tokens], trigger_mode="always_last", **_private())
+        demo.load(inspector.tokens, inputs=[prompt], outputs=[tokens], **_private())
+        load_png.upload(inspector.load_png, inputs=[load_png],
+                        outputs=[prompt, negative, seed, steps, guidance, width, height, scheduler], **_private())
         stop.click(runner.stop, api_name="stop", queue=False)
 
-        private = dict(api_visibility="private", queue=False)
+        private = _private()
         random_seed.click(lambda: -1, outputs=[seed], **private)
-        reuse_seed.click(lambda s: s, inputs=[last_seed], outputs=[seed], **private)
+        reuse_seed.click(lambda r: r[-1].request.seed if r else -1, inputs=[runs], outputs=[seed], **private)
         to_img2img.click(lambda p: (p, gr.Tabs(selected="img2img")), inputs=[final], outputs=[img_in, tabs], **private)
         to_depth.click(lambda p: (p, gr.Tabs(selected="depth2img")), inputs=[final], outputs=[depth_in, tabs],
                        **private)
@@ -153,6 +206,11 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         preset.change(apply_preset, inputs=[preset],
                       outputs=[*preset_targets.values(), img_strength, depth_strength, tabs, preset_note], **private)
     return demo
+
+
+def _private() -> dict:
+    # UI-only events: not part of the API, and cheap enough to skip the queue
+    return dict(api_visibility="private", queue=False)
 
 
 def _preset_note(spec: AppSpec, name: str | None) -> str:

@@ -47,9 +47,13 @@ class RunStore:
 
 @dataclass
 class RunView:
-    """What the browser shows of one run so far."""
+    """What the browser shows of one run so far, and its frames for the timeline."""
 
     folder: Path
+    request: object = None  # the GenerationRequest
+    frames: list = field(default_factory=list)
+    levels: list[float] = field(default_factory=list)  # noise level at every step of the run
+    final: str | None = None
     gallery: list[tuple[str, str]] = field(default_factory=list)  # (path, caption), one per step
     preview: str | None = None
     depth: str | None = None
@@ -57,7 +61,15 @@ class RunView:
     total: int = 0
     _gallery_sent: int = 0
 
+    @property
+    def label(self) -> str:
+        r = self.request
+        return f"#{self.folder.name[-8:]} · {r.mode} · seed {r.seed} · {r.steps} steps · CFG {r.guidance_scale}"
+
     def add_frame(self, frame) -> None:
+        self.frames.append(frame)
+        if frame.schedule_t is not None:
+            self.levels = frame.schedule_levels()
         path = self.save(frame.image, f"step_{frame.step:04d}.jpg")
         self.gallery.append((path, frame.caption))
         self.preview, self.step, self.total = path, frame.step, frame.total
@@ -80,10 +92,33 @@ class RunView:
         return False
 
 
-def progress_html(step: int, total: int, note: str = "") -> str:
+def progress_html(step: int, total: int, note: str = "", levels: list[float] | None = None) -> str:
     pct = 100 * step / total if total else 0
+    plot = schedule_svg(levels, step) if levels else ""
     return (
         f'<div class="sw-progress"><progress max="{total}" value="{step}"></progress>'
-        f"<span>step {step}/{total} ({pct:.0f}%) {note}</span></div>"
+        f"<span>step {step}/{total} ({pct:.0f}%) {note}</span></div>{plot}"
+    )
+
+
+def schedule_svg(levels: list[float], current: int, width: int = 480, height: int = 120) -> str:
+    """The noise level sqrt(1 - alpha_bar) at each step as a line plot, the current step marked."""
+    pad, n = 28, len(levels)
+    x = [pad + (width - 2 * pad) * i / max(n - 1, 1) for i in range(n)]
+    y = [height - pad - (height - 2 * pad) * level for level in levels]
+    line = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(x, y))
+    marker = ""
+    if 1 <= current <= n:
+        cx, cy = x[current - 1], y[current - 1]
+        marker = (f'<line x1="{cx:.1f}" y1="{pad}" x2="{cx:.1f}" y2="{height - pad}" class="now"/>'
+                  f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" class="now"/>')
+    return (
+        f'<svg class="sw-schedule" viewBox="0 0 {width} {height}" role="img" aria-label="noise schedule">'
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" class="axis"/>'
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" class="axis"/>'
+        f'<text x="{pad}" y="{pad - 8}">noise level √(1−ᾱ)</text><text x="{pad - 18}" y="{pad + 4}">1</text>'
+        f'<text x="{pad - 18}" y="{height - pad + 4}">0</text>'
+        f'<text x="{width - pad}" y="{height - 8}" text-anchor="end">step {n}</text>'
+        f'<polyline points="{line}" class="curve"/>{marker}</svg>'
     )
 
