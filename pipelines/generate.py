@@ -112,9 +112,10 @@ def generate(
 ) -> Iterator[Frame | Final]:
     """Yield a `Frame` after every denoising step, then one `Final`.
 
-    The diffusers call runs in a worker thread; its step callback decodes the
-    preview and hands it over a queue (a callback cannot yield). Closing this
-    iterator early (a client went away) cancels the run.
+    The diffusers call runs in a worker thread; its step callback hands the
+    step's latents to the preview decoder, whose frames come back over a queue
+    (a callback cannot yield). Each frame also keeps x_t and x0 for the
+    timeline. Closing this iterator early (a client went away) cancels the run.
     """
     cancel = cancel or CancelToken()
     # 1. The shared pipeline, and a per-run one with its own scheduler and interrupt flag

@@ -37,7 +37,7 @@ class Runner:
         self.store = store
         self.limits = limits
         self.model_label = model_label
-        self._runs: dict[str, CancelToken] = {}
+        self._tokens: dict[str, CancelToken] = {}
         self._lock = threading.Lock()
 
     def handler(self, mode: str, with_depth: bool = False):
@@ -59,7 +59,7 @@ class Runner:
         """Cancel this session's run. It has no outputs: the run's own last update
         says where it stopped (an output here could land after it and hide it)."""
         with self._lock:
-            token = self._runs.get(request.session_hash)
+            token = self._tokens.get(request.session_hash)
         if token is None:
             gr.Info("Nothing is running.")
             return
@@ -78,10 +78,10 @@ class Runner:
         session = request.session_hash or "api"
         token = CancelToken()
         with self._lock:
-            previous = self._runs.get(session)
+            previous = self._tokens.get(session)
             if previous is not None:
                 previous.cancel()  # a new Generate from the same tab supersedes the old run
-            self._runs[session] = token
+            self._tokens[session] = token
         view = RunView(self.store.new_run(), request=req)
         runs = runs if runs is not None else []  # this session's runs, newest last, for the timeline
         runs.append(view)
@@ -113,8 +113,8 @@ class Runner:
         finally:
             token.cancel()
             with self._lock:
-                if self._runs.get(session) is token:
-                    del self._runs[session]
+                if self._tokens.get(session) is token:
+                    del self._tokens[session]
 
 
 def _info(req: GenerationRequest, model: str, final: Final) -> str:
