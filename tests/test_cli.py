@@ -14,10 +14,10 @@ from .test_app import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_python_app_py_serves_and_streams(tiny_dir, tmp_path):
+def test_python_app_py_serves_the_default_model_and_streams(tmp_path):
     port = free_port()
     env = dict(os.environ, STEPWISE_CACHE=str(tmp_path), GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_dir), "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}/"
