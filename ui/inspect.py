@@ -10,6 +10,7 @@ from pipelines import SCHEDULER_NAMES
 from pipelines.export import export
 from pipelines.metadata import read_parameters
 
+from .events import KEEP_SESSION_RUNS
 from .stream import RunView, schedule_svg
 
 
@@ -38,17 +39,21 @@ class Inspector:
     def tokens(self, prompt: str) -> str:
         return tokens_html(self.anatomy.tokens(prompt or ""))
 
-    def refresh(self, runs: list[RunView] | None):
-        """After a run: list the session's runs, point the timeline at the newest, last step."""
+    def refresh(self, runs: list[RunView] | None, other: int | None):
+        """After a run: list the session's runs, point the timeline at the newest, last step.
+        The run compared with keeps its place (older runs shift down as new ones come)."""
         choices = run_choices(runs)
         newest = len(choices) - 1 if choices else None
         steps = len(runs[-1].frames) if runs else 0
-        return (gr.Dropdown(choices=choices, value=newest), gr.Dropdown(choices=choices, value=None),
+        other = other - 1 if other is not None and len(runs or []) == KEEP_SESSION_RUNS else other
+        return (gr.Dropdown(choices=choices, value=newest),
+                gr.Dropdown(choices=choices, value=other if other is not None and other >= 0 else None),
                 gr.Slider(maximum=max(steps, 1), value=steps))
 
     def show(self, runs: list[RunView] | None, pick: int | None, other: int | None, step: int):
-        """The chosen step of run `pick` (0 = the seed's starting noise), and run `other` beside it."""
-        view = _pick(runs, pick)
+        """The chosen step of run `pick` (0 = the seed's starting noise), and run `other` beside it.
+        With no run picked yet, the newest: scrubbing works while it streams."""
+        view = _pick(runs, pick if pick is not None else len(runs or []) - 1)
         if view is None:
             return None, None, None, "Run something first: every step of it lands here.", [], ""
         preview = view.request.preview
@@ -97,7 +102,7 @@ class Inspector:
 
 
 def _pick(runs, n) -> RunView | None:
-    if not runs or n is None or not 0 <= int(n) < len(runs):
+    if not runs or n is None or not 0 <= int(n) < len(runs):  # stale or empty choice
         return None
     return runs[int(n)]
 

@@ -171,7 +171,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                            outputs=[*outputs, depth_used], api_name="depth2img", **gpu),
         ]
         for event in events:
-            event.then(inspector.refresh, inputs=[runs], outputs=timeline, **_private()).then(**shown)
+            event.then(inspector.refresh, inputs=[runs, other], outputs=timeline, **_private()).then(**shown)
         scrub.release(**shown)
         scrub.input(**shown, trigger_mode="always_last")
         pick.input(**shown)
