@@ -28,7 +28,7 @@ def load_settings(model: str) -> dict:
 
 def load_txt2img(model: str, dtype=torch.float32):
     from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -40,7 +40,7 @@ def load_depth2img(model: str, pipe=None, dtype=torch.float32):
     pipe = pipe or load_txt2img(model, dtype)
     d = StableDiffusionDepth2ImgPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-        unet=UNet2DConditionModel.from_pretrained(f"{model}/depth_unet", torch_dtype=dtype),
+        unet=UNet2DConditionModel.from_pretrained(f"{model}/depth_unet", dtype=dtype),
         scheduler=pipe.scheduler,
         depth_estimator=DPTForDepthEstimation.from_pretrained(f"{model}/depth_estimator", dtype=dtype),
         feature_extractor=DPTImageProcessor.from_pretrained(f"{model}/depth_estimator"))
@@ -78,10 +78,11 @@ def eval_variants(pipe, cfg, n, seed):
         s = S.sample_scene(rng)
         obj, pos, bgp = f"a {s['colour']} {s['shape']}", S.POSITION_PHRASE[s["position"]], f"{s['background']} background"
         kind = i % 5
+        full = {k: s[k] for k in ("colour", "shape", "position", "background")}
         if kind == 0:
-            p, w = f"{bgp}, {obj} {pos}".upper(), s
+            p, w = f"{bgp}, {obj} {pos}".upper(), full
         elif kind == 1:
-            p, w = f"{pos}, {obj}, {bgp}".title(), s
+            p, w = f"{pos}, {obj}, {bgp}".title(), full
         elif kind == 2:
             p, w = obj, {"colour": s["colour"], "shape": s["shape"]}
         elif kind == 3:
@@ -210,6 +211,7 @@ def main():
     ap.add_argument("--model", default="models/micro")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--n-edit", type=int, default=100)
+    ap.add_argument("--n-variants", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default="training/RESULTS.md")
@@ -224,8 +226,8 @@ def main():
     acc, _, _ = eval_txt2img(pipe, cfg, args.n, args.seed)
     for k in ("colour", "background", "shape", "position"):
         rows.append((f"txt2img {k} accuracy ({args.n} random captions)", f"{acc[k] * 100:.1f}%", f">= {TARGETS[k] * 100:.0f}%", acc[k] >= TARGETS[k]))
-    var = eval_variants(pipe, cfg, 100, args.seed)
-    rows.append(("txt2img variant/partial captions (100; attributes named)", ", ".join(f"{k} {v * 100:.0f}%" for k, v in var.items()), "-", None))
+    var = eval_variants(pipe, cfg, args.n_variants, args.seed)
+    rows.append((f"txt2img variant/partial captions ({args.n_variants}; attributes named)", ", ".join(f"{k} {v * 100:.0f}%" for k, v in var.items()), "-", None))
     div = eval_diversity(pipe, cfg, args.seed)
     rows.append(("seed diversity: mean abs pixel deviation across 4 seeds", f"{div:.1f} /255", "-", None))
     p = eval_vae_psnr(pipe, 200, args.seed)
