@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline-first: no phoning home
+# CPU: idle OpenMP workers sleep instead of spinning, so the threads that decode and
+# stream frames are not starved between UNet ops (see BENCHMARKS.md). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import gradio as gr  # noqa: E402
 

@@ -14,6 +14,10 @@ every comparison is measured side by side, interleaved, in this one process.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py sets it, before torch loads
+
 import argparse
 import asyncio
 import json
@@ -140,8 +144,8 @@ def cache_section(source: str, repeats: int) -> dict:
     img2img_ms = 1000 * (time.perf_counter() - start)
     added = cache.total_bytes() - before
     other = str(save_tiny_checkpoint(Path(tempfile.mkdtemp()) / "other", seed=5))
-    one = max(ModelCache(device="cpu").checkpoint(s).nbytes() for s in (source, other))
-    small = ModelCache(device="cpu", budget_bytes=int(one * 1.5))  # room for one checkpoint at a time
+    sizes = sorted(ModelCache(device="cpu").checkpoint(s).nbytes() for s in (source, other))
+    small = ModelCache(device="cpu", budget_bytes=sizes[1] + sizes[0] // 2)  # room for one checkpoint at a time
     small.checkpoint(source)
     switches = []
     for i in range(repeats):
@@ -173,7 +177,8 @@ def main(argv=None) -> dict:
     previews = ["latent-rgb", "full-vae"] + (["tiny-vae"] if cache.checkpoint(source).tiny_vae else [])
     results = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
         "model": source,
         "settings": base,
         "streaming": streaming_section(source, base, args.repeats, previews),

@@ -143,19 +143,20 @@ class ModelCache:
       keeps it alive until it ends.
     - Device: cuda, then mps, then cpu; dtype fp16 on CUDA, else fp32; SDPA
       attention, xformers only where it is installed and runs on the device.
-      Previews decode on a side stream and thread on CUDA; inline elsewhere
-      (`overlap_decode` overrides; benchmarks/ compares the two).
+      Previews decode on their own thread, overlapping the next UNet step (on
+      CUDA on a side stream); `overlap_decode=False` decodes inline in the step
+      callback. benchmarks/ compares the two.
     """
 
     def __init__(self, device: str | None = None, dtype: str | None = None, budget_bytes: int | None = None,
-                 tiny_vae: str | None = None, compile_unet: bool = False, overlap_decode: bool | None = None):
+                 tiny_vae: str | None = None, compile_unet: bool = False, overlap_decode: bool = True):
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
         self.budget_bytes = budget_bytes if budget_bytes is not None else memory_bytes(self.device) // 2
         self.tiny_vae_source = tiny_vae
         self.compile_unet = compile_unet
         # decode previews on a thread (a side stream on CUDA) that overlaps the next step
-        self.overlap_decode = self.device.type == "cuda" if overlap_decode is None else overlap_decode
+        self.overlap_decode = overlap_decode
         self._entries: OrderedDict[tuple, Checkpoint] = OrderedDict()
         self._lock = threading.RLock()
         self.run_lock = threading.Lock()

@@ -210,7 +210,7 @@ def generate(
 class _Decoder:
     """Turns queued step latents into Frames, in the order steps arrive.
 
-    Threaded (the default on CUDA): the step callback only queues latents and a
+    Threaded (the default): the step callback only queues latents and a
     thread decodes them, on CUDA on a side stream that first waits for the
     step's latents, so decoding overlaps the next UNet step and the loop never
     syncs with the host. Inline: the callback decodes before the loop goes on.

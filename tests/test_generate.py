@@ -186,27 +186,29 @@ def test_fitted_map_tracks_the_vae(cache, tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def overlap_cache():
-    """Previews decoded on their own thread, as on CUDA (there on a side stream)."""
-    return ModelCache(device="cpu", overlap_decode=True)
+def inline_cache():
+    """Previews decoded inline in the step callback instead of on the decode thread."""
+    return ModelCache(device="cpu", overlap_decode=False)
 
 
 @pytest.mark.parametrize("mode", ["txt2img", "depth2img"])
-def test_decode_thread_keeps_order_and_pixels(overlap_cache, tiny_dir, make_request, mode):
+def test_decode_thread_and_inline_decode_agree(cache, inline_cache, tiny_dir, make_request, mode):
     req = make_request(mode, preview="full-vae", view="x0", steps=8, scheduler="DDIM", strength=1.0)
-    frames, finals = run(req, overlap_cache, tiny_dir)
+    assert cache.overlap_decode and not inline_cache.overlap_decode
+    frames, finals = run(req, cache, tiny_dir)
     assert [f.step for f in frames] == list(range(1, 9))
-    inline_frames, _ = run(req, ModelCache(device="cpu"), tiny_dir)
+    inline_frames, inline_finals = run(req, inline_cache, tiny_dir)
+    assert np.array_equal(pixels(finals[0].image), pixels(inline_finals[0].image))
     assert all(np.array_equal(pixels(a.image), pixels(b.image)) for a, b in zip(frames, inline_frames))
     expected = bare_call(req, bare_pipeline(mode, tiny_dir, "DDIM"))
     assert np.array_equal(pixels(finals[0].image), pixels(expected))
 
 
-def test_decode_thread_stops_with_a_cancelled_run(overlap_cache, tiny_dir, make_request):
+def test_decode_thread_stops_with_a_cancelled_run(cache, tiny_dir, make_request):
     token = CancelToken()
-    for item in generate(make_request(steps=40), overlap_cache, token, source=str(tiny_dir)):
+    for item in generate(make_request(steps=40), cache, token, source=str(tiny_dir)):
         if item.step == 2:
             token.cancel()
     time.sleep(0.2)
     assert not any(t.name in ("stepwise-run", "stepwise-decode") for t in threading.enumerate())
-    assert not overlap_cache.run_lock.locked()
+    assert not cache.run_lock.locked()
