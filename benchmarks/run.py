@@ -33,7 +33,7 @@ import gradio as gr
 import torch
 
 from pipelines import Limits, ModelCache, generate, validate_request
-from pipelines.cache import BUNDLED, bundled_folder, param_bytes
+from pipelines.cache import BUNDLED, bundled_folder
 from pipelines.generate import _per_run
 from pipelines.schedulers import make_scheduler
 from pipelines.tiny import save_tiny_checkpoint

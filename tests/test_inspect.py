@@ -7,7 +7,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from imageio_ffmpeg import read_frames
 from PIL import Image
 
-from pipelines import Final, Frame, generate
+from pipelines import Frame, generate
 from pipelines.anatomy import Anatomy
 from pipelines.export import export
 from pipelines.metadata import a1111_parameters, read_parameters, save_png

@@ -16,7 +16,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 import app as app_module
-from pipelines import CancelToken, GenerationError, Limits, ModelCache, generate, validate_request
+from pipelines import GenerationError, Limits, ModelCache, generate, validate_request
 from ui.events import Runner
 from ui.stream import RunStore
 
