@@ -22,8 +22,9 @@ import gradio as gr  # noqa: E402
 
 from pipelines import BUNDLED, ModelCache, ModelLoadError, generate  # noqa: E402
 from pipelines.anatomy import Anatomy  # noqa: E402
-from pipelines.cache import bundled_folder  # noqa: E402
+from pipelines.cache import BUNDLED_FOLDER, bundled_folder  # noqa: E402
 from pipelines.presets import PresetError, load_presets  # noqa: E402
+from pipelines.tiny import UNTRAINED_MARKER  # noqa: E402
 from ui import CSS, AppSpec, build_app  # noqa: E402
 
 log = logging.getLogger("stepwise")
@@ -68,7 +69,7 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
     spec = AppSpec(
         generate=run,
         model_label=card.get("label") or args.model,
-        untrained=(folder / "UNTRAINED").exists(),
+        untrained=(folder / UNTRAINED_MARKER).exists(),
         run_root=str(Path(gr.utils.get_upload_folder()) / "stepwise-runs"),
         presets=presets,
         initial_preset=preset,
@@ -89,9 +90,9 @@ def _model_card(folder: Path) -> dict:
     """The bundled model's settings file (example prompts, vocabulary), if any."""
     path = folder / "stepwise.json"
     card = json.loads(path.read_text()) if path.is_file() else {}
-    if (folder / "UNTRAINED").exists():
+    if (folder / UNTRAINED_MARKER).exists():
         card.setdefault("label", "untrained tiny model (random weights)")
-    elif folder.resolve() == (Path(__file__).parent / "models" / "micro").resolve():
+    elif folder.resolve() == BUNDLED_FOLDER:
         card.setdefault("label", "bundled micro model")
     return card
 

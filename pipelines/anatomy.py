@@ -10,7 +10,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .cache import BUNDLED, ModelCache
-from .previews import VAEDecoder
 from .request import GenerationRequest
 
 
@@ -46,11 +45,8 @@ class Anatomy:
 
     def picture(self, latents: torch.Tensor, preview: str) -> Image.Image:
         """Latents as a picture with the given preview decoder."""
-        checkpoint = self.cache.checkpoint(self.source)
-        decode = {"latent-rgb": checkpoint.latent_rgb, "tiny-vae": checkpoint.tiny_vae,
-                  "full-vae": VAEDecoder(checkpoint.base.vae)}[preview]
-        param = next(checkpoint.base.vae.parameters())
-        return Image.fromarray(decode(latents.to(param.device)).cpu().numpy())
+        decode = self.cache.checkpoint(self.source).decoder(preview)
+        return Image.fromarray(decode(latents.to(self.cache.device)).cpu().numpy())
 
     def step_pictures(self, frame, preview: str) -> tuple[Image.Image, Image.Image, list[Image.Image]]:
         """A frame's x_t and x0 as pictures, and its latent channels."""

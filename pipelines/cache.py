@@ -34,7 +34,7 @@ from transformers import DPTForDepthEstimation, DPTImageProcessor
 
 from .devices import memory_bytes, pick_device, pick_dtype, use_fastest_attention
 from .previews import LatentRGB, VAEDecoder, latent_rgb_for
-from .tiny import UNTRAINED_MARKER, save_tiny_checkpoint
+from .tiny import save_tiny_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,6 @@ class Checkpoint:
     folder: Path | None
     pipelines: dict[str, DiffusionPipeline]
     latent_rgb: LatentRGB
-    untrained: bool
     tiny_vae: VAEDecoder | None = None
     attention: str = "sdpa"
     extra_modules: list[torch.nn.Module] = field(default_factory=list)
@@ -120,6 +119,13 @@ class Checkpoint:
     @property
     def base(self) -> DiffusionPipeline:
         return next(iter(self.pipelines.values()))
+
+    def decoder(self, preview: str):
+        """The preview decoder by name ("latent-rgb", "tiny-vae", "full-vae")."""
+        if preview == "tiny-vae" and self.tiny_vae is None:
+            raise ValueError(f"preview 'tiny-vae' needs a tiny autoencoder; {self.source!r} has none configured")
+        # every pipeline of a checkpoint shares the base's VAE
+        return {"latent-rgb": self.latent_rgb, "tiny-vae": self.tiny_vae, "full-vae": VAEDecoder(self.base.vae)}[preview]
 
     def nbytes(self) -> int:
         modules = [m for p in self.pipelines.values() for m in p.components.values() if isinstance(m, torch.nn.Module)]
@@ -199,7 +205,7 @@ class ModelCache:
         try:
             pipe = pipe_cls.from_pretrained(where, dtype=self.dtype, **kwargs)
         except (OSError, ValueError) as err:
-            raise ModelLoadError(self._load_hint(source, err)) from err
+            raise ModelLoadError(self._load_hint(source, err, local=folder is not None)) from err
         pipe.set_progress_bar_config(disable=True)
         pipe = pipe.to(self.device)
         attention = use_fastest_attention(pipe, self.device)
@@ -211,7 +217,6 @@ class ModelCache:
             folder=folder,
             pipelines={mode: pipe},
             latent_rgb=latent_rgb_for(folder, pipe.vae),
-            untrained=folder is not None and (folder / UNTRAINED_MARKER).exists(),
             attention=attention,
         )
         entry.tiny_vae = self._load_tiny_vae(folder)
@@ -226,7 +231,7 @@ class ModelCache:
         try:
             vae = AutoencoderTiny.from_pretrained(str(source), dtype=self.dtype).to(self.device)
         except (OSError, ValueError) as err:
-            raise ModelLoadError(self._load_hint(str(source), err)) from err
+            raise ModelLoadError(self._load_hint(str(source), err, local=Path(source).is_dir())) from err
         return VAEDecoder(vae)
 
     def _derive(self, entry: Checkpoint, mode: str) -> DiffusionPipeline:
@@ -277,8 +282,8 @@ class ModelCache:
             self.free_memory()
 
     @staticmethod
-    def _load_hint(source: str, err: Exception) -> str:
-        if resolve_local(source) is not None:
+    def _load_hint(source: str, err: Exception, local: bool) -> str:
+        if local:
             return f"could not load model {source!r}: {err}"
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
         why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such repo"

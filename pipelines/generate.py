@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from .cache import BUNDLED, ModelCache
-from .previews import HostCopy, VAEDecoder, X0Recorder, to_pixels
+from .previews import HostCopy, X0Recorder, to_pixels
 from .request import GenerationRequest
 from .schedulers import make_scheduler
 
@@ -127,13 +127,7 @@ def generate(
     notes = request.notes + _truncation_notes(pipe.tokenizer, request)
 
     # 2. The preview decoder
-    decode = {
-        "latent-rgb": checkpoint.latent_rgb,
-        "tiny-vae": checkpoint.tiny_vae,
-        "full-vae": VAEDecoder(pipe.vae),
-    }[request.preview]
-    if decode is None:
-        raise ValueError(f"preview 'tiny-vae' needs a tiny autoencoder; {source!r} has none configured")
+    decode = checkpoint.decoder(request.preview)
 
     # 3. Step callback: hand the step's latents to the decoder, which turns them
     #    into a Frame (on its own thread, overlapping the next UNet step, where the

@@ -117,3 +117,22 @@ def test_txt2img_only_model_has_no_depth(tmp_path):
     shutil.rmtree(folder / "depth_unet")
     with pytest.raises(ModelLoadError, match="--depth-model"):
         ModelCache(device="cpu").pipeline("depth2img", str(folder))
+
+
+def test_broken_tiny_vae_folder_names_the_load_failure(tmp_path, tiny_dir):
+    broken = tmp_path / "taesd"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    with pytest.raises(ModelLoadError, match="could not load model .*taesd"):
+        ModelCache(device="cpu", tiny_vae=str(broken)).checkpoint(str(tiny_dir))
+
+
+def test_tiny_vae_preview_needs_a_tiny_vae(tmp_path):
+    import shutil
+
+    folder = save_tiny_checkpoint(tmp_path / "no-taesd")
+    shutil.rmtree(folder / "tiny_vae")
+    checkpoint = ModelCache(device="cpu").checkpoint(str(folder))
+    with pytest.raises(ValueError, match="preview 'tiny-vae' needs a tiny autoencoder"):
+        checkpoint.decoder("tiny-vae")
+    assert checkpoint.decoder("full-vae").vae is checkpoint.base.vae
