@@ -36,9 +36,10 @@ def make_text_encoder(vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
 def make_unet(in_channels: int = 4) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=LATENT, in_channels=in_channels, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=TEXT_DIM,
+        # four levels, down to 2x2, with cross-attention at each: the coarse levels see the whole layout,
+        # which is what "on the left" / "at the top" have to set
+        down_block_types=("CrossAttnDownBlock2D",) * 4, up_block_types=("CrossAttnUpBlock2D",) * 4,
+        block_out_channels=(32, 64, 64, 64), layers_per_block=1, cross_attention_dim=TEXT_DIM,
         attention_head_dim=8, norm_num_groups=16,
     )
 

@@ -174,26 +174,47 @@ def quick_eval_txt2img(vae, te, tok, unet, n, seed, guidance, steps):
     return {k: v / n for k, v in acc.items()}
 
 
+def shape_weight(depth: torch.Tensor, extra: float) -> torch.Tensor:
+    """Per-latent-pixel loss weight, 1 + extra on and around the shape: the flat background is most of
+    the loss otherwise, and colour / shape / position live in the few pixels of the shape."""
+    near = F.max_pool2d((depth + 1) / 2, 3, 1, 1) > 0.05
+    return 1.0 + extra * near.float()
+
+
+def sample_timesteps(n, gen, high_frac, high_min, num_train):
+    """Uniform timesteps, with a share drawn from the high-noise end, where only the words can say
+    where the shape goes (zero terminal SNR: the input there is pure noise)."""
+    t = torch.randint(0, num_train, (n,), generator=gen, device=DEV)
+    high = torch.randint(high_min, num_train, (n,), generator=gen, device=DEV)
+    pick = torch.rand(n, generator=gen, device=DEV) < high_frac
+    return torch.where(pick, high, t)
+
+
 def stage_unet(args, run: Path, vae, data):
     import copy
     ck = run / "unet.pt"
     tok = build_tokenizer(S.VOCAB_WORDS, MAX_TOKENS)
+    torch.manual_seed(args.seed)
     te = make_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id).to(DEV)
     unet = make_unet(4).to(DEV)
-    params = list(unet.parameters()) + list(te.parameters())
+    # The text encoder stays at its random init: trained jointly from scratch, its outputs for "left" /
+    # "right" collapsed together and the UNet never learned position at high noise (training/RESULTS.md).
+    te.requires_grad_(False).eval()
+    params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
-    ema_u, ema_t = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
+    ema_u = copy.deepcopy(unet).eval()
     step = 0
     if ck.exists():
         st = torch.load(ck, map_location=DEV)
         unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"]); opt.load_state_dict(st["opt"])
-        ema_u.load_state_dict(st["ema_unet"]); ema_t.load_state_dict(st["ema_te"]); step = st["step"]
+        ema_u.load_state_dict(st["ema_unet"]); step = st["step"]
         if st.get("done"):
-            return ema_u, ema_t, tok
+            return ema_u, te, tok
         log(run, f"unet: resume at step {step}")
     vae.register_to_config(scaling_factor=data["scaling_factor"])
     sched = make_train_scheduler()
     lat, scs = data["latents"].to(DEV), data["scenes"]
+    weight = shape_weight(data["depth"], args.shape_weight).to(DEV)
     bs, total = args.unet_batch, args.unet_steps
     t0 = time.time()
     run_loss = 0.0
@@ -202,38 +223,41 @@ def stage_unet(args, run: Path, vae, data):
         idx = rng.integers(0, len(scs), bs)
         caps = [S.random_caption(scs[i], rng) for i in idx]
         ids = tokenize(tok, caps).to(DEV)
-        x0 = lat[torch.from_numpy(idx).to(DEV)]
+        ti = torch.from_numpy(idx).to(DEV)
+        x0 = lat[ti]
         gen = torch.Generator(device=DEV).manual_seed(args.seed * 100003 + step)
         noise = torch.randn(x0.shape, generator=gen, device=DEV)
-        t = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=gen, device=DEV)
+        t = sample_timesteps(bs, gen, args.high_t_frac, args.high_t_min, sched.config.num_train_timesteps)
         xt = sched.add_noise(x0, noise, t)
         target = sched.get_velocity(x0, noise, t)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, args.unet_lr, warm=200)
-        cond = te(ids)[0]
+        with torch.no_grad():
+            cond = te(ids)[0]
         pred = unet(xt, t, cond).sample
-        loss = F.mse_loss(pred, target)
+        w = weight[ti]
+        loss = ((pred - target).pow(2) * w).sum() / (w.sum() * pred.shape[1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         decay = min(args.ema, (1 + step) / (10 + step))
-        ema_update(ema_u, unet, decay); ema_update(ema_t, te, decay)
+        ema_update(ema_u, unet, decay)
         run_loss += loss.item()
         if step % 50 == 0:
             log(run, f"unet step {step} loss {run_loss / 50:.4f} ({time.time() - t0:.0f}s)")
             run_loss = 0.0
         if step % args.eval_every_unet == 0 or step == total:
-            acc = quick_eval_txt2img(vae, ema_t, tok, ema_u, args.quick_n, args.seed, args.guidance, args.steps)
+            acc = quick_eval_txt2img(vae, te, tok, ema_u, args.quick_n, args.seed, args.guidance, args.steps)
             ok = all(acc[k] >= v for k, v in TARGETS_QUICK.items())
             done = ok or step >= total
             log(run, f"unet step {step} quick eval {acc}" + (" -> targets reached" if ok else ""))
             save_ckpt(ck, unet=unet.state_dict(), te=te.state_dict(), opt=opt.state_dict(),
-                      ema_unet=ema_u.state_dict(), ema_te=ema_t.state_dict(), step=step, done=done, acc=acc)
+                      ema_unet=ema_u.state_dict(), step=step, done=done, acc=acc)
             if done:
                 break
-    return ema_u, ema_t, tok
+    return ema_u, te, tok
 
 
 TARGETS_QUICK = {"colour": 0.97, "background": 0.97, "shape": 0.9, "position": 0.9}
@@ -449,11 +473,14 @@ def main():
     ap.add_argument("--eval-every-vae", type=int, default=200)
     ap.add_argument("--n-latents", type=int, default=16000)
     # UNet + text encoder
-    ap.add_argument("--unet-steps", type=int, default=1800)
+    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--shape-weight", type=float, default=4.0)
+    ap.add_argument("--high-t-frac", type=float, default=0.4)
+    ap.add_argument("--high-t-min", type=int, default=850)
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.995)
-    ap.add_argument("--eval-every-unet", type=int, default=300)
+    ap.add_argument("--eval-every-unet", type=int, default=250)
     ap.add_argument("--quick-n", type=int, default=40)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0)
