@@ -57,8 +57,6 @@ def test_txt2img_colour(generated, settings):
     assert colour_ok >= len(CASES) - 1, got
 
 
-@pytest.mark.xfail(reason="shipped UNet has not learned position words yet (20% = chance in training/RESULTS.md)",
-                   strict=False)
 def test_txt2img_position(generated):
     _, got = generated
     position_ok = sum(g["position"] == c[2] for g, c in zip(got, CASES))
