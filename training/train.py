@@ -3,7 +3,7 @@
     python -m training.train --out models/micro --seed 0
 
 Stages (each resumable from training/runs/seed<S>/<stage>.pt, skipped when done):
-  vae -> latents -> unet (+ CLIP text encoder, jointly) -> depth_unet -> dpt -> export
+  vae -> latents -> unet (CLIP text encoder frozen at its seeded init) -> depth_unet -> dpt -> export
 Each stage stops when its quick evaluation reaches the quality targets (or at its step cap).
 """
 from __future__ import annotations
@@ -305,7 +305,6 @@ def stage_depth_unet(args, run: Path, vae, data, unet, te, tok):
         if st.get("done"):
             return ema
         log(run, f"depth_unet: resume at step {step}")
-    te.requires_grad_(False)
     sched = make_train_scheduler()
     lat, dep, scs = data["latents"].to(DEV), data["depth"].to(DEV), data["scenes"]
     bs, total = args.unet_batch, args.depth_steps
@@ -472,7 +471,7 @@ def main():
     ap.add_argument("--vae-shape-weight", type=float, default=9.0)
     ap.add_argument("--eval-every-vae", type=int, default=200)
     ap.add_argument("--n-latents", type=int, default=16000)
-    # UNet + text encoder
+    # UNet (the text encoder stays frozen)
     ap.add_argument("--unet-steps", type=int, default=3000)
     ap.add_argument("--shape-weight", type=float, default=4.0)
     ap.add_argument("--high-t-frac", type=float, default=0.4)
