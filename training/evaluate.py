@@ -257,7 +257,8 @@ def main():
             "# Stepwise micro model: evaluation\n\n"
             f"Command: `{cmd.strip()}` (torch threads {args.threads}; CPU)\n\n"
             f"Shipped settings: {cfg['width']}x{cfg['height']}, {cfg['steps']} steps, guidance {cfg['guidance_scale']}, "
-            f"scheduler {cfg['scheduler']}.\n\n{table}\n")
+            f"scheduler {cfg['scheduler']}.\n\n{table}\n\n"
+            "Training history and diagnosis: [NOTES.md](NOTES.md).\n")
 
 
 if __name__ == "__main__":

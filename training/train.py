@@ -198,7 +198,7 @@ def stage_unet(args, run: Path, vae, data):
     te = make_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id).to(DEV)
     unet = make_unet(4).to(DEV)
     # The text encoder stays at its random init: trained jointly from scratch, its outputs for "left" /
-    # "right" collapsed together and the UNet never learned position at high noise (training/RESULTS.md).
+    # "right" collapsed together and the UNet never learned position at high noise (training/NOTES.md).
     te.requires_grad_(False).eval()
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
