@@ -85,12 +85,18 @@ def timed(fn, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def gpu_section(repeats: int = 3) -> dict:
+def gpu_section(repeats: int = 3, on_row=None) -> dict:
     cuda = torch.cuda.is_available()
     full = cuda
     size, steps = (512, 50) if full else (64, 3)
     device_name = torch.cuda.get_device_name() if cuda else "cpu (reduced size: proves the code runs, not GPU speed)"
     rows = []
+
+    def add(variant: str, seconds: float, ratio: float) -> None:
+        rows.append({"variant": variant, "seconds": seconds, "ratio": ratio})
+        if on_row is not None:
+            on_row(rows[-1])
+
     for depth in (False, True):
         name = "SD 2-depth" if depth else "SD 1.5"
         folder = save_checkpoint(Path(tempfile.mkdtemp()) / "ckpt", depth, full)
@@ -117,24 +123,23 @@ def gpu_section(repeats: int = 3) -> dict:
             return lambda: list(generate(req, cache, source=str(folder)))
 
         t_bare = timed(bare, repeats, cuda)
-        rows.append({"variant": f"{name}: bare diffusers (SDPA)", "seconds": t_bare, "ratio": 1.0})
+        add(f"{name}: bare diffusers (SDPA)", t_bare, 1.0)
         for preview in ("latent-rgb", "tiny-vae", "full-vae"):
             t = timed(app(preview), repeats, cuda)
-            rows.append({"variant": f"{name}: app, {preview} every step", "seconds": t, "ratio": t / t_bare})
+            add(f"{name}: app, {preview} every step", t, t / t_bare)
         if cuda and importlib.util.find_spec("xformers") is not None:
             shared.enable_xformers_memory_efficient_attention()
             t = timed(bare, repeats, cuda)
-            rows.append({"variant": f"{name}: bare diffusers + xformers", "seconds": t, "ratio": t / t_bare})
+            add(f"{name}: bare diffusers + xformers", t, t / t_bare)
             shared.disable_xformers_memory_efficient_attention()
         if cuda and not depth:
             compiled = ModelCache(device="cuda", compile_unet=True)
             req = validate_request(dict(base, preview="latent-rgb"))
             t = timed(lambda: list(generate(req, compiled, source=str(folder))), repeats, cuda)
-            rows.append({"variant": f"{name}: app --compile, latent-rgb", "seconds": t, "ratio": t / t_bare})
+            add(f"{name}: app --compile, latent-rgb", t, t / t_bare)
     return {"device": device_name, "size": size, "steps": steps, "rows": rows,
             "note": f"{device_name}; {size}x{size}, {steps} steps, guidance 7.5, median of {repeats}"}
 
 
 if __name__ == "__main__":
-    for row in gpu_section()["rows"]:
-        print(row)
+    gpu_section(on_row=print)
