@@ -33,13 +33,16 @@ def make_text_encoder(vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
     return CLIPTextModel(cfg)
 
 
-def make_unet(in_channels: int = 4) -> UNet2DConditionModel:
+UNET_CHANNELS = (32, 64, 64)
+
+
+def make_unet(in_channels: int = 4, channels: tuple[int, ...] = UNET_CHANNELS) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=LATENT, in_channels=in_channels, out_channels=4,
-        # four levels, down to 2x2, with cross-attention at each: the coarse levels see the whole layout,
-        # which is what "on the left" / "at the top" have to set
-        down_block_types=("CrossAttnDownBlock2D",) * 4, up_block_types=("CrossAttnUpBlock2D",) * 4,
-        block_out_channels=(32, 64, 64, 64), layers_per_block=1, cross_attention_dim=TEXT_DIM,
+        # three levels (16, 8, 4 px) with cross-attention at each: the 4x4 level sees the whole layout
+        # ("on the left"); a fourth level at 2x2 learned position but never shape (training/NOTES.md)
+        down_block_types=("CrossAttnDownBlock2D",) * len(channels), up_block_types=("CrossAttnUpBlock2D",) * len(channels),
+        block_out_channels=tuple(channels), layers_per_block=1, cross_attention_dim=TEXT_DIM,
         attention_head_dim=8, norm_num_groups=16,
     )
 

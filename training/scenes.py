@@ -42,9 +42,11 @@ VOCAB_WORDS = sorted(set(COLOURS + SHAPES + ["a", "an", "the", "on", "at", "in",
                                               "bottom", "center", "centre", "middle", "background", "and", "with",
                                               "of", "shape", "colour", "color"]))
 
-SIZE = 0.13  # nominal "radius" as a fraction of the width
-SIZE_JITTER = 0.15
-POS_JITTER = 0.04
+# Big enough that circle, square and triangle differ by whole latent pixels (16x16 latents): at radius
+# 0.13 the UNet never learned shape from the words (training/NOTES.md).
+SIZE = 0.18  # nominal "radius" as a fraction of the width
+SIZE_JITTER = 0.10
+POS_JITTER = 0.03
 
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, w: int, h: int, ss: int = 4) -> np.ndarray:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import scenes as S
 from .models import (LATENT, MAX_TOKENS, RES, make_dpt, make_inference_scheduler, make_text_encoder,
-                     make_train_scheduler, make_unet, make_vae)
+                     make_train_scheduler, make_unet, make_vae, UNET_CHANNELS)
 from .tokenizer import build_tokenizer
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -196,7 +196,7 @@ def stage_unet(args, run: Path, vae, data):
     tok = build_tokenizer(S.VOCAB_WORDS, MAX_TOKENS)
     torch.manual_seed(args.seed)
     te = make_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id).to(DEV)
-    unet = make_unet(4).to(DEV)
+    unet = make_unet(4, args.unet_channels).to(DEV)
     # The text encoder stays at its random init: trained jointly from scratch, its outputs for "left" /
     # "right" collapsed together and the UNet never learned position at high noise (training/NOTES.md).
     te.requires_grad_(False).eval()
@@ -290,7 +290,7 @@ def quick_eval_depth(vae, te, tok, dunet, n, seed, guidance, steps, strength=0.8
 def stage_depth_unet(args, run: Path, vae, data, unet, te, tok):
     import copy
     ck = run / "depth_unet.pt"
-    dunet = make_unet(5).to(DEV)
+    dunet = make_unet(5, args.unet_channels).to(DEV)
     sd = {k: v.clone() for k, v in unet.state_dict().items()}
     w = sd["conv_in.weight"]
     sd["conv_in.weight"] = torch.cat([w, torch.zeros_like(w[:, :1])], 1)
@@ -472,14 +472,15 @@ def main():
     ap.add_argument("--eval-every-vae", type=int, default=200)
     ap.add_argument("--n-latents", type=int, default=16000)
     # UNet (the text encoder stays frozen)
-    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--unet-steps", type=int, default=4000)
+    ap.add_argument("--unet-channels", type=int, nargs="+", default=list(UNET_CHANNELS))
     ap.add_argument("--shape-weight", type=float, default=4.0)
     ap.add_argument("--high-t-frac", type=float, default=0.4)
     ap.add_argument("--high-t-min", type=int, default=850)
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.995)
-    ap.add_argument("--eval-every-unet", type=int, default=250)
+    ap.add_argument("--eval-every-unet", type=int, default=500)
     ap.add_argument("--quick-n", type=int, default=40)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0)
