@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from . import scenes as S
 from .models import (LATENT, MAX_TOKENS, RES, make_dpt, make_inference_scheduler, make_text_encoder,
                      make_train_scheduler, make_unet, make_vae, UNET_CHANNELS)
+from .evaluate import TARGETS
 from .tokenizer import build_tokenizer
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -260,8 +261,8 @@ def stage_unet(args, run: Path, vae, data):
     return ema_u, te, tok
 
 
-# the targets (training/evaluate.py), a little stricter where 40 captions are noisiest
-TARGETS_QUICK = {"colour": 0.95, "background": 0.95, "shape": 0.875, "position": 0.9}
+# the targets, a little stricter where 40 captions are noisiest
+TARGETS_QUICK = {**TARGETS, "shape": 0.875, "position": 0.9}
 
 
 # ---------------------------------------------------------------------------------------- depth UNet
