@@ -3,12 +3,14 @@
     python -m training.train --out models/micro --seed 0
 
 Stages (each resumable from training/runs/seed<S>/<stage>.pt, skipped when done):
-  vae -> latents -> unet (CLIP text encoder frozen at its seeded init) -> depth_unet -> dpt -> export
+  vae -> latents -> unet (CLIP text encoder frozen at its seeded init; phase 2 unet_shape sharpens
+  circle vs square) -> depth_unet -> dpt -> export
 Each stage stops when its quick evaluation reaches the quality targets (or at its step cap).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -182,18 +184,32 @@ def shape_weight(depth: torch.Tensor, extra: float) -> torch.Tensor:
     return 1.0 + extra * near.float()
 
 
-def sample_timesteps(n, gen, high_frac, high_min, num_train):
-    """Uniform timesteps, with a share drawn from the high-noise end, where only the words can say
-    where the shape goes (zero terminal SNR: the input there is pure noise)."""
+def shape_disagreement(scenes) -> torch.Tensor:
+    """Per-latent-pixel 0/1 map of where a circle, a square and a triangle of each scene's centre and size
+    would differ: the corners and edges that tell the shapes apart, under one latent pixel wide."""
+    out = np.zeros((len(scenes), 1, LATENT, LATENT), np.float32)
+    for i, s in enumerate(scenes):
+        m = np.stack([S.shape_mask(k, s["cx"] * LATENT, s["cy"] * LATENT, s["r"] * LATENT, LATENT, LATENT, ss=8)
+                      for k in S.SHAPES])
+        out[i, 0] = m.max(0) - m.min(0) > 0.02
+    return torch.from_numpy(out)
+
+
+def sample_timesteps(n, gen, frac, lo, hi, num_train):
+    """Uniform timesteps, with a share `frac` drawn from [lo, hi)."""
     t = torch.randint(0, num_train, (n,), generator=gen, device=DEV)
-    high = torch.randint(high_min, num_train, (n,), generator=gen, device=DEV)
-    pick = torch.rand(n, generator=gen, device=DEV) < high_frac
-    return torch.where(pick, high, t)
+    focus = torch.randint(lo, hi, (n,), generator=gen, device=DEV)
+    pick = torch.rand(n, generator=gen, device=DEV) < frac
+    return torch.where(pick, focus, t)
+
+
+def targets_met(acc: dict) -> bool:
+    return all(acc.get(k, 0) >= v for k, v in TARGETS_QUICK.items())
 
 
 def stage_unet(args, run: Path, vae, data):
-    import copy
-    ck = run / "unet.pt"
+    """Phase 1 learns the scenes; phase 2 (only if phase 1 missed the targets) fine-tunes on the few
+    latent pixels that tell a circle from a square, where phase 1 leaves rounded squares."""
     tok = build_tokenizer(S.VOCAB_WORDS, MAX_TOKENS)
     torch.manual_seed(args.seed)
     te = make_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id).to(DEV)
@@ -201,38 +217,59 @@ def stage_unet(args, run: Path, vae, data):
     # The text encoder stays at its random init: trained jointly from scratch, its outputs for "left" /
     # "right" collapsed together and the UNet never learned position at high noise (training/NOTES.md).
     te.requires_grad_(False).eval()
+    vae.register_to_config(scaling_factor=data["scaling_factor"])
+    near = shape_weight(data["depth"], args.shape_weight)
+    # Zero terminal SNR: at the high-noise end the input is pure noise and only the words say where the
+    # shape goes, so phase 1 draws a share of its timesteps there.
+    ema, acc = train_unet(args, run, "unet", vae, data, te, tok, unet, weight=near, steps=args.unet_steps,
+                          lr=args.unet_lr, warm=200, t_focus=(args.high_t_frac, args.high_t_min, 1000), tag=3,
+                          eval_every=args.eval_every_unet)
+    if targets_met(acc) or args.shape_steps == 0:
+        return ema, te, tok
+    weight = near + args.corner_weight * shape_disagreement(data["scenes"])
+    # mid noise is where the sampler commits to corners or no corners
+    ema, _ = train_unet(args, run, "unet_shape", vae, data, te, tok, copy.deepcopy(ema).train(), weight=weight,
+                        steps=args.shape_steps, lr=args.shape_lr, warm=50, t_focus=(0.6, 300, 800), tag=6,
+                        eval_every=args.eval_every_shape)
+    return ema, te, tok
+
+
+def train_unet(args, run: Path, name, vae, data, te, tok, unet, weight, steps, lr, warm, t_focus, tag, eval_every):
+    """Train `unet` (v-prediction, weighted MSE) from checkpoint run/<name>.pt; returns (EMA UNet, last
+    quick eval). Stops at the quick-eval targets or after `steps`."""
+    ck = run / f"{name}.pt"
     params = list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema_u = copy.deepcopy(unet).eval()
-    step = 0
+    step, acc = 0, {}
     if ck.exists():
         st = torch.load(ck, map_location=DEV)
         unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"]); opt.load_state_dict(st["opt"])
-        ema_u.load_state_dict(st["ema_unet"]); step = st["step"]
+        ema_u.load_state_dict(st["ema_unet"]); step, acc = st["step"], st.get("acc", {})
         if st.get("done"):
-            return ema_u, te, tok
-        log(run, f"unet: resume at step {step}")
-    vae.register_to_config(scaling_factor=data["scaling_factor"])
+            return ema_u, acc
+        log(run, f"{name}: resume at step {step}")
     sched = make_train_scheduler()
     lat, scs = data["latents"].to(DEV), data["scenes"]
-    weight = shape_weight(data["depth"], args.shape_weight).to(DEV)
-    bs, total = args.unet_batch, args.unet_steps
+    weight = weight.to(DEV)
+    bs = args.unet_batch
+    seed_offset = 0 if tag == 3 else tag * 10_000_000
     t0 = time.time()
     run_loss = 0.0
-    while step < total:
-        rng = np.random.default_rng([args.seed, 3, step])
+    while step < steps:
+        rng = np.random.default_rng([args.seed, tag, step])
         idx = rng.integers(0, len(scs), bs)
         caps = [S.random_caption(scs[i], rng) for i in idx]
         ids = tokenize(tok, caps).to(DEV)
         ti = torch.from_numpy(idx).to(DEV)
         x0 = lat[ti]
-        gen = torch.Generator(device=DEV).manual_seed(args.seed * 100003 + step)
+        gen = torch.Generator(device=DEV).manual_seed(args.seed * 100003 + seed_offset + step)
         noise = torch.randn(x0.shape, generator=gen, device=DEV)
-        t = sample_timesteps(bs, gen, args.high_t_frac, args.high_t_min, sched.config.num_train_timesteps)
+        t = sample_timesteps(bs, gen, *t_focus, sched.config.num_train_timesteps)
         xt = sched.add_noise(x0, noise, t)
         target = sched.get_velocity(x0, noise, t)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, args.unet_lr, warm=200)
+            g["lr"] = lr_at(step, steps, lr, warm=warm)
         with torch.no_grad():
             cond = te(ids)[0]
         pred = unet(xt, t, cond).sample
@@ -247,18 +284,18 @@ def stage_unet(args, run: Path, vae, data):
         ema_update(ema_u, unet, decay)
         run_loss += loss.item()
         if step % 50 == 0:
-            log(run, f"unet step {step} loss {run_loss / 50:.4f} ({time.time() - t0:.0f}s)")
+            log(run, f"{name} step {step} loss {run_loss / 50:.4f} ({time.time() - t0:.0f}s)")
             run_loss = 0.0
-        if step % args.eval_every_unet == 0 or step == total:
+        if step % eval_every == 0 or step == steps:
             acc = quick_eval_txt2img(vae, te, tok, ema_u, args.quick_n, args.seed, args.guidance, args.steps)
-            ok = all(acc[k] >= v for k, v in TARGETS_QUICK.items())
-            done = ok or step >= total
-            log(run, f"unet step {step} quick eval {acc}" + (" -> targets reached" if ok else ""))
+            ok = targets_met(acc)
+            done = ok or step >= steps
+            log(run, f"{name} step {step} quick eval {acc}" + (" -> targets reached" if ok else ""))
             save_ckpt(ck, unet=unet.state_dict(), te=te.state_dict(), opt=opt.state_dict(),
                       ema_unet=ema_u.state_dict(), step=step, done=done, acc=acc)
             if done:
                 break
-    return ema_u, te, tok
+    return ema_u, acc
 
 
 # the issue's targets, a little stricter where 40 captions are noisiest
@@ -290,7 +327,6 @@ def quick_eval_depth(vae, te, tok, dunet, n, seed, guidance, steps, strength=0.8
 
 
 def stage_depth_unet(args, run: Path, vae, data, unet, te, tok):
-    import copy
     ck = run / "depth_unet.pt"
     dunet = make_unet(5, args.unet_channels).to(DEV)
     sd = {k: v.clone() for k, v in unet.state_dict().items()}
@@ -483,6 +519,10 @@ def main():
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--eval-every-unet", type=int, default=500)
+    ap.add_argument("--shape-steps", type=int, default=1000, help="phase 2 cap; 0 skips phase 2")
+    ap.add_argument("--shape-lr", type=float, default=5e-4)
+    ap.add_argument("--corner-weight", type=float, default=20.0)
+    ap.add_argument("--eval-every-shape", type=int, default=250)
     ap.add_argument("--quick-n", type=int, default=40)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0)
