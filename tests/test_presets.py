@@ -1,4 +1,5 @@
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,16 @@ def test_shipped_presets_load_one_per_pipeline_and_real_models():
     assert {p.mode for p in presets.values()} == {"txt2img", "img2img", "depth2img"}
     models = {p.model for p in presets.values()}
     assert {"bundled", "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-depth"} <= models
+
+
+def test_micro_presets_use_the_shipped_settings():
+    """The micro presets are the app's defaults: they sample as training.evaluate scored the model."""
+    shipped = json.loads((ROOT / "models" / "micro" / "stepwise.json").read_text())
+    micro = [p for p in load_presets().values() if p.model == "bundled"]
+    assert {p.mode for p in micro} == {"txt2img", "img2img", "depth2img"}
+    for p in micro:
+        got = {k: p.values.get(k) for k in ("steps", "guidance_scale", "scheduler", "width", "height")}
+        assert got == {k: shipped[k] for k in got}, p.name
 
 
 @pytest.mark.parametrize("body,needle", [
