@@ -19,10 +19,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline-first: no 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import gradio as gr  # noqa: E402
+import torch  # noqa: E402
 
 from pipelines import BUNDLED, ModelCache, ModelLoadError, generate  # noqa: E402
 from pipelines.anatomy import Anatomy  # noqa: E402
 from pipelines.cache import BUNDLED_FOLDER, bundled_folder  # noqa: E402
+from pipelines.devices import app_cpu_threads  # noqa: E402
 from pipelines.presets import PresetError, load_presets  # noqa: E402
 from pipelines.tiny import UNTRAINED_MARKER  # noqa: E402
 from ui import CSS, AppSpec, build_app  # noqa: E402
@@ -127,6 +129,8 @@ def main(args: argparse.Namespace, cache: ModelCache, app: gr.Blocks) -> None:
 # model: the cache fills on first use, or in main() before serving.
 ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 CACHE = ModelCache(device=ARGS.device, dtype=ARGS.dtype, tiny_vae=ARGS.tiny_vae, compile_unet=ARGS.compile)
+if CACHE.device.type == "cpu":
+    torch.set_num_threads(app_cpu_threads())
 try:
     demo = create_demo(ARGS, CACHE)
 except PresetError as err:

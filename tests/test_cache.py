@@ -74,6 +74,29 @@ def test_fp32_on_cpu_and_device_is_cpu(cache, tiny_dir):
     assert cache.checkpoint(str(tiny_dir)).attention == "sdpa"  # xformers is only tried on CUDA
 
 
+def test_sdpa_processor_is_diffusers_maths_without_the_per_call_signature(cache, tiny_dir):
+    import inspect
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from pipelines.devices import SDPAProcessor
+    unet = cache.pipeline("txt2img", str(tiny_dir)).unet
+    assert {type(p) for p in unet.attn_processors.values()} == {SDPAProcessor}
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor(500), torch.randn(2, 7, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        ours = unet(x, t, text).sample
+        unet.set_attn_processor(AttnProcessor2_0())
+        try:
+            theirs = unet(x, t, text).sample
+        finally:
+            unet.set_attn_processor(SDPAProcessor())
+    assert torch.equal(ours, theirs)
+    # what diffusers' Attention.forward reads on every call, now stored
+    params = inspect.signature(SDPAProcessor().__call__).parameters
+    assert {"attn", "hidden_states", "encoder_hidden_states", "attention_mask", "temb"} <= set(params)
+    assert "__signature__" in vars(SDPAProcessor.__call__)
+
+
 def test_missing_hub_model_offline_names_model_and_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
@@ -136,3 +159,11 @@ def test_tiny_vae_preview_needs_a_tiny_vae(tmp_path):
     with pytest.raises(ValueError, match="preview 'tiny-vae' needs a tiny autoencoder"):
         checkpoint.decoder("tiny-vae")
     assert checkpoint.decoder("full-vae").vae is checkpoint.base.vae
+
+
+def test_app_cpu_threads_leave_a_core_for_streaming(monkeypatch):
+    from pipelines.devices import app_cpu_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [app_cpu_threads(c) for c in (1, 2, 8)] == [1, 1, 7]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert app_cpu_threads(8) == torch.get_num_threads()  # the user's choice stands
