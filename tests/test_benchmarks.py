@@ -12,3 +12,18 @@ def test_gpu_benchmark_runs_reduced_on_cpu():
         for preview in ("latent-rgb", "tiny-vae", "full-vae"):
             assert f"{arch}: app, {preview} every step" in names
     assert all(row["seconds"] > 0 for row in result["rows"])
+
+
+def test_threads_benchmark_prints_bare_and_app_path(capsys):
+    import re
+
+    import torch
+
+    from benchmarks.threads import main
+    before = torch.get_num_threads()
+    try:
+        main(threads=1, repeats=1)
+    finally:
+        torch.set_num_threads(before)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"threads 1: bare \d+\.\d{3} s, app path \d+\.\d{3} s \(x\d+\.\d{2}\)", line), line
