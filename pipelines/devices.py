@@ -43,7 +43,7 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
 def app_cpu_threads(cores: int | None = None) -> int:
     """Intra-op threads for the app on CPU: all cores but one, which is left to the threads
     that decode and stream frames. On a 2-core VM two intra-op threads made a micro-model run
-    2.4 s against 1.0 s with one (BENCHMARKS.md). OMP_NUM_THREADS, when set, wins."""
+    2.4 s against 1.15 s with one (BENCHMARKS.md). OMP_NUM_THREADS, when set, wins."""
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     return max(1, (cores or os.cpu_count() or 1) - 1)
