@@ -13,18 +13,18 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py sets it, before torch loads
 
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
-from pipelines import ModelCache, validate_request  # noqa: E402
-from pipelines.cache import bundled_folder  # noqa: E402
+from pipelines import ModelCache, validate_request
+from pipelines.cache import bundled_folder
 
-from .run import app_run, bare_run  # noqa: E402
+from .run import app_run, bare_run
 
 
 def main(threads: int, repeats: int = 7) -> None:

@@ -218,25 +218,29 @@ def stage_unet(args, run: Path, vae, data):
     # "right" collapsed together and the UNet never learned position at high noise (training/NOTES.md).
     te.requires_grad_(False).eval()
     vae.register_to_config(scaling_factor=data["scaling_factor"])
-    near = shape_weight(data["depth"], args.shape_weight)
+    def near():
+        return shape_weight(data["depth"], args.shape_weight)
+
     # Zero terminal SNR: at the high-noise end the input is pure noise and only the words say where the
     # shape goes, so phase 1 draws a share of its timesteps there.
     ema, acc = train_unet(args, run, "unet", vae, data, te, tok, unet, weight=near, steps=args.unet_steps,
                           lr=args.unet_lr, warm=200, t_focus=(args.high_t_frac, args.high_t_min, 1000), tag=3,
-                          eval_every=args.eval_every_unet)
+                          noise_seed=args.seed * 100003, eval_every=args.eval_every_unet)
     if targets_met(acc) or args.shape_steps == 0:
         return ema, te, tok
-    weight = near + args.corner_weight * shape_disagreement(data["scenes"])
     # mid noise is where the sampler commits to corners or no corners
-    ema, _ = train_unet(args, run, "unet_shape", vae, data, te, tok, copy.deepcopy(ema).train(), weight=weight,
+    ema, _ = train_unet(args, run, "unet_shape", vae, data, te, tok, copy.deepcopy(ema).train(),
+                        weight=lambda: near() + args.corner_weight * shape_disagreement(data["scenes"]),
                         steps=args.shape_steps, lr=args.shape_lr, warm=50, t_focus=(0.6, 300, 800), tag=6,
-                        eval_every=args.eval_every_shape)
+                        noise_seed=args.seed * 100003 + 60_000_000, eval_every=args.eval_every_shape)
     return ema, te, tok
 
 
-def train_unet(args, run: Path, name, vae, data, te, tok, unet, weight, steps, lr, warm, t_focus, tag, eval_every):
-    """Train `unet` (v-prediction, weighted MSE) from checkpoint run/<name>.pt; returns (EMA UNet, last
-    quick eval). Stops at the quick-eval targets or after `steps`."""
+def train_unet(args, run: Path, name, vae, data, te, tok, unet, weight, steps, lr, warm, t_focus, tag, noise_seed,
+               eval_every):
+    """Train `unet` (v-prediction, loss weighted per latent pixel by `weight()`, built only if this phase
+    still trains) from checkpoint run/<name>.pt; returns (EMA UNet, last quick eval). Stops at the
+    quick-eval targets or after `steps`. `tag` and `noise_seed` give the phase its own random streams."""
     ck = run / f"{name}.pt"
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -251,9 +255,8 @@ def train_unet(args, run: Path, name, vae, data, te, tok, unet, weight, steps, l
         log(run, f"{name}: resume at step {step}")
     sched = make_train_scheduler()
     lat, scs = data["latents"].to(DEV), data["scenes"]
-    weight = weight.to(DEV)
+    weight = weight().to(DEV)
     bs = args.unet_batch
-    seed_offset = 0 if tag == 3 else tag * 10_000_000
     t0 = time.time()
     run_loss = 0.0
     while step < steps:
@@ -263,7 +266,7 @@ def train_unet(args, run: Path, name, vae, data, te, tok, unet, weight, steps, l
         ids = tokenize(tok, caps).to(DEV)
         ti = torch.from_numpy(idx).to(DEV)
         x0 = lat[ti]
-        gen = torch.Generator(device=DEV).manual_seed(args.seed * 100003 + seed_offset + step)
+        gen = torch.Generator(device=DEV).manual_seed(noise_seed + step)
         noise = torch.randn(x0.shape, generator=gen, device=DEV)
         t = sample_timesteps(bs, gen, *t_focus, sched.config.num_train_timesteps)
         xt = sched.add_noise(x0, noise, t)
