@@ -68,6 +68,7 @@ def heldout_images(seed: int, n: int = 64) -> np.ndarray:
 
 def stage_vae(args, run: Path):
     ck = run / "vae.pt"
+    torch.manual_seed(args.seed)  # every stage seeds its own init, so a resumed run builds the same models
     vae = make_vae().to(DEV)
     opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
     step = 0
@@ -392,6 +393,7 @@ def stage_depth_unet(args, run: Path, vae, data, unet, te, tok):
 # ----------------------------------------------------------------------------------------------- DPT
 def stage_dpt(args, run: Path):
     ck = run / "dpt.pt"
+    torch.manual_seed(args.seed)
     dpt, proc = make_dpt()
     dpt.to(DEV)
     opt = torch.optim.AdamW(dpt.parameters(), lr=args.dpt_lr, weight_decay=0.01)
