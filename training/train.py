@@ -196,16 +196,19 @@ def shape_disagreement(scenes) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def sample_timesteps(n, gen, frac, lo, hi, num_train):
-    """Uniform timesteps, with a share `frac` drawn from [lo, hi)."""
+def sample_timesteps(n, gen, focus, num_train):
+    """Uniform timesteps; with focus = (share, lo, hi), that share of them drawn from [lo, hi)."""
     t = torch.randint(0, num_train, (n,), generator=gen, device=DEV)
-    focus = torch.randint(lo, hi, (n,), generator=gen, device=DEV)
+    if focus is None:
+        return t
+    frac, lo, hi = focus
+    near = torch.randint(lo, hi, (n,), generator=gen, device=DEV)
     pick = torch.rand(n, generator=gen, device=DEV) < frac
-    return torch.where(pick, focus, t)
+    return torch.where(pick, near, t)
 
 
-def targets_met(acc: dict) -> bool:
-    return all(acc.get(k, 0) >= v for k, v in TARGETS_QUICK.items())
+def targets_met(acc: dict, targets: dict) -> bool:
+    return all(acc.get(k, 0) >= v for k, v in targets.items())
 
 
 def stage_unet(args, run: Path, vae, data):
@@ -219,29 +222,37 @@ def stage_unet(args, run: Path, vae, data):
     # "right" collapsed together and the UNet never learned position at high noise (training/NOTES.md).
     te.requires_grad_(False).eval()
     vae.register_to_config(scaling_factor=data["scaling_factor"])
+
     def near():
         return shape_weight(data["depth"], args.shape_weight)
 
+    def evaluate(ema_u):
+        return quick_eval_txt2img(vae, te, tok, ema_u, args.quick_n, args.seed, args.guidance, args.steps)
+
     # Zero terminal SNR: at the high-noise end the input is pure noise and only the words say where the
     # shape goes, so phase 1 draws a share of its timesteps there.
-    ema, acc = train_unet(args, run, "unet", vae, data, te, tok, unet, weight=near, steps=args.unet_steps,
-                          lr=args.unet_lr, warm=200, t_focus=(args.high_t_frac, args.high_t_min, 1000), tag=3,
-                          noise_seed=args.seed * 100003, eval_every=args.eval_every_unet)
-    if targets_met(acc) or args.shape_steps == 0:
+    ema, acc = train_unet(args, run, "unet", data, te, tok, unet, steps=args.unet_steps, lr=args.unet_lr,
+                          warm=200, tag=3, noise_seed=args.seed * 100003, eval_every=args.eval_every_unet,
+                          evaluate=evaluate, targets=TARGETS_QUICK, weight=near,
+                          t_focus=(args.high_t_frac, args.high_t_min, 1000))
+    if targets_met(acc, TARGETS_QUICK) or args.shape_steps == 0:
         return ema, te, tok
     # mid noise is where the sampler commits to corners or no corners
-    ema, _ = train_unet(args, run, "unet_shape", vae, data, te, tok, copy.deepcopy(ema).train(),
-                        weight=lambda: near() + args.corner_weight * shape_disagreement(data["scenes"]),
-                        steps=args.shape_steps, lr=args.shape_lr, warm=50, t_focus=(0.6, 300, 800), tag=6,
-                        noise_seed=args.seed * 100003 + 60_000_000, eval_every=args.eval_every_shape)
+    ema, _ = train_unet(args, run, "unet_shape", data, te, tok, copy.deepcopy(ema).train(),
+                        steps=args.shape_steps, lr=args.shape_lr, warm=50, tag=6,
+                        noise_seed=args.seed * 100003 + 60_000_000, eval_every=args.eval_every_shape,
+                        evaluate=evaluate, targets=TARGETS_QUICK, t_focus=(0.6, 300, 800),
+                        weight=lambda: near() + args.corner_weight * shape_disagreement(data["scenes"]))
     return ema, te, tok
 
 
-def train_unet(args, run: Path, name, vae, data, te, tok, unet, weight, steps, lr, warm, t_focus, tag, noise_seed,
-               eval_every):
-    """Train `unet` (v-prediction, loss weighted per latent pixel by `weight()`, built only if this phase
-    still trains) from checkpoint run/<name>.pt; returns (EMA UNet, last quick eval). Stops at the
-    quick-eval targets or after `steps`. `tag` and `noise_seed` give the phase its own random streams."""
+def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, tag, noise_seed, eval_every,
+               evaluate, targets, weight=None, t_focus=None, depth=False):
+    """Train `unet` (v-prediction) from checkpoint run/<name>.pt; returns (EMA UNet, last quick eval).
+    The loss is weighted per latent pixel by `weight()` (built only if this phase still trains), or plain
+    MSE; `t_focus` = (share, lo, hi) of timesteps drawn from [lo, hi); `depth` concatenates the prepared
+    depth map as a fifth input channel (SD 2-depth). Stops when `evaluate(ema)` reaches `targets`, or
+    after `steps`. `tag` and `noise_seed` give the phase its own random streams."""
     ck = run / f"{name}.pt"
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -249,14 +260,14 @@ def train_unet(args, run: Path, name, vae, data, te, tok, unet, weight, steps, l
     step, acc = 0, {}
     if ck.exists():
         st = torch.load(ck, map_location=DEV)
-        unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"]); opt.load_state_dict(st["opt"])
-        ema_u.load_state_dict(st["ema_unet"]); step, acc = st["step"], st.get("acc", {})
+        unet.load_state_dict(st["unet"]); opt.load_state_dict(st["opt"]); ema_u.load_state_dict(st["ema_unet"])
+        step, acc = st["step"], st.get("acc", {})
         if st.get("done"):
             return ema_u, acc
         log(run, f"{name}: resume at step {step}")
     sched = make_train_scheduler()
-    lat, scs = data["latents"].to(DEV), data["scenes"]
-    weight = weight().to(DEV)
+    lat, dep, scs = data["latents"].to(DEV), data["depth"].to(DEV), data["scenes"]
+    weight = weight().to(DEV) if weight else None
     bs = args.unet_batch
     t0 = time.time()
     run_loss = 0.0
@@ -269,16 +280,21 @@ def train_unet(args, run: Path, name, vae, data, te, tok, unet, weight, steps, l
         x0 = lat[ti]
         gen = torch.Generator(device=DEV).manual_seed(noise_seed + step)
         noise = torch.randn(x0.shape, generator=gen, device=DEV)
-        t = sample_timesteps(bs, gen, *t_focus, sched.config.num_train_timesteps)
+        t = sample_timesteps(bs, gen, t_focus, sched.config.num_train_timesteps)
         xt = sched.add_noise(x0, noise, t)
+        if depth:
+            xt = torch.cat([xt, dep[ti]], 1)
         target = sched.get_velocity(x0, noise, t)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warm=warm)
         with torch.no_grad():
             cond = te(ids)[0]
         pred = unet(xt, t, cond).sample
-        w = weight[ti]
-        loss = ((pred - target).pow(2) * w).sum() / (w.sum() * pred.shape[1])
+        if weight is None:
+            loss = F.mse_loss(pred, target)
+        else:
+            w = weight[ti]
+            loss = ((pred - target).pow(2) * w).sum() / (w.sum() * pred.shape[1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -291,12 +307,12 @@ def train_unet(args, run: Path, name, vae, data, te, tok, unet, weight, steps, l
             log(run, f"{name} step {step} loss {run_loss / 50:.4f} ({time.time() - t0:.0f}s)")
             run_loss = 0.0
         if step % eval_every == 0 or step == steps:
-            acc = quick_eval_txt2img(vae, te, tok, ema_u, args.quick_n, args.seed, args.guidance, args.steps)
-            ok = targets_met(acc)
+            acc = evaluate(ema_u)
+            ok = targets_met(acc, targets)
             done = ok or step >= steps
             log(run, f"{name} step {step} quick eval {acc}" + (" -> targets reached" if ok else ""))
-            save_ckpt(ck, unet=unet.state_dict(), te=te.state_dict(), opt=opt.state_dict(),
-                      ema_unet=ema_u.state_dict(), step=step, done=done, acc=acc)
+            save_ckpt(ck, unet=unet.state_dict(), opt=opt.state_dict(), ema_unet=ema_u.state_dict(), step=step,
+                      done=done, acc=acc)
             if done:
                 break
     return ema_u, acc
@@ -331,62 +347,19 @@ def quick_eval_depth(vae, te, tok, dunet, n, seed, guidance, steps, strength=0.8
 
 
 def stage_depth_unet(args, run: Path, vae, data, unet, te, tok):
-    ck = run / "depth_unet.pt"
+    """SD 2-depth layout: the txt2img UNet with a fifth, zero-initialised input channel for depth."""
     dunet = make_unet(5, args.unet_channels).to(DEV)
     sd = {k: v.clone() for k, v in unet.state_dict().items()}
     w = sd["conv_in.weight"]
     sd["conv_in.weight"] = torch.cat([w, torch.zeros_like(w[:, :1])], 1)
     dunet.load_state_dict(sd)
-    opt = torch.optim.AdamW(dunet.parameters(), lr=args.depth_lr, weight_decay=0.01)
-    ema = copy.deepcopy(dunet).eval()
-    step = 0
-    if ck.exists():
-        st = torch.load(ck, map_location=DEV)
-        dunet.load_state_dict(st["unet"]); opt.load_state_dict(st["opt"]); ema.load_state_dict(st["ema_unet"])
-        step = st["step"]
-        if st.get("done"):
-            return ema
-        log(run, f"depth_unet: resume at step {step}")
-    sched = make_train_scheduler()
-    lat, dep, scs = data["latents"].to(DEV), data["depth"].to(DEV), data["scenes"]
-    bs, total = args.unet_batch, args.depth_steps
-    t0, run_loss = time.time(), 0.0
-    while step < total:
-        rng = np.random.default_rng([args.seed, 4, step])
-        idx = rng.integers(0, len(scs), bs)
-        caps = [S.random_caption(scs[i], rng) for i in idx]
-        ids = tokenize(tok, caps).to(DEV)
-        ti = torch.from_numpy(idx).to(DEV)
-        x0, d = lat[ti], dep[ti]
-        gen = torch.Generator(device=DEV).manual_seed(args.seed * 100019 + step)
-        noise = torch.randn(x0.shape, generator=gen, device=DEV)
-        t = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=gen, device=DEV)
-        xt = torch.cat([sched.add_noise(x0, noise, t), d], 1)
-        target = sched.get_velocity(x0, noise, t)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, args.depth_lr, warm=50)
-        with torch.no_grad():
-            cond = te(ids)[0]
-        loss = F.mse_loss(dunet(xt, t, cond).sample, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dunet.parameters(), 1.0)
-        opt.step()
-        step += 1
-        ema_update(ema, dunet, min(args.ema, (1 + step) / (10 + step)))
-        run_loss += loss.item()
-        if step % 50 == 0:
-            log(run, f"depth_unet step {step} loss {run_loss / 50:.4f} ({time.time() - t0:.0f}s)")
-            run_loss = 0.0
-        if step % args.eval_every_depth == 0 or step == total:
-            acc = quick_eval_depth(vae, te, tok, ema, args.quick_n_depth, args.seed, args.guidance, args.steps)
-            ok = all(v >= 0.92 for v in acc.values())
-            done = ok or step >= total
-            log(run, f"depth_unet step {step} quick eval {acc}" + (" -> targets reached" if ok else ""))
-            save_ckpt(ck, unet=dunet.state_dict(), opt=opt.state_dict(), ema_unet=ema.state_dict(), step=step,
-                      done=done, acc=acc)
-            if done:
-                break
+
+    def evaluate(ema):
+        return quick_eval_depth(vae, te, tok, ema, args.quick_n_depth, args.seed, args.guidance, args.steps)
+
+    ema, _ = train_unet(args, run, "depth_unet", data, te, tok, dunet, steps=args.depth_steps, lr=args.depth_lr,
+                        warm=50, tag=4, noise_seed=args.seed * 100019, eval_every=args.eval_every_depth,
+                        evaluate=evaluate, targets={"position": 0.92, "colour": 0.92}, depth=True)
     return ema
 
 
