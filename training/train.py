@@ -68,7 +68,7 @@ def heldout_images(seed: int, n: int = 64) -> np.ndarray:
 
 def stage_vae(args, run: Path):
     ck = run / "vae.pt"
-    torch.manual_seed(args.seed)  # every stage seeds its own init, so a resumed run builds the same models
+    torch.manual_seed(args.seed)  # each stage seeds its own init: a run from scratch is reproducible from its seed
     vae = make_vae().to(DEV)
     opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
     step = 0
@@ -266,7 +266,8 @@ def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, t
             return ema_u, acc
         log(run, f"{name}: resume at step {step}")
     sched = make_train_scheduler()
-    lat, dep, scs = data["latents"].to(DEV), data["depth"].to(DEV), data["scenes"]
+    lat, scs = data["latents"].to(DEV), data["scenes"]
+    dep = data["depth"].to(DEV) if depth else None
     weight = weight().to(DEV) if weight else None
     bs = args.unet_batch
     t0 = time.time()
