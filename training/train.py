@@ -212,8 +212,8 @@ def targets_met(acc: dict, targets: dict) -> bool:
 
 
 def stage_unet(args, run: Path, vae, data):
-    """Phase 1 learns the scenes; phase 2 (only if phase 1 missed the targets) fine-tunes on the few
-    latent pixels that tell a circle from a square, where phase 1 leaves rounded squares."""
+    """Phase 1 learns the scenes; phase 2 fine-tunes on the few latent pixels that tell a circle from a
+    square, where phase 1 leaves rounded squares."""
     tok = build_tokenizer(S.VOCAB_WORDS, MAX_TOKENS)
     torch.manual_seed(args.seed)
     te = make_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id).to(DEV)
@@ -226,22 +226,25 @@ def stage_unet(args, run: Path, vae, data):
     def near():
         return shape_weight(data["depth"], args.shape_weight)
 
-    def evaluate(ema_u):
-        return quick_eval_txt2img(vae, te, tok, ema_u, args.quick_n, args.seed, args.guidance, args.steps)
+    def evaluate(ema_u, n=args.quick_n, seed=args.seed):
+        return quick_eval_txt2img(vae, te, tok, ema_u, n, seed, args.guidance, args.steps)
 
     # Zero terminal SNR: at the high-noise end the input is pure noise and only the words say where the
     # shape goes, so phase 1 draws a share of its timesteps there.
-    ema, acc = train_unet(args, run, "unet", data, te, tok, unet, steps=args.unet_steps, lr=args.unet_lr,
+    ema, _ = train_unet(args, run, "unet", data, te, tok, unet, steps=args.unet_steps, lr=args.unet_lr,
                           warm=200, tag=3, noise_seed=args.seed * 100003, eval_every=args.eval_every_unet,
                           evaluate=evaluate, targets=TARGETS_QUICK, weight=near,
                           t_focus=(args.high_t_frac, args.high_t_min, 1000))
-    if targets_met(acc, TARGETS_QUICK) or args.shape_steps == 0:
+    if args.shape_steps == 0:
         return ema, te, tok
-    # mid noise is where the sampler commits to corners or no corners
+    # Phase 2 runs even when phase 1's 40-caption check passed: that check is noisy (92.5% shape there, 64.5%
+    # on 200 fresh captions, training/NOTES.md), so phase 2 stops on a larger caption set of its own.
+    # Mid noise is where the sampler commits to corners or no corners.
     ema, _ = train_unet(args, run, "unet_shape", data, te, tok, copy.deepcopy(ema).train(),
                         steps=args.shape_steps, lr=args.shape_lr, warm=50, tag=6,
                         noise_seed=args.seed * 100003 + 60_000_000, eval_every=args.eval_every_shape,
-                        evaluate=evaluate, targets=TARGETS_QUICK, t_focus=(0.6, 300, 800),
+                        evaluate=lambda ema_u: evaluate(ema_u, args.quick_n_shape, args.seed + 2),
+                        targets=TARGETS_QUICK, t_focus=(0.6, 300, 800),
                         weight=lambda: near() + args.corner_weight * shape_disagreement(data["scenes"]))
     return ema, te, tok
 
@@ -434,10 +437,10 @@ def stage_export(args, run: Path, vae, data, unet, te, tok, dunet, dpt, proc):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vae.register_to_config(scaling_factor=data["scaling_factor"])
-    # pick the guidance scale on a fresh quick sample
+    # pick the guidance scale on fresh captions, as many as phase 2's stop check: 40 were too noisy to rank
     best = None
     for g in args.guidance_grid:
-        acc = quick_eval_txt2img(vae, te, tok, unet, args.quick_n, args.seed + 1, g, args.steps)
+        acc = quick_eval_txt2img(vae, te, tok, unet, args.quick_n_shape, args.seed + 1, g, args.steps)
         log(run, f"export: guidance {g} quick eval {acc}")
         if best is None or min(acc.values()) > best[1]:
             best = (g, min(acc.values()))
@@ -502,6 +505,7 @@ def main():
     ap.add_argument("--shape-lr", type=float, default=5e-4)
     ap.add_argument("--corner-weight", type=float, default=20.0)
     ap.add_argument("--eval-every-shape", type=int, default=250)
+    ap.add_argument("--quick-n-shape", type=int, default=120, help="captions in phase 2's stop check")
     ap.add_argument("--quick-n", type=int, default=40)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0)
