@@ -231,27 +231,27 @@ def stage_unet(args, run: Path, vae, data):
 
     # Zero terminal SNR: at the high-noise end the input is pure noise and only the words say where the
     # shape goes, so phase 1 draws a share of its timesteps there.
-    ema, _ = train_unet(args, run, "unet", data, te, tok, unet, steps=args.unet_steps, lr=args.unet_lr,
-                          warm=200, tag=3, noise_seed=args.seed * 100003, eval_every=args.eval_every_unet,
-                          evaluate=evaluate, targets=TARGETS_QUICK, weight=near,
-                          t_focus=(args.high_t_frac, args.high_t_min, 1000))
+    ema = train_unet(args, run, "unet", data, te, tok, unet, steps=args.unet_steps, lr=args.unet_lr,
+                     warm=200, tag=3, noise_seed=args.seed * 100003, eval_every=args.eval_every_unet,
+                     evaluate=evaluate, targets=TARGETS_QUICK, weight=near,
+                     t_focus=(args.high_t_frac, args.high_t_min, 1000))
     if args.shape_steps == 0:
         return ema, te, tok
-    # Phase 2 runs even when phase 1's 40-caption check passed: that check is noisy (92.5% shape there, 64.5%
-    # on 200 fresh captions, training/NOTES.md), so phase 2 stops on a larger caption set of its own.
+    # Phase 2 runs even when phase 1's 40-caption check passed: that check is too noisy to trust on shape
+    # (training/NOTES.md, session 7), so phase 2 stops on a larger caption set of its own.
     # Mid noise is where the sampler commits to corners or no corners.
-    ema, _ = train_unet(args, run, "unet_shape", data, te, tok, copy.deepcopy(ema).train(),
-                        steps=args.shape_steps, lr=args.shape_lr, warm=50, tag=6,
-                        noise_seed=args.seed * 100003 + 60_000_000, eval_every=args.eval_every_shape,
-                        evaluate=lambda ema_u: evaluate(ema_u, args.quick_n_shape, args.seed + 2),
-                        targets=TARGETS_QUICK, t_focus=(0.6, 300, 800),
-                        weight=lambda: near() + args.corner_weight * shape_disagreement(data["scenes"]))
+    ema = train_unet(args, run, "unet_shape", data, te, tok, copy.deepcopy(ema).train(),
+                     steps=args.shape_steps, lr=args.shape_lr, warm=50, tag=6,
+                     noise_seed=args.seed * 100003 + 60_000_000, eval_every=args.eval_every_shape,
+                     evaluate=lambda ema_u: evaluate(ema_u, args.quick_n_shape, args.seed + 2),
+                     targets=TARGETS_QUICK, t_focus=(0.6, 300, 800),
+                     weight=lambda: near() + args.corner_weight * shape_disagreement(data["scenes"]))
     return ema, te, tok
 
 
 def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, tag, noise_seed, eval_every,
                evaluate, targets, weight=None, t_focus=None, depth=False):
-    """Train `unet` (v-prediction) from checkpoint run/<name>.pt; returns (EMA UNet, last quick eval).
+    """Train `unet` (v-prediction) from checkpoint run/<name>.pt; returns the EMA UNet.
     The loss is weighted per latent pixel by `weight()` (built only if this phase still trains), or plain
     MSE; `t_focus` = (share, lo, hi) of timesteps drawn from [lo, hi); `depth` concatenates the prepared
     depth map as a fifth input channel (SD 2-depth). Stops when `evaluate(ema)` reaches `targets`, or
@@ -260,13 +260,13 @@ def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, t
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema_u = copy.deepcopy(unet).eval()
-    step, acc = 0, {}
+    step = 0
     if ck.exists():
         st = torch.load(ck, map_location=DEV)
         unet.load_state_dict(st["unet"]); opt.load_state_dict(st["opt"]); ema_u.load_state_dict(st["ema_unet"])
-        step, acc = st["step"], st.get("acc", {})
+        step = st["step"]
         if st.get("done"):
-            return ema_u, acc
+            return ema_u
         log(run, f"{name}: resume at step {step}")
     sched = make_train_scheduler()
     lat, scs = data["latents"].to(DEV), data["scenes"]
@@ -319,7 +319,7 @@ def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, t
                       done=done, acc=acc)
             if done:
                 break
-    return ema_u, acc
+    return ema_u
 
 
 # the issue's targets, a little stricter where 40 captions are noisiest
@@ -361,9 +361,9 @@ def stage_depth_unet(args, run: Path, vae, data, unet, te, tok):
     def evaluate(ema):
         return quick_eval_depth(vae, te, tok, ema, args.quick_n_depth, args.seed, args.guidance, args.steps)
 
-    ema, _ = train_unet(args, run, "depth_unet", data, te, tok, dunet, steps=args.depth_steps, lr=args.depth_lr,
-                        warm=50, tag=4, noise_seed=args.seed * 100019, eval_every=args.eval_every_depth,
-                        evaluate=evaluate, targets={"position": 0.92, "colour": 0.92}, depth=True)
+    ema = train_unet(args, run, "depth_unet", data, te, tok, dunet, steps=args.depth_steps, lr=args.depth_lr,
+                     warm=50, tag=4, noise_seed=args.seed * 100019, eval_every=args.eval_every_depth,
+                     evaluate=evaluate, targets={"position": 0.92, "colour": 0.92}, depth=True)
     return ema
 
 
@@ -505,7 +505,7 @@ def main():
     ap.add_argument("--shape-lr", type=float, default=5e-4)
     ap.add_argument("--corner-weight", type=float, default=20.0)
     ap.add_argument("--eval-every-shape", type=int, default=250)
-    ap.add_argument("--quick-n-shape", type=int, default=120, help="captions in phase 2's stop check")
+    ap.add_argument("--quick-n-shape", type=int, default=120, help="captions in phase 2's stop check and in the export's guidance ranking")
     ap.add_argument("--quick-n", type=int, default=40)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0)
