@@ -17,15 +17,21 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline-first: no 
 # CPU: idle OpenMP workers sleep instead of spinning, so the threads that decode and
 # stream frames are not starved between UNet ops (see BENCHMARKS.md). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# transformers warns once per image processor that it falls back to PIL without torchvision;
+# PIL is what we want (torchvision would add a GB for nothing), so that line is only noise.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage())
 
+import diffusers  # noqa: E402
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from pipelines import BUNDLED, ModelCache, ModelLoadError, generate  # noqa: E402
 from pipelines.anatomy import Anatomy  # noqa: E402
 from pipelines.cache import BUNDLED_FOLDER, bundled_folder  # noqa: E402
 from pipelines.devices import app_cpu_threads  # noqa: E402
-from pipelines.presets import PresetError, load_presets  # noqa: E402
+from pipelines.presets import Preset, PresetError, fitting_presets, load_presets  # noqa: E402
 from pipelines.tiny import UNTRAINED_MARKER  # noqa: E402
 from ui import CSS, AppSpec, build_app  # noqa: E402
 
@@ -55,13 +61,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
-    """Build the app around `cache`. Models load on first use."""
-    presets = load_presets()
-    preset = args.preset or _default_preset(args.model)
-    if preset not in presets:
-        raise SystemExit(f"--preset {preset!r} is unknown; choose one of {', '.join(presets)}")
+    """Build the app around `cache`, fitted to the checkpoint `args.model` names: it is
+    loaded here (so the first click is fast), and the size limits, preview decoders,
+    scheduler menu and presets offered come from it. Raises ModelLoadError or PresetError."""
+    checkpoint = cache.checkpoint(args.model)
+    limits = checkpoint.limits()
     folder = bundled_folder() if args.model == BUNDLED else Path(args.model)
     card = _model_card(folder)
+    presets = fitting_presets(load_presets(), limits, checkpoint.native_side)
+    preset = args.preset or _default_preset(presets)
+    if preset is not None and preset not in presets:
+        raise PresetError(f"--preset {preset!r} is unknown or does not fit {args.model!r}; "
+                          f"choose one of {', '.join(presets) or '(none fit this model)'}")
     depth_source = args.depth_model or args.model
 
     def run(request, token):
@@ -73,6 +84,8 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
         model_label=card.get("label") or args.model,
         untrained=(folder / UNTRAINED_MARKER).exists(),
         run_root=str(Path(gr.utils.get_upload_folder()) / "stepwise-runs"),
+        limits=limits,
+        defaults=_model_defaults(checkpoint, card),
         presets=presets,
         initial_preset=preset,
         examples=card.get("example_prompts", []),
@@ -84,8 +97,20 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
     return build_app(spec).queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
 
 
-def _default_preset(model: str) -> str:
-    return "micro-txt2img" if model == BUNDLED else "sd15-txt2img"
+def _model_defaults(checkpoint, card: dict) -> dict:
+    """Start values for a model no preset fits: its native size, and the view that shows the
+    most for what it costs. x0 is computed every step anyway, so it is free and shows the
+    picture forming; the tiny VAE is near-exact at a fraction of a step. The model card may
+    name its own (the micro model's full VAE costs about one step, on the decode thread)."""
+    side = checkpoint.native_side
+    preview = "tiny-vae" if checkpoint.tiny_vae is not None else "latent-rgb"
+    return {"width": side, "height": side, "view": "x0", "preview": preview,
+            **{k: card[k] for k in ("steps", "guidance_scale", "scheduler", "preview", "view") if k in card}}
+
+
+def _default_preset(presets: dict[str, Preset]) -> str | None:
+    """The first txt2img preset that fits the model, if any."""
+    return next((name for name, p in presets.items() if p.mode == "txt2img"), None)
 
 
 def _model_card(folder: Path) -> dict:
@@ -101,21 +126,21 @@ def _model_card(folder: Path) -> dict:
 
 def launch_options(host: str, port: int, auth: tuple[str, str] | None = None) -> dict:
     """Safe defaults for `Blocks.launch`, shared by main() and the tests."""
+    # quiet: serve() prints the one line that matters (Gradio's own hint names share=True, not --share)
     return dict(server_name=host, server_port=port, auth=auth, max_file_size=MAX_UPLOAD, show_error=True,
-                enable_monitoring=False, css=CSS)
+                enable_monitoring=False, css=CSS, quiet=True)
 
 
-def main(args: argparse.Namespace, cache: ModelCache, app: gr.Blocks) -> None:
-    try:
-        cache.checkpoint(args.model)  # load before serving, so the first click is fast
-    except ModelLoadError as err:
-        sys.exit(f"error: {err}")
+def serve(args: argparse.Namespace, app: gr.Blocks) -> None:
+    """Launch with the safe defaults; a share link that cannot open leaves the app serving locally."""
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     if auth and len(auth) != 2:
         sys.exit("error: --auth takes USER:PASS")
     if args.share:
         log.warning("--share makes a PUBLIC link: anyone with it can use this machine. Add --auth USER:PASS.")
     launch = launch_options(args.host, args.port, auth)
+    print(f"Stepwise serving on http://{args.host}:{args.port}" + ("" if args.share else " (--share for a public link)"),
+          flush=True)
     try:
         app.launch(share=args.share, **launch)
     except Exception as err:  # noqa: BLE001 - only the share tunnel gets a second chance
@@ -125,17 +150,22 @@ def main(args: argparse.Namespace, cache: ModelCache, app: gr.Blocks) -> None:
         app.launch(share=False, **launch)
 
 
-# Spaces and `gradio app.py` look for `demo` at module level. Building it loads no
-# model: the cache fills on first use, or in main() before serving.
-ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
-CACHE = ModelCache(device=ARGS.device, dtype=ARGS.dtype, tiny_vae=ARGS.tiny_vae, compile_unet=ARGS.compile)
-if CACHE.device.type == "cpu":
-    torch.set_num_threads(app_cpu_threads())
-try:
-    demo = create_demo(ARGS, CACHE)
-except PresetError as err:
-    sys.exit(f"error: {err}")
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, load the model, build the app and serve it. Importing app.py does none of this."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes
+    diffusers.utils.logging.disable_progress_bar()  # one load, not a screen of bars
+    transformers.utils.logging.disable_progress_bar()
+    args = parse_args(argv)
+    try:
+        cache = ModelCache(device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae, compile_unet=args.compile)
+        if cache.device.type == "cpu":
+            torch.set_num_threads(app_cpu_threads())
+        demo = create_demo(args, cache)
+    except (ModelLoadError, PresetError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    serve(args, demo)
+
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(ARGS, CACHE, demo)
+    main()

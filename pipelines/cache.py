@@ -33,7 +33,8 @@ from diffusers import (
 from transformers import DPTForDepthEstimation, DPTImageProcessor
 
 from .devices import memory_bytes, pick_device, pick_dtype, use_fastest_attention
-from .previews import LatentRGB, VAEDecoder, latent_rgb_for
+from .previews import PREVIEW_MODES, LatentRGB, VAEDecoder, latent_rgb_for
+from .request import Limits
 from .tiny import save_tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,24 @@ class Checkpoint:
             raise ValueError(f"preview 'tiny-vae' needs a tiny autoencoder; {self.source!r} has none configured")
         # every pipeline of a checkpoint shares the base's VAE
         return {"latent-rgb": self.latent_rgb, "tiny-vae": self.tiny_vae, "full-vae": VAEDecoder(self.base.vae)}[preview]
+
+    @property
+    def native_side(self) -> int:
+        """The image side the checkpoint was trained at, in pixels: the UNet's `sample_size`
+        (latent side) times the VAE's scale factor; 512 for SD 1.5, 64 for the micro model."""
+        return self.base.unet.config.sample_size * self.base.vae_scale_factor
+
+    def limits(self) -> Limits:
+        """What runs on this checkpoint may ask for. Sides from 1/8 to 4x the native side
+        (64..2048 for SD 1.5, as AUTOMATIC1111's sliders), at most 4x its native pixel count;
+        only the preview decoders it has."""
+        native = self.native_side
+        return Limits(
+            min_side=max(16, native // 8),
+            max_side=min(2048, 4 * native),
+            max_pixels=4 * native * native,
+            preview_modes=tuple(m for m in PREVIEW_MODES if m != "tiny-vae" or self.tiny_vae is not None),
+        )
 
     def nbytes(self) -> int:
         modules = [m for p in self.pipelines.values() for m in p.components.values() if isinstance(m, torch.nn.Module)]

@@ -66,3 +66,19 @@ def load_preset(path: Path, limits: Limits = Limits()) -> Preset:
 def load_presets(folder: Path = PRESET_DIR, limits: Limits = Limits()) -> dict[str, Preset]:
     """Every preset in `folder`, by file stem, sorted. A bad file fails loudly."""
     return {p.name: p for p in (load_preset(f, limits) for f in sorted(folder.glob("*.toml")))}
+
+
+def fitting_presets(presets: dict[str, Preset], limits: Limits, native_side: int) -> dict[str, Preset]:
+    """The presets worth offering on a checkpoint: their settings pass its `limits`, and their
+    image is at least half its native side (SD 1.5 at 64 px, or the 64 px micro model at
+    512 px, draws noise for minutes)."""
+    def fits(preset: Preset) -> bool:
+        values = preset.values
+        side = max(values.get("width", native_side), values.get("height", native_side))
+        try:
+            validate_request(dict(values, image=Image.new("RGB", (8, 8))), limits)
+        except RequestError:
+            return False
+        return side >= native_side // 2
+
+    return {name: p for name, p in presets.items() if fits(p)}

@@ -312,7 +312,7 @@ def test_share_warns_and_survives_offline():
     result = subprocess.run(
         [sys.executable, "-c",
          "import sys, app; a = app.parse_args(['--share']); "
-         "app.main(a, app.CACHE, type('D', (), {'launch': lambda self, share, **k: sys.exit(0) if not share "
+         "app.serve(a, type('D', (), {'launch': lambda self, share, **k: sys.exit(0) if not share "
          "else (_ for _ in ()).throw(OSError('no network'))})())"],
         cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0

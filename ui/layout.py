@@ -23,11 +23,19 @@ CSS = """
 .sw-schedule text { fill: currentColor; }
 .sw-token { display: inline-block; margin: 2px; padding: 0 4px; border: 1px solid #ccc; border-radius: 4px; }
 .sw-token sub { color: #888; margin-left: 2px; } .sw-token.cut { text-decoration: line-through; opacity: .5; }
+/* step captions: one small line at the thumbnail's foot, not a label over half of it */
+#steps-gallery .caption-label { font-size: 10px; padding: 0 4px; max-width: 100%; opacity: .85; }
 /* frames can be latent-sized (64x64 for SD): scale them up, keep the pixels crisp */
 #live-preview img, #final-image img, #depth-used img, #steps-gallery img, [id^="timeline-"] img {
     width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
 }
 """
+
+
+PREVIEW_INFO = ("latent-rgb: a linear map of the latent channels, free, latent-sized · tiny-vae: a small "
+                "decoder, near-exact, cheap · full-vae: the model's own VAE, exact, costs about a step")
+VIEW_INFO = "x_t: the noisy latent the sampler holds at this step · x0: the clean image the model predicts from it"
+IDLE_STATUS = '<div class="sw-progress"><span>Ready: press Generate to watch every step.</span></div>'
 
 
 @dataclass
@@ -39,6 +47,7 @@ class AppSpec:
     run_root: str
     untrained: bool = False
     limits: Limits = field(default_factory=Limits)
+    defaults: dict = field(default_factory=dict)  # start values where no preset applies (the model's own)
     presets: dict[str, Preset] = field(default_factory=dict)
     initial_preset: str | None = None
     examples: list[str] = field(default_factory=list)
@@ -50,7 +59,7 @@ class AppSpec:
 
 def build_app(spec: AppSpec) -> gr.Blocks:
     runner = Runner(spec.generate, RunStore(spec.run_root, spec.keep_runs), spec.limits, spec.model_label)
-    start = dict(spec.presets[spec.initial_preset].values) if spec.initial_preset else {}
+    start = {**spec.defaults, **(spec.presets[spec.initial_preset].values if spec.initial_preset else {})}
     lim = spec.limits
 
     with gr.Blocks(title="Stepwise: watch Stable Diffusion work", delete_cache=spec.delete_cache) as demo:
@@ -91,25 +100,27 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                     with gr.Row():
                         seed = fields.Number(label="Seed (-1 = random)", value=start.get("seed", -1), precision=0,
                                          minimum=-1, maximum=2**32 - 1, scale=4, elem_id="seed")
-                        random_seed = gr.Button("🎲", scale=0, min_width=48)
-                        reuse_seed = gr.Button("♻ last", scale=0, min_width=72)
+                        # text, not emoji: a stock Chromium without emoji fonts draws those as boxes
+                        random_seed = gr.Button("Random", scale=0, min_width=80, size="sm", elem_id="seed-random")
+                        reuse_seed = gr.Button("Last run's", scale=0, min_width=96, size="sm", elem_id="seed-reuse")
                     steps = fields.Slider(lim.min_steps, lim.max_steps, value=start.get("steps", 20), step=1, label="Steps",
                                           elem_id="steps")
                     guidance = fields.Slider(0, lim.max_guidance, value=start.get("guidance_scale", 7.5), step=0.5,
                                          label="Guidance scale (CFG)", elem_id="guidance")
                     with gr.Row():
-                        width = fields.Slider(lim.min_side, lim.max_side, value=start.get("width", 512), step=8, label="Width")
-                        height = fields.Slider(lim.min_side, lim.max_side, value=start.get("height", 512), step=8,
+                        width = fields.Slider(lim.min_side, lim.max_side, value=start.get("width", lim.min_side), step=8,
+                                              label="Width")
+                        height = fields.Slider(lim.min_side, lim.max_side, value=start.get("height", lim.min_side), step=8,
                                            label="Height")
                     scheduler = fields.Dropdown(list(SCHEDULER_NAMES), value=start.get("scheduler", "Euler a"),
                                             label="Scheduler")
                     with gr.Row():
                         preview = fields.Radio([m for m in PREVIEW_MODES if m in lim.preview_modes],
-                                           value=start.get("preview", "latent-rgb"), label="Preview decoder")
-                        view = fields.Radio(list(VIEWS), value=start.get("view", "x_t"),
-                                        label="Show noisy latent x_t or predicted clean image x0")
+                                               value=start.get("preview", "latent-rgb"), label="Preview decoder",
+                                               info=PREVIEW_INFO)
+                        view = fields.Radio(list(VIEWS), value=start.get("view", "x0"), label="View", info=VIEW_INFO)
                     preset = fields.Dropdown([(p.title, name) for name, p in spec.presets.items()],
-                                         value=spec.initial_preset, label="Preset")
+                                         value=spec.initial_preset, label="Preset", visible=bool(spec.presets))
                     preset_note = gr.Markdown(_preset_note(spec, spec.initial_preset))
                     load_png = gr.File(label="Load settings from a PNG (A1111 'parameters')", file_types=[".png"],
                                        elem_id="load-png", height=90)
@@ -120,8 +131,9 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                         f"*{kind}*: {', '.join(words)}" for kind, words in spec.vocabulary.items()))
             with gr.Column(scale=3):
                 live = gr.Image(label="Live preview", interactive=False, height=384, elem_id="live-preview")
-                status = gr.HTML(progress_html(0, 0, "ready"), elem_id="status")
-                stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                with gr.Row():
+                    status = gr.HTML(IDLE_STATUS, elem_id="status")
+                    stop = gr.Button("Stop", variant="stop", size="sm", scale=0, min_width=80, elem_id="stop")
                 final = gr.Image(label="Final image", type="filepath", format="png", interactive=False, height=384,
                                  elem_id="final-image")
                 info = gr.Markdown()

@@ -1,0 +1,94 @@
+"""What a new user meets first: the controls, presets and defaults fit the loaded model."""
+
+import shutil
+
+import gradio as gr
+import pytest
+
+import app as app_module
+from pipelines import ModelCache, RequestError, validate_request
+from pipelines.presets import load_presets
+
+
+def component(demo, elem_id=None, label=None):
+    for block in demo.blocks.values():
+        if (elem_id and getattr(block, "elem_id", None) == elem_id) or (label and getattr(block, "label", None) == label):
+            return block
+    raise KeyError(elem_id or label)
+
+
+@pytest.fixture(scope="module")
+def no_tiny_vae_dir(tiny_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plain") / "ckpt"
+    shutil.copytree(tiny_dir, folder, ignore=shutil.ignore_patterns("tiny_vae"))
+    return folder
+
+
+def demo_for(model, *flags):
+    return app_module.create_demo(app_module.parse_args(["--model", str(model), *flags]), ModelCache(device="cpu"))
+
+
+def test_limits_follow_the_model(tiny_dir):
+    checkpoint = ModelCache(device="cpu").checkpoint(str(tiny_dir))
+    assert checkpoint.native_side == 32  # UNet sample_size 16 x VAE factor 2
+    limits = checkpoint.limits()
+    assert (limits.min_side, limits.max_side, limits.max_pixels) == (16, 128, 4096)
+    demo = demo_for(tiny_dir)
+    assert (component(demo, label="Width").minimum, component(demo, label="Width").maximum) == (16, 128)
+    assert component(demo, label="Height").maximum == 128
+
+
+def test_bundled_limits_and_presets():
+    checkpoint = ModelCache(device="cpu").checkpoint("bundled")
+    assert checkpoint.native_side == 64 and checkpoint.limits().max_side == 256
+    demo = demo_for("bundled")
+    offered = {value for _, value in component(demo, label="Preset").choices}
+    assert offered == {"micro-txt2img", "micro-img2img", "micro-depth2img"}  # no 512 px SD presets on a 64 px model
+
+
+def test_presets_that_do_not_fit_are_not_offered_or_taken(tiny_dir):
+    fitting = app_module.fitting_presets(load_presets(), ModelCache(device="cpu").checkpoint(str(tiny_dir)).limits(), 32)
+    assert not any(name.startswith("sd") for name in fitting)
+    with pytest.raises(app_module.PresetError, match="--preset 'sd15-txt2img' is unknown or does not fit"):
+        demo_for(tiny_dir, "--preset", "sd15-txt2img")
+
+
+def test_default_view_shows_the_picture_forming():
+    # the micro model's full VAE costs about one step and runs on the decode thread: x0 through it
+    demo = demo_for("bundled")
+    assert component(demo, label="Preview decoder").value == "full-vae"
+    assert component(demo, label="View").value == "x0"
+
+
+def test_a_model_with_no_preset_starts_at_its_own_size_with_its_tiny_vae(tiny_dir):
+    # the tiny model is 32 px: the micro presets (64 px) still fit; take the model's own start values
+    defaults = app_module._model_defaults(ModelCache(device="cpu").checkpoint(str(tiny_dir)), {})
+    assert defaults == {"width": 32, "height": 32, "view": "x0", "preview": "tiny-vae"}
+
+
+def test_tiny_vae_is_offered_only_when_configured(tiny_dir, no_tiny_vae_dir):
+    offered = [value for _, value in component(demo_for(tiny_dir), label="Preview decoder").choices]
+    assert offered == ["latent-rgb", "tiny-vae", "full-vae"]
+    plain = demo_for(no_tiny_vae_dir)
+    assert [value for _, value in component(plain, label="Preview decoder").choices] == ["latent-rgb", "full-vae"]
+    limits = ModelCache(device="cpu").checkpoint(str(no_tiny_vae_dir)).limits()
+    with pytest.raises(RequestError, match="preview: unknown value 'tiny-vae'; choose one of latent-rgb, full-vae"):
+        validate_request({"mode": "txt2img", "prompt": "p", "width": 32, "height": 32, "preview": "tiny-vae"}, limits)
+
+
+def test_controls_use_no_emoji_and_stop_is_small(tiny_dir):
+    demo = demo_for(tiny_dir)
+    for elem_id in ("seed-random", "seed-reuse", "stop"):
+        button = component(demo, elem_id=elem_id)
+        assert all(ord(c) < 0x2000 for c in button.value), button.value
+    assert component(demo, elem_id="stop").size == "sm"
+    assert "step 0/0" not in component(demo, elem_id="status").value
+
+
+def test_importing_app_builds_nothing():
+    import importlib
+    import sys
+
+    sys.modules.pop("app", None)
+    module = importlib.import_module("app")
+    assert not any(isinstance(v, (gr.Blocks, ModelCache)) for v in vars(module).values())
