@@ -92,3 +92,23 @@ def test_importing_app_builds_nothing():
     sys.modules.pop("app", None)
     module = importlib.import_module("app")
     assert not any(isinstance(v, (gr.Blocks, ModelCache)) for v in vars(module).values())
+
+
+def test_the_readme_client_example_runs_as_written(tiny_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from .test_app import free_port
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### From scripts"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    demo = demo_for(tiny_dir)
+    demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
+    try:
+        monkeypatch.chdir(tmp_path)
+        scope: dict = {}
+        exec(code.replace("http://127.0.0.1:7860/", demo.local_url), scope)  # noqa: S102 - our own README
+    finally:
+        demo.close()
+    assert scope["final"]["url"].endswith("final.png") and (tmp_path / "final.png").stat().st_size > 0
+    assert scope["preview"]["url"].endswith("step_0020.jpg")  # the last step's frame came before the final update
