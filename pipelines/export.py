@@ -13,10 +13,15 @@ from PIL import Image
 
 FORMATS = ("gif", "webp", "mp4", "zip")
 FPS = 8
+MIN_ANIMATION_SIDE = 256  # the page shows frames at about this size; a 16 px latent-rgb GIF is unwatchable
 
 
 def export(frames: list[Image.Image], path: str | Path, fps: int = FPS) -> Path:
-    """Write `frames` (one per step, in order) to `path`; the suffix picks the format."""
+    """Write `frames` (one per step, in order) to `path`; the suffix picks the format.
+
+    Animations (GIF, WebP, MP4) scale frames up by a whole factor, nearest neighbour, until the
+    short side is at least MIN_ANIMATION_SIDE, as the page shows them; the PNG zip keeps each
+    frame's own pixels. Raises ValueError for an unknown suffix or no frames."""
     path = Path(path)
     kind = path.suffix.lstrip(".")
     if kind not in FORMATS:
@@ -24,6 +29,8 @@ def export(frames: list[Image.Image], path: str | Path, fps: int = FPS) -> Path:
     if not frames:
         raise ValueError("nothing to export: the run has no steps yet")
     frames = [f.convert("RGB") for f in frames]
+    if kind != "zip":
+        frames = _upscaled(frames)
     if kind in ("gif", "webp"):
         extra = {"lossless": True} if kind == "webp" else {"disposal": 1}
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0, **extra)
@@ -38,11 +45,18 @@ def export(frames: list[Image.Image], path: str | Path, fps: int = FPS) -> Path:
     return path
 
 
-def _mp4(frames: list[Image.Image], path: Path, fps: int) -> None:
-    # H.264 wants even sides and at least a few pixels: pad small (latent-sized) frames
+def _upscaled(frames: list[Image.Image]) -> list[Image.Image]:
     width, height = frames[0].size
-    scale = max(1, -(-64 // min(width, height)))
-    size = (width * scale + (width * scale) % 2, height * scale + (height * scale) % 2)
+    scale = max(1, -(-MIN_ANIMATION_SIDE // min(width, height)))
+    if scale == 1:
+        return frames
+    return [f.resize((width * scale, height * scale), Image.Resampling.NEAREST) for f in frames]
+
+
+def _mp4(frames: list[Image.Image], path: Path, fps: int) -> None:
+    # H.264 wants even sides
+    width, height = frames[0].size
+    size = (width + width % 2, height + height % 2)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
