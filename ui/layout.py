@@ -111,8 +111,10 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                     preset = fields.Dropdown([(p.title, name) for name, p in spec.presets.items()],
                                          value=spec.initial_preset, label="Preset")
                     preset_note = gr.Markdown(_preset_note(spec, spec.initial_preset))
-                    load_png = gr.File(label="Load settings from a PNG (A1111 'parameters')", file_types=[".png"],
+                    load_png = gr.File(label="Load settings from an image (AUTOMATIC1111, ComfyUI, Fooocus, InvokeAI, "
+                                             "NovelAI)", file_types=[".png", ".jpg", ".jpeg", ".webp"],
                                        elem_id="load-png", height=90)
+                    load_note = gr.Markdown(elem_id="load-png-note")
                 if spec.examples:
                     gr.Examples([[p] for p in spec.examples], inputs=[prompt], label="Example prompts")
                 if spec.vocabulary:
@@ -157,7 +159,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         common_gpu = dict(common, runs=runs)
         outputs = [live, gallery, final, status, info, runs]
         gpu = dict(concurrency_limit=1, concurrency_id="gpu", show_progress="hidden")
-        inspector = Inspector(spec.anatomy)
+        inspector = Inspector(spec.anatomy, lim, SCHEDULER_NAMES)
         timeline = [pick, other, scrub]
         shown = dict(fn=inspector.show, inputs=[runs, pick, other, scrub],
                      outputs=[xt_view, x0_view, other_view, step_info, channels, schedule], **_private())
@@ -181,8 +183,9 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                          **_private())
         prompt.change(inspector.tokens, inputs=[prompt], outputs=[tokens], trigger_mode="always_last", **_private())
         demo.load(inspector.tokens, inputs=[prompt], outputs=[tokens], **_private())
-        load_png.upload(inspector.load_png, inputs=[load_png],
-                        outputs=[prompt, negative, seed, steps, guidance, width, height, scheduler], **_private())
+        load_png.upload(inspector.load_png, inputs=[load_png],  # in the order of ui.inspect.LOADED, then the note
+                        outputs=[prompt, negative, seed, steps, guidance, width, height, scheduler, img_strength,
+                                 depth_strength, load_note], **_private())
         stop.click(runner.stop, api_name="stop", queue=False)
 
         private = _private()
