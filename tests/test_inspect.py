@@ -115,6 +115,16 @@ def test_export_refuses_unknown_formats_and_empty_runs(tmp_path):
         export([], tmp_path / "x.gif")
 
 
+def test_export_says_what_went_wrong(recorded, inspector, tmp_path):
+    with pytest.raises(gr.Error, match="^'Nothing to export yet: run a generation first, then download its steps.'$"):
+        inspector.export([], None, "gif")
+    gone = RunView(tmp_path / "deleted-run", request=recorded.request)
+    gone.frames = recorded.frames
+    with pytest.raises(gr.Error, match="This run's files are gone .*: run it again to download its steps"):
+        inspector.export([gone], 0, "gif")
+    assert inspector.export([recorded], None, "gif").endswith("steps.gif")  # no pick yet: the newest run
+
+
 def test_png_metadata_is_read_by_sd_parsers(recorded):
     from sd_parsers import ParserManager
 

@@ -6,7 +6,6 @@ import html
 from pathlib import Path
 
 import gradio as gr
-
 from PIL import Image
 
 from pipelines import SCHEDULER_NAMES, Limits
@@ -93,7 +92,10 @@ class Inspector:
             raise gr.Error("Nothing to export yet: run a generation first, then download its steps.")
         try:
             return str(export([f.image for f in view.frames], view.folder / f"steps.{kind}"))
-        except (OSError, ValueError) as err:  # disk full, run folder already deleted, encoder refused
+        except FileNotFoundError:  # the run store deleted the folder: it keeps only the newest runs
+            raise gr.Error("This run's files are gone (the server keeps only its newest runs): run it again "
+                           "to download its steps.") from None
+        except (OSError, ValueError) as err:  # disk full, encoder refused
             raise gr.Error(f"Could not write the {kind.upper()}: {err}") from None
 
     def load_png(self, path: str | None) -> list:
