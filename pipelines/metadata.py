@@ -4,6 +4,7 @@ which A1111, ComfyUI, InvokeAI and sd-parsers all read. Read: whatever sd-parser
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import ExifTags, Image, PngImagePlugin
 from sd_parsers.data import Generators, PromptInfo
 from sd_parsers.exceptions import ParserError
@@ -89,15 +91,15 @@ def read_parameters(image: Image.Image | str | Path, limits: Limits = Limits(),
                     schedulers: tuple[str, ...] = SCHEDULER_NAMES) -> ReadSettings:
     """The generation settings in an image (a path or an open PIL image) as request fields.
 
-    Reads what sd-parsers reads: A1111's PNG `parameters` chunk or JPEG/WebP EXIF UserComment,
-    Fooocus JSON, a ComfyUI graph, InvokeAI and NovelAI metadata. Values outside `limits` and
-    samplers outside `schedulers` are left out with a note. Raises OSError for a file that is not
-    an image and ValueError for an image without settings.
+    Reads what sd-parsers reads: A1111's PNG `parameters` chunk, JPEG/WebP EXIF UserComment or
+    stealth alpha bits, Fooocus JSON, a ComfyUI graph, InvokeAI and NovelAI metadata. Values
+    outside `limits` and samplers outside `schedulers` are left out with a note. Raises OSError
+    for a file that is not an image and ValueError for an image without settings.
     """
     if not isinstance(image, Image.Image):
         with Image.open(image) as opened:
             return read_parameters(opened, limits, schedulers)
-    info = _parse(_metadata(image))
+    info = _parse(_metadata(image)) or _parse(_stealth(image))
     if info is None:
         raise ValueError(NO_SETTINGS)
     if not info.samplers:  # e.g. a ComfyUI graph whose sampler node has no sampler_name, steps and cfg
@@ -119,6 +121,32 @@ def _metadata(image: Image.Image) -> dict:
     if image.format == "PNG" and image.width * image.height <= MAX_INPUT_PIXELS:
         return dict(image.text)  # reads chunks after the pixel data too (it decodes the image)
     return dict(image.info)
+
+
+STEALTH_HEADER = b"stealth_pngcomp"  # A1111's stealth_pnginfo extension, the variant sd-parsers reads
+
+
+def _stealth(image: Image.Image) -> dict:
+    """Settings hidden in the lowest bit of an RGBA PNG's alpha, read column by column, most
+    significant bit first: the header, the payload's length in bits (32-bit big-endian), then
+    gzip'd text (A1111's infotext, or NovelAI's chunks as JSON). sd-parsers reads this only at
+    its EAGER level, through a list of every pixel's tuple; numpy does it in one pass."""
+    if image.format != "PNG" or image.mode != "RGBA" or image.width * image.height > MAX_INPUT_PIXELS:
+        return {}
+    data = np.packbits((np.asarray(image.getchannel("A")) & 1).T.reshape(-1)).tobytes()
+    start = len(STEALTH_HEADER) + 4
+    if not data.startswith(STEALTH_HEADER):
+        return {}
+    length = int.from_bytes(data[start - 4:start], "big") // 8
+    try:
+        text = gzip.decompress(data[start:start + length]).decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError):
+        return {}
+    try:
+        decoded = json.loads(text)
+    except json.JSONDecodeError:
+        decoded = None
+    return decoded if isinstance(decoded, dict) else {"parameters": text}
 
 
 def _user_comment(value: bytes | str) -> str:
@@ -165,7 +193,7 @@ def _found(info: PromptInfo) -> tuple[dict[str, Any], str | None, list[str], lis
     if info.generator == Generators.AUTOMATIC1111:
         for line in _after_settings(info.raw_parameters.get("parameters", "")):
             notes.append(f"line after the settings line, not loaded: {line}")
-    meta = {k: v for k, v in meta.items() if k not in ("full_prompt", "full_negative_prompt")}  # Fooocus: styled prompts
+    meta = {k: v for k, v in meta.items() if k not in ("full_prompt", "full_negative_prompt")}  # Fooocus: styled
     unused = [*params, *(f"{k} nodes" if comfy else k for k in meta)]
     return found, sampler.model.name if sampler.model else None, notes, [str(k) for k in unused]
 
@@ -186,6 +214,7 @@ def _scheduler(name: str, schedule: str | None, notes: list[str]) -> str | None:
     said = name + (f" with schedule type {schedule}" if schedule else "")
     key = name.strip().lower()
     kind = (schedule or "").strip().lower().replace(" ", "_")
+    key = key.removeprefix("sample_")  # ComfyUI before 2023: "sample_euler_ancestral"
     if key.endswith(" karras"):  # A1111 before 1.9: "DPM++ 2M Karras"
         key, kind = key[: -len(" karras")], "karras"
     elif key.endswith("_k") and key[:-2] in SAMPLER_ALIASES:  # InvokeAI: "dpmpp_2m_k"
@@ -255,7 +284,7 @@ def _number(value, whole: bool) -> int | float:
     except ArithmeticError:
         raise ValueError("is not a number") from None
     if not whole:
-        return float(number)
+        return round(float(number), 6)  # JSON's 0.8700000000000001 is the 0.87 the tool showed
     if not number.is_finite() or number != number.to_integral_value():
         raise ValueError("is not a whole number")
     return int(number)

@@ -23,7 +23,8 @@ from .test_app import free_port
 
 CASE = Path("/work/shared/cases/a1111_dynprompts.png")  # the file; rebuilt from its text where absent
 DYNPROMPTS = ("a cat, masterpiece\nNegative prompt: ugly\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234, "
-              "Size: 512x768, Model hash: abc, Model: v1-5\nTemplate: a {cat|dog}, masterpiece\nNegative Template: ugly")
+              "Size: 512x768, Model hash: abc, Model: v1-5\nTemplate: a {cat|dog}, masterpiece\n"
+              "Negative Template: ugly")
 
 
 @pytest.fixture(scope="module")

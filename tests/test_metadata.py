@@ -5,15 +5,17 @@ Each test file is written here with Pillow the way its tool writes it: A1111's P
 InvokeAI metadata (current and legacy) and NovelAI's chunks.
 """
 
+import gzip
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import ExifTags, Image, PngImagePlugin
 
 from pipelines import Limits
-from pipelines.metadata import NO_SETTINGS, read_parameters
+from pipelines.metadata import NO_SETTINGS, STEALTH_HEADER, read_parameters
 
 CASES = Path("/work/shared/cases")  # the issue's inputs; the dynamic-prompts file is rebuilt below if absent
 
@@ -39,6 +41,21 @@ def exif_file(path: Path, text: str, fmt: str) -> Path:
     exif = Image.Exif()
     exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = b"UNICODE\0" + text.encode("utf-16-be")
     Image.new("RGB", (8, 8), (40, 90, 200)).save(path, fmt, exif=exif)
+    return path
+
+
+def stealth_png(path: Path, text: str) -> Path:
+    """A1111's stealth_pnginfo ("stealth_pngcomp"): header, payload bits (32-bit), gzip'd text in
+    the alpha channel's lowest bit, column by column."""
+    payload = gzip.compress(text.encode())
+    bits = np.unpackbits(np.frombuffer(STEALTH_HEADER + (len(payload) * 8).to_bytes(4, "big") + payload, np.uint8))
+    height = 32
+    width = -(-len(bits) // height)
+    alpha = np.full(width * height, 254, np.uint8)
+    alpha[: len(bits)] |= bits
+    rgba = np.full((height, width, 4), 120, np.uint8)
+    rgba[..., 3] = alpha.reshape(width, height).T
+    Image.fromarray(rgba, "RGBA").save(path)
     return path
 
 
@@ -70,6 +87,11 @@ def test_a1111_as_written_today_in_png_jpeg_and_webp(tmp_path, fmt, suffix):
     assert got.generator == "AUTOMATIC1111" and got.model == "micro"
     assert got.fields == A1111_FIELDS
     assert got.notes == ("not used by this app: Version",)
+
+
+def test_a1111_stealth_pnginfo_in_the_alpha_channel(tmp_path):
+    got = read_parameters(stealth_png(tmp_path / "s.png", A1111))
+    assert got.generator == "AUTOMATIC1111" and got.fields == A1111_FIELDS
 
 
 @pytest.mark.parametrize("settings,scheduler", [
@@ -241,10 +263,28 @@ def test_comfyui_graph_with_two_samplers_and_two_prompts_says_which_was_taken(tm
                              "the sampler's prompt comes from 2 text nodes (#6, #11); loaded #6")
 
 
-def test_comfyui_img2img_denoise_is_the_strength(tmp_path):
-    graph = {**BASE_GRAPH, "3": ksampler(1, 20, 7.0, "ddim", "ddim_uniform", 0.45, "6", "5")}
+@pytest.mark.parametrize("sampler,scheduler,expected", [
+    ("euler_ancestral", "normal", "Euler a"),
+    ("sample_euler_ancestral", "normal", "Euler a"),  # ComfyUI before 2023
+    ("euler", "sgm_uniform", "Euler"),
+    ("dpmpp_2m", "karras", "DPM++ 2M Karras"),
+    ("uni_pc", "simple", "UniPC"),
+    ("ddim", "ddim_uniform", "DDIM"),
+    ("dpmpp_2m", "normal", None),  # DPM++ 2M without Karras is not offered
+    ("lcm", "normal", None),
+])
+def test_comfyui_sampler_and_scheduler_map_to_the_apps_scheduler(tmp_path, sampler, scheduler, expected):
+    graph = {**BASE_GRAPH, "3": ksampler(1, 20, 7.0, sampler, scheduler, 1.0, "6", "5")}
     got = read_parameters(comfy(tmp_path, graph))
-    assert got.fields["strength"] == 0.45 and got.fields["scheduler"] == "DDIM"
+    assert got.fields.get("scheduler") == expected
+    if expected is None:
+        assert f"sampler {sampler} with schedule type {scheduler} is not offered here: kept your scheduler" in got.notes
+
+
+def test_comfyui_img2img_denoise_is_the_strength(tmp_path):
+    graph = {**BASE_GRAPH, "3": ksampler(1, 20, 7.0, "ddim", "ddim_uniform", 0.8700000000000001, "6", "5")}
+    got = read_parameters(comfy(tmp_path, graph))
+    assert got.fields["strength"] == 0.87 and got.fields["scheduler"] == "DDIM"
 
 
 # ---- InvokeAI -------------------------------------------------------------------------
@@ -286,13 +326,24 @@ def test_novelai(tmp_path):
     assert got.notes == ("not used by this app: noise",)
 
 
+def test_novelai_stealth_json_in_the_alpha_channel(tmp_path):
+    chunks = {"Description": "a cat in space", "Software": "NovelAI", "Source": "NovelAI Diffusion V3 4BDE2A90",
+              "Comment": json.dumps({"steps": 28, "scale": 5.0, "seed": 7, "sampler": "k_dpmpp_2m",
+                                     "noise_schedule": "karras", "width": 64, "height": 64, "uc": "lowres"})}
+    got = read_parameters(stealth_png(tmp_path / "s.png", json.dumps(chunks)))
+    assert got.generator == "NovelAI" and got.model == "NovelAI Diffusion V3"
+    assert got.fields == {"prompt": "a cat in space", "negative_prompt": "lowres", "seed": 7, "steps": 28,
+                          "guidance_scale": 5.0, "width": 64, "height": 64, "scheduler": "DPM++ 2M Karras"}
+
+
 # ---- no settings, and many readers in one process ----------------------------------
 
 def test_images_without_settings_are_refused_with_the_reason(tmp_path):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     prose = png(tmp_path / "prose.png", {"parameters": "just a caption, no settings line"})
-    for path in (plain, prose, exif_file(tmp_path / "p.jpg", "hello", "JPEG")):
+    Image.new("RGBA", (64, 64), (9, 9, 9, 255)).save(tmp_path / "alpha.png")
+    for path in (plain, prose, exif_file(tmp_path / "p.jpg", "hello", "JPEG"), tmp_path / "alpha.png"):
         with pytest.raises(ValueError, match=f"^{re.escape(NO_SETTINGS)}$"):
             read_parameters(path)
     no_sampler = {k: v for k, v in BASE_GRAPH.items() if k != "8"}  # prompts and a latent, but no sampler node
