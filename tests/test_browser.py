@@ -156,3 +156,14 @@ def test_scrub_the_timeline_and_download_an_animation(page):
         link.click()
     path = download.value.path()
     assert Image.open(path).n_frames == 8
+
+
+def test_page_events_say_what_happened(page, tmp_path):
+    page.click("#export-gif")
+    page.wait_for_function("document.body.innerText.includes('Nothing to export yet: run a generation first')")
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    page.locator("#load-png input[type=file]").set_input_files(str(tmp_path / "plain.png"))
+    page.wait_for_function("document.querySelectorAll('.toast-body').length >= 2")
+    assert "No settings loaded: this image carries no generation settings" in page.inner_text("#load-png-note")
+    toasts = page.locator(".toast-body").all_inner_texts()
+    assert any("No settings loaded" in text for text in toasts)

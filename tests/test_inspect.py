@@ -1,11 +1,12 @@
 """The Inspect panel's data: timeline frames, tokens, starting noise, exports, PNG settings."""
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from imageio_ffmpeg import read_frames
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from pipelines import Frame, generate
 from pipelines.anatomy import Anatomy
@@ -114,6 +115,16 @@ def test_export_refuses_unknown_formats_and_empty_runs(tmp_path):
         export([], tmp_path / "x.gif")
 
 
+def test_export_says_what_went_wrong(recorded, inspector, tmp_path):
+    with pytest.raises(gr.Error, match="^'Nothing to export yet: run a generation first, then download its steps.'$"):
+        inspector.export([], None, "gif")
+    gone = RunView(tmp_path / "deleted-run", request=recorded.request)
+    gone.frames = recorded.frames
+    with pytest.raises(gr.Error, match="This run's files are gone .*: run it again to download its steps"):
+        inspector.export([gone], 0, "gif")
+    assert inspector.export([recorded], None, "gif").endswith("steps.gif")  # no pick yet: the newest run
+
+
 def test_png_metadata_is_read_by_sd_parsers(recorded):
     from sd_parsers import ParserManager
 
@@ -128,18 +139,28 @@ def test_png_metadata_is_read_by_sd_parsers(recorded):
 
 
 def test_png_round_trips_into_the_same_settings(recorded, make_request, tmp_path):
-    got = read_parameters(Image.open(recorded.final))
+    got = read_parameters(recorded.final)
     r = recorded.request
-    assert got == {"prompt": r.prompt, "negative_prompt": "", "steps": 7, "guidance_scale": r.guidance_scale,
-                   "seed": r.seed, "scheduler": "DDIM", "model": "tiny", "width": 64, "height": 64}
+    assert (got.generator, got.model) == ("AUTOMATIC1111", "tiny")
+    assert got.fields == {"prompt": r.prompt, "steps": 7, "guidance_scale": r.guidance_scale, "seed": r.seed,
+                          "scheduler": "DDIM", "width": 64, "height": 64}
+    assert got.notes == ("the file has no negative prompt: kept yours",)
     img2img = make_request("img2img", negative_prompt="blurry, dark", strength=0.4, scheduler="DPM++ 2M Karras")
-    text = a1111_parameters(img2img, "org/model, v2")
-    back = read_parameters(text)
-    assert back["negative_prompt"] == "blurry, dark" and back["strength"] == 0.4 and back["model"] == "org/model, v2"
-    assert back["scheduler"] == "DPM++ 2M Karras"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(img2img, "org/model-v2"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "img2img.png", pnginfo=info)
+    back = read_parameters(tmp_path / "img2img.png")
+    assert back.fields == {"prompt": "a red square", "negative_prompt": "blurry, dark", "seed": 3, "steps": 6,
+                           "guidance_scale": 5.0, "width": 64, "height": 64, "scheduler": "DPM++ 2M Karras",
+                           "strength": 0.4}
+    assert back.model == "org/model-v2" and back.notes == ()
 
 
 def test_load_png_fills_the_controls(recorded):
-    values = Inspector.load_png(recorded.final)
+    *values, note = Inspector(None).load_png(recorded.final)
     r = recorded.request
-    assert values == [r.prompt, "", r.seed, 7, r.guidance_scale, 64, 64, "DDIM"]
+    skip = gr.skip()
+    assert values == [r.prompt, skip, r.seed, 7, r.guidance_scale, 64, 64, "DDIM", skip, skip]
+    assert note == (f"**Loaded from AUTOMATIC1111 (made with model tiny): prompt, seed {r.seed}, steps 7, "
+                    f"CFG {r.guidance_scale}, size 64x64, scheduler DDIM.**"
+                    "\n- the file has no negative prompt: kept yours")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
-from pipelines import SCHEDULER_NAMES
+from pipelines import SCHEDULER_NAMES, Limits
 from pipelines.export import export
 from pipelines.metadata import read_parameters
 
@@ -30,11 +32,19 @@ def run_choices(runs: list[RunView] | None) -> list[tuple[str, int]]:
     return [(view.label, n) for n, view in enumerate(runs or [])]
 
 
-class Inspector:
-    """Handlers for the Inspect panel; `anatomy` turns stored latents into pictures."""
+# What "Load settings" fills, in the order of its outputs; strength goes to the img2img and depth sliders.
+LOADED = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler", "strength",
+          "strength")
 
-    def __init__(self, anatomy):
+
+class Inspector:
+    """Handlers for the Inspect panel; `anatomy` turns stored latents into pictures. Loaded
+    settings are checked against this server's `limits` and the `schedulers` it offers."""
+
+    def __init__(self, anatomy, limits: Limits = Limits(), schedulers: tuple[str, ...] = SCHEDULER_NAMES):
         self.anatomy = anatomy
+        self.limits = limits
+        self.schedulers = tuple(schedulers)
 
     def tokens(self, prompt: str) -> str:
         return tokens_html(self.anatomy.tokens(prompt or ""))
@@ -77,28 +87,57 @@ class Inspector:
         return self.anatomy.step_pictures(frame, view.request.preview)[1]
 
     def export(self, runs: list[RunView] | None, pick: int | None, kind: str) -> str:
-        view = _pick(runs, pick)
+        view = _pick(runs, pick if pick is not None else len(runs or []) - 1)
         if view is None or not view.frames:
-            raise gr.Error("Nothing to export yet: run a generation first.")
-        return str(export([f.image for f in view.frames], view.folder / f"steps.{kind}"))
+            raise gr.Error("Nothing to export yet: run a generation first, then download its steps.")
+        try:
+            return str(export([f.image for f in view.frames], view.folder / f"steps.{kind}"))
+        except FileNotFoundError:  # the run store deleted the folder: it keeps only the newest runs
+            raise gr.Error("This run's files are gone (the server keeps only its newest runs): run it again "
+                           "to download its steps.") from None
+        except (OSError, ValueError) as err:  # disk full, encoder refused
+            raise gr.Error(f"Could not write the {kind.upper()}: {err}") from None
+
+    def load_png(self, path: str | None) -> list:
+        """Generation settings from an image's metadata into the controls named by `LOADED`, then
+        a note of what was loaded and what was not. Controls the file has no value for, or whose
+        value does not fit this server, keep theirs (gr.skip()); nothing is set to empty text."""
+        if not path:
+            return [gr.skip()] * (len(LOADED) + 1)
+        try:
+            read = read_parameters(path, self.limits, self.schedulers)
+        except ValueError as err:
+            return self._not_loaded(f"No settings loaded: {err}.")
+        except (OSError, SyntaxError, Image.DecompressionBombError):
+            return self._not_loaded(f"No settings loaded: {Path(path).name} is not an image that can be read.")
+        loaded = html.escape(_loaded_summary(read))
+        notes = [html.escape(note) for note in read.notes]
+        gr.Info(loaded, title="Loaded settings")
+        if notes:
+            gr.Warning("; ".join(notes), title="Some settings were not loaded")
+        note = f"**{loaded}**" + "".join(f"\n- {n}" for n in notes)
+        return [read.fields.get(key, gr.skip()) for key in LOADED] + [note]
 
     @staticmethod
-    def load_png(path: str | None) -> list:
-        """Generation settings from a PNG's "parameters" chunk (A1111 format) into the controls."""
-        from PIL import Image
+    def _not_loaded(message: str) -> list:
+        # a warning, not gr.Error: the controls are untouched, and an error would mark each one red
+        gr.Warning(html.escape(message), title="Load settings")
+        return [gr.skip()] * len(LOADED) + [html.escape(message)]
 
-        if not path:
-            return [gr.skip()] * 8
-        try:
-            with Image.open(path) as image:
-                settings = read_parameters(image)
-        except (OSError, ValueError) as err:
-            raise gr.Error(f"Could not read settings from that file: {err}") from None
-        keys = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler")
-        if settings.get("scheduler") not in SCHEDULER_NAMES:
-            gr.Warning(f"Sampler {settings.pop('scheduler', None)!r} is not offered here; keeping the current one.")
-        gr.Info(f"Loaded settings{' for model ' + settings['model'] if 'model' in settings else ''}.")
-        return [settings.get(key, gr.skip()) for key in keys]
+
+def _loaded_summary(read) -> str:
+    """One line: which settings came from which tool, with their values (prompts by name only)."""
+    f = read.fields
+    parts = [label for key, label in (("prompt", "prompt"), ("negative_prompt", "negative prompt")) if key in f]
+    parts += [f"{label} {f[key]}" for key, label in (("seed", "seed"), ("steps", "steps"), ("guidance_scale", "CFG"))
+              if key in f]
+    if "width" in f:
+        parts.append(f"size {f['width']}x{f['height']}")
+    parts += [f"{label} {f[key]}" for key, label in (("scheduler", "scheduler"), ("strength", "strength")) if key in f]
+    made = f" (made with model {read.model})" if read.model else ""
+    if not parts:
+        return f"Nothing loaded from the {read.generator} settings{made}: see the notes."
+    return f"Loaded from {read.generator}{made}: {', '.join(parts)}."
 
 
 def _pick(runs, n) -> RunView | None:

@@ -122,8 +122,9 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                     preset = fields.Dropdown([(p.title, name) for name, p in spec.presets.items()],
                                          value=spec.initial_preset, label="Preset", visible=bool(spec.presets))
                     preset_note = gr.Markdown(_preset_note(spec, spec.initial_preset))
-                    load_png = gr.File(label="Load settings from a PNG (A1111 'parameters')", file_types=[".png"],
-                                       elem_id="load-png", height=90)
+                    load_png = gr.File(label="Load settings from an image (A1111, ComfyUI, Fooocus, InvokeAI, NovelAI)",
+                                       file_types=[".png", ".jpg", ".jpeg", ".webp"], elem_id="load-png", height=90)
+                    load_note = gr.Markdown(elem_id="load-png-note")
                 if spec.examples:
                     gr.Examples([[p] for p in spec.examples], inputs=[prompt], label="Example prompts")
                 if spec.vocabulary:
@@ -169,7 +170,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         common_gpu = dict(common, runs=runs)
         outputs = [live, gallery, final, status, info, runs]
         gpu = dict(concurrency_limit=1, concurrency_id="gpu", show_progress="hidden")
-        inspector = Inspector(spec.anatomy)
+        inspector = Inspector(spec.anatomy, lim, SCHEDULER_NAMES)
         timeline = [pick, other, scrub]
         shown = dict(fn=inspector.show, inputs=[runs, pick, other, scrub],
                      outputs=[xt_view, x0_view, other_view, step_info, channels, schedule], **_private())
@@ -193,16 +194,16 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                          **_private())
         prompt.change(inspector.tokens, inputs=[prompt], outputs=[tokens], trigger_mode="always_last", **_private())
         demo.load(inspector.tokens, inputs=[prompt], outputs=[tokens], **_private())
-        load_png.upload(inspector.load_png, inputs=[load_png],
-                        outputs=[prompt, negative, seed, steps, guidance, width, height, scheduler], **_private())
+        load_png.upload(inspector.load_png, inputs=[load_png],  # in the order of ui.inspect.LOADED, then the note
+                        outputs=[prompt, negative, seed, steps, guidance, width, height, scheduler, img_strength,
+                                 depth_strength, load_note], **_private())
         stop.click(runner.stop, api_name="stop", queue=False)
 
         private = _private()
         random_seed.click(lambda: -1, outputs=[seed], **private)
-        reuse_seed.click(lambda r: r[-1].request.seed if r else -1, inputs=[runs], outputs=[seed], **private)
-        to_img2img.click(lambda p: (p, gr.Tabs(selected="img2img")), inputs=[final], outputs=[img_in, tabs], **private)
-        to_depth.click(lambda p: (p, gr.Tabs(selected="depth2img")), inputs=[final], outputs=[depth_in, tabs],
-                       **private)
+        reuse_seed.click(_last_seed, inputs=[runs], outputs=[seed], **private)
+        to_img2img.click(lambda p: _send(p, "img2img"), inputs=[final], outputs=[img_in, tabs], **private)
+        to_depth.click(lambda p: _send(p, "depth2img"), inputs=[final], outputs=[depth_in, tabs], **private)
 
         preset_targets = dict(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
                               width=width, height=height, scheduler=scheduler, preview=preview, view=view)
@@ -221,8 +222,26 @@ def build_app(spec: AppSpec) -> gr.Blocks:
 
 
 def _private() -> dict:
-    # UI-only events: not part of the API, and cheap enough to skip the queue
-    return dict(api_visibility="private", queue=False)
+    # UI-only events: not part of the API. They go through the queue, since only queued events
+    # bring gr.Info/gr.Warning and a gr.Error's message to the page (queue=False turns an error
+    # into a bare HTTP 500 and drops the toasts), in their own group with no limit, so they
+    # never wait behind a run in the "gpu" group.
+    return dict(api_visibility="private", queue=True, concurrency_id="ui", concurrency_limit=None)
+
+
+def _last_seed(runs: list | None):
+    if not runs:
+        gr.Warning("No run in this session yet: the seed stays as it is.")
+        return gr.skip()
+    return runs[-1].request.seed
+
+
+def _send(final: str | None, tab: str):
+    # an empty final must not clear the image already in that tab
+    if not final:
+        gr.Warning("No final image yet: generate one, then send it.")
+        return gr.skip(), gr.skip()
+    return final, gr.Tabs(selected=tab)
 
 
 def _preset_note(spec: AppSpec, name: str | None) -> str:
