@@ -324,7 +324,7 @@ def _fitting(found: dict[str, Any], limits: Limits, schedulers: tuple[str, ...],
         except RequestError as err:
             shown = "x".join(str(v) for v in given.values()) if len(group) == 2 else given[group[0]]
             shown = "" if group[0].endswith("prompt") else f" {shown}"
-            notes.append(f"{FIELD_LABELS[group[0]]}{shown} does not fit this server ({err}): kept yours")
+            notes.append(f"{FIELD_LABELS[group[0]]}{shown} does not fit the loaded model ({err}): kept yours")
         else:
             fields.update(given)
     return fields

@@ -3,6 +3,8 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,10 @@ from PIL import Image
 
 from pipelines import ModelCache, validate_request
 from pipelines.tiny import save_tiny_checkpoint
+
+
+# Small input files from real bug reports: ../shared/cases beside the checkout (CI lays it there too)
+CASES = Path(__file__).resolve().parents[2] / "shared" / "cases"
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from PIL import ExifTags, Image, PngImagePlugin
 from pipelines import Limits
 from pipelines.metadata import NO_SETTINGS, STEALTH_HEADER, read_parameters
 
-CASES = Path("/work/shared/cases")  # the inputs; the dynamic-prompts file is rebuilt below if absent
+from .conftest import CASES  # the inputs; the dynamic-prompts file is rebuilt below if absent
 
 # AUTOMATIC1111 1.10 txt2img infotext: sampler and schedule type apart, the model, its version
 A1111 = ("a red circle, blue background\nNegative prompt: blurry, dark\n"
@@ -147,8 +147,8 @@ def test_values_outside_the_servers_limits_are_said_not_applied(tmp_path):
     assert got.fields == {"prompt": "a cat", "seed": 1, "guidance_scale": 7.0, "scheduler": "Euler"}
     assert got.notes == (
         "the file has no negative prompt: kept yours",
-        "steps 200 does not fit this server (steps: must be between 1 and 150, got 200): kept yours",
-        "size 512x768 does not fit this server (width: must be between 64 and 256, got 512): kept yours",
+        "steps 200 does not fit the loaded model (steps: must be between 1 and 150, got 200): kept yours",
+        "size 512x768 does not fit the loaded model (width: must be between 64 and 256, got 512): kept yours",
     )
     budget = read_parameters(a1111(tmp_path, "Steps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 2048x1024",
                                    "b.png"))
@@ -184,7 +184,7 @@ def test_fooocus_json(tmp_path):
     assert got.notes == (
         "the file has no negative prompt: kept yours",
         "sampler dpmpp_2m_sde_gpu with schedule type karras is not offered here: kept your scheduler",
-        "seed 6952411511246973023 does not fit this server (seed: must be between -1 and 4294967295, "
+        "seed 6952411511246973023 does not fit the loaded model (seed: must be between -1 and 4294967295, "
         "got 6952411511246973023): kept yours",
         "not used by this app: sharpness, adm_guidance, clip_skip, loras, metadata_scheme, performance, "
         "prompt_expansion, refiner_model, refiner_switch, styles, vae, version",

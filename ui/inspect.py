@@ -101,7 +101,7 @@ class Inspector:
     def load_png(self, path: str | None) -> list:
         """Generation settings from an image's metadata into the controls named by `LOADED`, then
         a note of what was loaded and what was not. Controls the file has no value for, or whose
-        value does not fit this server, keep theirs (gr.skip()); nothing is set to empty text."""
+        value does not fit the loaded model, keep theirs (gr.skip()); nothing is set to empty text."""
         if not path:
             return [gr.skip()] * (len(LOADED) + 1)
         try:
