@@ -122,6 +122,9 @@ def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> Generati
         req["image"] = _image(raw.get("image"), "image", (req["width"], req["height"]), notes)
     if mode == "depth2img" and raw.get("depth_map") is not None:
         req["depth_map"] = _depth_map(raw["depth_map"], notes)
+        height, width = req["depth_map"].shape
+        if (width, height) != (req["width"], req["height"]):  # the pipeline interpolates it to the latents
+            notes.append(f"depth_map: resized from {width}x{height} to {req['width']}x{req['height']}")
     if req["guidance_scale"] <= 1 and req["negative_prompt"]:
         notes.append(f"negative_prompt: not used: guidance_scale {req['guidance_scale']} turns classifier-free "
                      "guidance off (diffusers guides only above 1); raise guidance_scale above 1 to use it")

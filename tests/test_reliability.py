@@ -209,6 +209,7 @@ def test_depth_map_of_another_size_and_dtype_is_resized(served, images, tmp_path
         strength=1.0, api_name="/depth2img"))
     shown = pixels(Image.open(updates[-1][5]))[..., 0].astype(int)
     assert shown[:, -3:].mean() > shown[:, :3].mean() + 100  # right half raised, as uploaded
+    assert "⚠ depth_map: resized from 50x30 to 64x64" in updates[-1][4]
 
 
 def test_flat_depth_map_is_refused(served, images, tmp_path):

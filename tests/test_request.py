@@ -302,6 +302,8 @@ def test_depth_map_notes_alpha_and_colour():
     req = validate_request({**DEPTH, "depth_map": rgba})
     assert req.notes == ("depth_map: its alpha channel (RGBA) was ignored",)
     assert req.depth_map[0, 0] == 255 and req.depth_map[0, -1] == 0
+    req = validate_request({**DEPTH, "depth_map": rgba.resize((50, 30))})
+    assert req.notes[-1] == "depth_map: resized from 50x30 to 64x64" and req.depth_map.shape == (30, 50)
     colour = Image.new("RGB", (64, 64), (0, 0, 255))
     colour.paste((255, 0, 0), (0, 0, 32, 64))
     req = validate_request({**DEPTH, "depth_map": colour})
