@@ -93,7 +93,11 @@ class GenerationRequest:
 
 
 def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> GenerationRequest:
-    """Check and normalise raw values (from Gradio, gradio_client or Python)."""
+    """Check and normalise raw values (from Gradio, gradio_client or Python).
+
+    Images come as paths (uploads, as sent), PIL images or arrays and are decoded here, once.
+    What had to be changed to run (a resize, a conversion) or has no effect (a negative prompt
+    without guidance) is kept in `notes` for the user. Raises RequestError naming the field."""
     mode = _choice(raw, "mode", MODES)
     prompt = _text(raw, "prompt", limits)
     req = dict(
@@ -314,10 +318,11 @@ def _depth_map(value, notes: list[str]) -> np.ndarray:
         else:
             if image.has_transparency_data:
                 notes.append(f"depth_map: its alpha channel ({image.mode}) was ignored")
-            rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
-            if np.abs(rgb - rgb[..., :1]).max() > 2:  # more than JPEG's wobble around grey
+            rgb = image.convert("RGB")
+            channels = np.asarray(rgb, dtype=np.int16)
+            if np.abs(channels - channels[..., :1]).max() > 2:  # more than JPEG's wobble around grey
                 notes.append("depth_map: is in colour; its brightness (luminance) was taken as depth")
-            depth = np.array(image.convert("RGB").convert("F"), dtype=np.float32)
+            depth = np.array(rgb.convert("F"), dtype=np.float32)
     if depth.ndim != 2:
         raise RequestError("depth_map", f"must be a 2-D map, got shape {depth.shape}")
     if not np.isfinite(depth).all():
