@@ -23,10 +23,13 @@ from .schedulers import SCHEDULER_NAMES
 
 
 def a1111_parameters(req: GenerationRequest, model: str) -> str:
+    """The run's settings as AUTOMATIC1111's "parameters" text, true to what ran: without
+    classifier-free guidance (guidance_scale <= 1) the negative prompt is not written, as
+    it did not act, and CFG scale is 1, which every value at or below 1 acts as."""
     fields = [
         ("Steps", req.steps),
         ("Sampler", req.scheduler),
-        ("CFG scale", req.guidance_scale),
+        ("CFG scale", req.guidance_scale if req.classifier_free_guidance else 1.0),
         ("Seed", req.seed),
         ("Size", f"{req.width}x{req.height}"),
         ("Model", model),
@@ -34,7 +37,7 @@ def a1111_parameters(req: GenerationRequest, model: str) -> str:
     if req.mode != "txt2img":
         fields.append(("Denoising strength", req.strength))
     lines = [req.prompt]
-    if req.negative_prompt:
+    if req.negative_prompt and req.classifier_free_guidance:
         lines.append(f"Negative prompt: {req.negative_prompt}")
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .previews import PREVIEW_MODES, VIEWS
 from .schedulers import SCHEDULER_NAMES
@@ -19,7 +19,13 @@ Mode = Literal["txt2img", "img2img", "depth2img"]
 MODES: tuple[Mode, ...] = ("txt2img", "img2img", "depth2img")
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1  # documented coercion: -1 asks for a fresh random seed
-MAX_INPUT_PIXELS = 40_000_000  # uploads larger than this are refused before decoding (decompression bombs)
+MAX_INPUT_PIXELS = 40_000_000  # refused from the header, before decoding: a 99 KB PNG can hold 81 megapixels
+# Pillow's readers for photos and renders (JPEG includes phones' multi-picture MPO); not EPS,
+# which runs Ghostscript, nor the long tail of rare formats
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+BACKGROUND = (255, 255, 255, 255)  # under transparent areas; AUTOMATIC1111's img2img_background_color default
+_WIDE_MODES = {"I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+               "F": "32-bit float"}  # grey pixels wider than 8 bits, as Pillow opens them
 
 
 class RequestError(ValueError):
@@ -58,9 +64,25 @@ class GenerationRequest:
     preview: str = "latent-rgb"
     view: str = "x_t"
     strength: float = 0.75
-    image: Image.Image | None = field(default=None, repr=False)
-    depth_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) float32
+    image: Image.Image | None = field(default=None, repr=False)  # 8-bit RGB, width x height
+    depth_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) float32 at the map's own range
     notes: tuple[str, ...] = ()  # documented coercions applied to the inputs, to tell the user
+
+    @property
+    def denoising_steps(self) -> int:
+        """The denoising steps that actually run. img2img and depth2img start from the input
+        image noised to `strength` and run only the last int(steps * strength) of the `steps`
+        schedule (diffusers' `get_timesteps`: init_timestep = min(int(steps * strength), steps))."""
+        if self.mode == "txt2img":
+            return self.steps
+        return min(int(self.steps * self.strength), self.steps)
+
+    @property
+    def classifier_free_guidance(self) -> bool:
+        """Whether the run guides. diffusers does only when guidance_scale > 1
+        (`do_classifier_free_guidance`); at or below 1 it follows the prompt alone, never
+        encodes the negative prompt, and every such guidance_scale gives the same image."""
+        return self.guidance_scale > 1
 
     def settings(self) -> dict[str, Any]:
         """The plain-data settings of this run (no images), for captions and metadata."""
@@ -71,7 +93,11 @@ class GenerationRequest:
 
 
 def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> GenerationRequest:
-    """Check and normalise raw values (from Gradio, gradio_client or Python)."""
+    """Check and normalise raw values (from Gradio, gradio_client or Python).
+
+    Images come as paths (uploads, as sent), PIL images or arrays and are decoded here, once.
+    What had to be changed to run (a resize, a conversion) or has no effect (a negative prompt
+    without guidance) is kept in `notes` for the user. Raises RequestError naming the field."""
     mode = _choice(raw, "mode", MODES)
     prompt = _text(raw, "prompt", limits)
     req = dict(
@@ -93,20 +119,47 @@ def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> Generati
             f"{req['width']}x{req['height']} is more than this server's budget of {limits.max_pixels} pixels; "
             "lower width or height",
         )
+    notes = []
     if mode != "txt2img":
         req["strength"] = _float(raw, "strength", 0.0, 1.0, default=0.75, low_open=True)
-        req["image"], notes = _image(raw.get("image"), "image", (req["width"], req["height"]))
-        req["notes"] = tuple(notes)
+        _check_denoising_steps(mode, req["steps"], req["strength"], limits)
+        req["image"] = _image(raw.get("image"), "image", (req["width"], req["height"]), notes)
     if mode == "depth2img" and raw.get("depth_map") is not None:
-        req["depth_map"] = _depth_map(raw["depth_map"])
-    return GenerationRequest(**req)
+        req["depth_map"] = _depth_map(raw["depth_map"], notes)
+        height, width = req["depth_map"].shape
+        if (width, height) != (req["width"], req["height"]):  # the pipeline interpolates it to the latents
+            notes.append(f"depth_map: resized from {width}x{height} to {req['width']}x{req['height']}")
+    if req["guidance_scale"] <= 1 and req["negative_prompt"]:
+        notes.append(f"negative_prompt: not used: guidance_scale {req['guidance_scale']} turns classifier-free "
+                     "guidance off (diffusers guides only above 1); raise guidance_scale above 1 to use it")
+    elif req["guidance_scale"] < 1:
+        notes.append(f"guidance_scale: {req['guidance_scale']} acts as 1: diffusers turns classifier-free guidance "
+                     "off at 1 or below and follows the prompt alone")
+    return GenerationRequest(**req, notes=tuple(notes))
+
+
+def _check_denoising_steps(mode: str, steps: int, strength: float, limits: Limits) -> None:
+    """Refuse what would run no step: diffusers would fail inside the pipeline."""
+    if int(steps * strength) >= 1:  # the expression diffusers evaluates, float rounding included
+        return
+    fewest_steps = next((n for n in range(steps, limits.max_steps + 1) if int(n * strength) >= 1), None)
+    least_strength = next(s / 100 for s in range(1, 101) if int(steps * (s / 100)) >= 1)  # the slider's 0.01 grid
+    fix = f"raise steps to {fewest_steps} or strength to {least_strength}" if fewest_steps else (
+        f"raise strength to {least_strength} (at strength {strength} even {limits.max_steps} steps run none)")
+    raise RequestError(
+        "strength",
+        f"{steps} steps at strength {strength} run no step: {mode} runs int(steps × strength) = "
+        f"int({steps * strength:g}) = 0 of them; {fix}",
+    )
 
 
 def _number(raw: dict, name: str, default) -> float:
     value = raw.get(name, default)
     if value is None:
         value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    if isinstance(value, (bool, np.bool_)):
+        raise RequestError(name, f"must be a number, got {value!r}")
+    if not isinstance(value, (int, float, np.number)):
         try:
             value = float(value)
         except (TypeError, ValueError):
@@ -163,58 +216,115 @@ def _text(raw: dict, name: str, limits: Limits, default: str | None = None) -> s
     return value
 
 
-def _open(value, name: str):
-    """Paths (Gradio uploads, scripts) become images; a bad file is the field's error."""
+def _decode(value, name: str, notes: list[str]) -> Image.Image:
+    """Decode a path (a Gradio upload, a script's file), PIL image or array, once: the size is
+    checked from the header before any pixel is decoded; animations give their first frame;
+    EXIF orientation is applied. Returns the image in its own mode (Pillow's)."""
+    if isinstance(value, np.ndarray):
+        try:
+            value = Image.fromarray(value)
+        except TypeError:
+            raise RequestError(name, f"is an array of shape {value.shape} and dtype {value.dtype}, which is not an "
+                                     "image; use uint8 (H, W) or (H, W, 3)") from None
     if isinstance(value, (str, Path)):
         try:
-            with Image.open(value) as image:
-                _check_pixels(image, name)  # before decoding: a small file can hold a huge image
-                image.load()
-                return image
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            raise RequestError(name, f"is not a readable image ({err})") from None
-    if isinstance(value, Image.Image):
-        _check_pixels(value, name)
-    return value
+            image = Image.open(value, formats=INPUT_FORMATS)  # lazy: reads the header only
+        except Image.DecompressionBombError:
+            raise RequestError(name, f"is over {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels; the largest "
+                                     f"accepted is {MAX_INPUT_PIXELS // 10**6} megapixels") from None
+        except UnidentifiedImageError:
+            raise RequestError(name, f"is not a readable image: not a {', '.join(INPUT_FORMATS)} file") from None
+        except OSError as err:
+            raise RequestError(name, f"is not a readable image ({err.strerror or err})") from None
+    elif isinstance(value, Image.Image):
+        image = value
+    else:
+        raise RequestError(name, f"must be an image, got {type(value).__name__}")
+    try:
+        width, height = image.size
+        if width * height > MAX_INPUT_PIXELS:
+            raise RequestError(name, f"is {width}x{height} ({width * height / 10**6:.0f} megapixels); the largest "
+                                     f"accepted is {MAX_INPUT_PIXELS // 10**6} megapixels")
+        try:
+            animated = getattr(image, "is_animated", False)  # GIF, APNG, WebP, MPO: frame 0 stays current
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+            upright = ImageOps.exif_transpose(image)  # decodes; a copy, detached from the file
+        except (OSError, ValueError, SyntaxError, EOFError) as err:
+            raise RequestError(name, f"is not a readable image: decoding failed ({err})") from None
+    finally:
+        if image is not value:
+            image.close()
+    if animated:
+        notes.append(f"{name}: holds several frames; the first was used")
+    if orientation != 1:
+        notes.append(f"{name}: turned upright as its EXIF orientation ({orientation}) asks")
+    return upright
 
 
-def _check_pixels(image: Image.Image, name: str) -> None:
-    width, height = image.size
-    if width * height > MAX_INPUT_PIXELS:
-        raise RequestError(name, f"is {width}x{height}; the largest accepted is {MAX_INPUT_PIXELS // 10**6} megapixels")
-
-
-def _image(value, name: str, size: tuple[int, int]) -> tuple[Image.Image, list[str]]:
-    """The input image as RGB at the requested size, and what was changed to get there."""
+def _image(value, name: str, size: tuple[int, int], notes: list[str]) -> Image.Image:
+    """The input image as 8-bit RGB at the requested size; what was changed is added to `notes`."""
     if value is None:
         raise RequestError(name, "is required for this mode; upload an image")
-    value = _open(value, name)
-    if isinstance(value, np.ndarray):
-        value = Image.fromarray(value)
-    if not isinstance(value, Image.Image):
-        raise RequestError(name, f"must be an image, got {type(value).__name__}")
-    notes = []
-    if value.mode != "RGB":
-        notes.append(f"{name}: converted from {value.mode} to RGB")
-    image = ImageOps.exif_transpose(value).convert("RGB")
+    image = _decode(value, name, notes)
+    mode = image.mode
+    if mode in _WIDE_MODES:
+        image = _to_8_bit(image, name, notes)
+    try:
+        if image.has_transparency_data:
+            rgba = image.convert("RGBA")
+            if rgba.getextrema()[3][0] < 255:
+                notes.append(f"{name}: its transparent areas ({mode}) were composited on white, as AUTOMATIC1111 does")
+            elif mode != "RGB":
+                notes.append(f"{name}: converted from {mode} to RGB")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND), rgba)
+        elif mode not in ("RGB", *_WIDE_MODES):
+            notes.append(f"{name}: converted from {mode} to RGB")
+        image = image.convert("RGB")
+    except ValueError as err:  # a mode Pillow cannot convert (e.g. "La", from Python only)
+        raise RequestError(name, f"has pixel mode {mode}, which cannot be made RGB ({err})") from None
     if image.size != size:
         # output size follows the width/height controls, as in other web UIs
         notes.append(f"{name}: resized from {image.width}x{image.height} to {size[0]}x{size[1]}")
         image = image.resize(size, Image.Resampling.LANCZOS)
-    return image, notes
+    return image
 
 
-def _depth_map(value) -> np.ndarray:
-    value = _open(value, "depth_map")
-    if isinstance(value, Image.Image):
-        value = np.asarray(value.convert("F") if value.mode not in ("I;16", "I", "F") else value, dtype=np.float32)
-    if not isinstance(value, np.ndarray):
-        raise RequestError("depth_map", f"must be an image or array, got {type(value).__name__}")
-    depth = np.array(value, dtype=np.float32)  # a writable copy, as torch.from_numpy wants
-    if depth.ndim == 3:
-        depth = depth.mean(axis=2)  # an RGB rendering of a grey depth map
+def _to_8_bit(image: Image.Image, name: str, notes: list[str]) -> Image.Image:
+    """Grey pixels wider than 8 bits as an 8-bit "L" image: 16-bit by the format's range
+    (0..65535, so brightness is kept), 32-bit integer and float, which have no fixed
+    range, by their own lowest..highest value. Pillow's convert would clip at 255."""
+    values = np.asarray(image, dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise RequestError(name, "holds NaN or infinite pixel values")
+    low, high = (0.0, 65535.0) if image.mode.startswith("I;16") else (float(values.min()), float(values.max()))
+    scale = 255 / (high - low) if high > low else 0.0
+    pixels = np.clip(np.round((values - low) * scale), 0, 255).astype(np.uint8)
+    notes.append(f"{name}: {_WIDE_MODES[image.mode]} grey ({image.mode}) scaled to 8 bits: "
+                 f"{low:g}..{high:g} became 0..255")
+    return Image.fromarray(pixels, "L")
+
+
+def _depth_map(value, notes: list[str]) -> np.ndarray:
+    """(H, W) float32 depth, near = larger, at the map's full range and precision: 16-bit and
+    float maps keep every value (the pipeline rescales min..max to [-1, 1] itself)."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iuf":
+        depth = np.array(value, dtype=np.float32)  # a writable copy, as torch.from_numpy wants
+        if depth.ndim == 3:
+            depth = depth.mean(axis=2)  # an RGB rendering of a grey depth map
+    else:
+        image = _decode(value, "depth_map", notes)
+        if image.mode in _WIDE_MODES:
+            depth = np.array(image, dtype=np.float32)
+        else:
+            if image.has_transparency_data:
+                notes.append(f"depth_map: its alpha channel ({image.mode}) was ignored")
+            rgb = image.convert("RGB")
+            channels = np.asarray(rgb, dtype=np.int16)
+            if np.abs(channels - channels[..., :1]).max() > 2:  # more than JPEG's wobble around grey
+                notes.append("depth_map: is in colour; its brightness (luminance) was taken as depth")
+            depth = np.array(rgb.convert("F"), dtype=np.float32)
     if depth.ndim != 2:
-        raise RequestError("depth_map", f"must be a 2-D map, got shape {value.shape}")
+        raise RequestError("depth_map", f"must be a 2-D map, got shape {depth.shape}")
     if not np.isfinite(depth).all():
         raise RequestError("depth_map", "holds NaN or infinite values")
     if depth.max() == depth.min():

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -64,7 +65,10 @@ def images(tmp_path_factory):
 BAD_FIELDS = [
     ("steps", 0, "Steps: Value 0 is less than minimum value 1"),
     ("steps", 151, "Steps: Value 151 is greater than maximum value 150"),
-    ("steps", 2.5, "steps: must be a whole number"),
+    ("steps", 2.5, "steps: must be a whole number, got 2.5"),
+    ("seed", 1.5, "seed: must be a whole number, got 1.5"),  # gr.Number(precision=0) used to run it as seed 2
+    ("width", 64.5, "width: must be a whole number, got 64.5"),
+    ("height", 72.5, "height: must be a whole number, got 72.5"),
     ("guidance_scale", -1, "Guidance scale (CFG): Value -1 is less than minimum value 0"),
     ("guidance_scale", 31, "greater than maximum value 30"),
     ("width", 32, "Width: Value 32 is less than minimum value 64"),
@@ -119,24 +123,81 @@ def test_size_over_the_memory_budget(served):
         Client(served.url, verbose=False).predict(**{**BASE, "width": 2048, "height": 2048}, api_name="/txt2img")
 
 
-@pytest.mark.parametrize("name", ["gray.png", "rgba.png", "palette.png", "cmyk.jpg", "one_pixel.png",
-                                  "sixteen_bit.png"])
-def test_odd_images_are_converted_and_run(served, images, name):
+@pytest.mark.parametrize("name,note", [
+    ("gray.png", "image: converted from L to RGB"),
+    ("rgba.png", "image: converted from RGBA to RGB"),  # opaque: nothing to composite
+    ("palette.png", "image: converted from P to RGB"),
+    ("cmyk.jpg", "image: converted from CMYK to RGB"),
+    ("one_pixel.png", "image: resized from 1x1 to 64x64"),
+    ("sixteen_bit.png", "image: 16-bit grey (I;16) scaled to 8 bits: 0..65535 became 0..255"),
+])
+def test_odd_images_are_converted_and_run(served, images, name, note):
     updates = list(Client(served.url, verbose=False).submit(
         **BASE, image=handle_file(images[name]), strength=1.0, api_name="/img2img"))
     assert Image.open(updates[-1][2]).size == (64, 64)
-    assert "resized from" in updates[-1][4]  # the coercion is reported
+    assert f"⚠ {note}" in updates[-1][4]  # the coercion is reported
 
 
 @pytest.mark.parametrize("name,needle", [
-    ("bomb.png", "largest accepted"),
-    ("truncated.png", "readable image"),
-    ("not_an_image.png", "readable image"),
+    ("bomb.png", "image: is 9000x9000 (81 megapixels); the largest accepted is 40 megapixels"),
+    ("truncated.png", "image: is not a readable image: decoding failed (image file is truncated"),
+    ("not_an_image.png", "image: is not a readable image: not a PNG, JPEG, WEBP, GIF, BMP, TIFF file"),
 ])
 def test_unusable_images_are_refused(served, images, name, needle):
     with pytest.raises(Exception) as err:
         Client(served.url, verbose=False).predict(**BASE, image=handle_file(images[name]), api_name="/img2img")
-    assert needle in str(err.value) or "image" in str(err.value).lower()
+    assert needle in str(err.value)
+
+
+def test_huge_upload_is_refused_before_decoding(served, images, monkeypatch):
+    from PIL import ImageFile
+
+    decoded, load = [], ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: (decoded.append(self.size), load(self))[1])
+    with pytest.raises(Exception, match=re.escape("image: is 9000x9000 (81 megapixels)")):
+        Client(served.url, verbose=False).predict(**BASE, image=handle_file(images["bomb.png"]), api_name="/img2img")
+    assert (9000, 9000) not in decoded  # neither Gradio nor the app decoded it
+    list(Client(served.url, verbose=False).submit(**BASE, image=handle_file(images["gray.png"]), strength=1.0,
+                                                  api_name="/img2img"))
+    assert (48, 40) in decoded  # the recorder sees the server's decodes
+
+
+CASES = Path(__file__).parent / "cases"  # the issue-16 inputs, copied from its shared cases folder
+
+
+def test_16_bit_depth_map_case_reaches_the_pipeline_at_full_range(served, images):
+    updates = list(Client(served.url, verbose=False).submit(
+        **BASE, image=handle_file(images["rgba.png"]), depth_map=handle_file(str(CASES / "depth16.png")),
+        strength=1.0, api_name="/depth2img"))
+    shown = pixels(Image.open(updates[-1][5]))[..., 0].astype(int)
+    row = shown[shown.shape[0] // 2]
+    assert (np.diff(row) <= 0).all() and row[0] - row[-1] > 200  # 60000 (near, light) down to 1000, in order
+    assert "depth_map:" not in updates[-1][4]  # used as sent: nothing to say about it
+
+
+@pytest.mark.parametrize("name,note", [
+    ("gray16.png", "image: 16-bit grey (I;16) scaled to 8 bits: 0..65535 became 0..255"),
+    ("rgba_transparent.png", "image: its transparent areas (RGBA) were composited on white, as AUTOMATIC1111 does"),
+])
+def test_case_images_run_with_their_note(served, name, note):
+    final = list(Client(served.url, verbose=False).submit(
+        **BASE, image=handle_file(str(CASES / name)), strength=1.0, api_name="/img2img"))[-1]
+    assert final[4].endswith(f"⚠ {note}")
+
+
+def test_strength_that_runs_no_step_is_a_clear_error(served, images):
+    with pytest.raises(Exception, match=re.escape(
+            "strength: 1 steps at strength 0.75 run no step: img2img runs int(steps × strength) = int(0.75) = 0 of "
+            "them; raise steps to 2 or strength to 1.0")):
+        Client(served.url, verbose=False).predict(**{**BASE, "steps": 1}, image=handle_file(images["gray.png"]),
+                                                  strength=0.75, api_name="/img2img")
+
+
+def test_info_line_counts_the_steps_that_run(served, images):
+    updates = list(Client(served.url, verbose=False).submit(**BASE, image=handle_file(images["gray.png"]),
+                                                            strength=0.5, api_name="/img2img"))
+    assert len(updates) == STEPS // 2 + 1
+    assert f"· {STEPS // 2} of {STEPS} steps (strength 0.5) ·" in updates[-1][4]
 
 
 def test_depth_map_of_another_size_and_dtype_is_resized(served, images, tmp_path):
@@ -148,6 +209,7 @@ def test_depth_map_of_another_size_and_dtype_is_resized(served, images, tmp_path
         strength=1.0, api_name="/depth2img"))
     shown = pixels(Image.open(updates[-1][5]))[..., 0].astype(int)
     assert shown[:, -3:].mean() > shown[:, :3].mean() + 100  # right half raised, as uploaded
+    assert "⚠ depth_map: resized from 50x30 to 64x64" in updates[-1][4]
 
 
 def test_flat_depth_map_is_refused(served, images, tmp_path):
@@ -220,8 +282,10 @@ def test_one_clients_stop_leaves_a_concurrent_run_alone(served):
     theirs = other.submit(**{**BASE, "seed": 77, "steps": 30}, api_name="/txt2img")
     mine = stopper.submit(**{**BASE, "steps": 150}, api_name="/txt2img")  # queued behind theirs, then runs
     stopper.predict(api_name="/stop")  # may land before mine starts: then it stops nothing
-    while not mine.outputs():
+    deadline = time.monotonic() + 120  # a failure fails instead of hanging; not a timing check
+    while not mine.outputs() and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert mine.outputs(), "the 150-step run sent no frame within 120 s"
     stopper.predict(api_name="/stop")
     final = theirs.result()
     assert np.array_equal(pixels(Image.open(final[2])), reference)

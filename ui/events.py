@@ -118,9 +118,13 @@ class Runner:
 
 
 def _info(req: GenerationRequest, model: str, final: Final) -> str:
-    strength = f" · strength {req.strength}" if req.mode != "txt2img" else ""
+    if req.mode == "txt2img":
+        steps = f"{req.steps} steps"
+    else:  # img2img and depth2img start part-way: strength sets how far
+        steps = f"{req.denoising_steps} of {req.steps} steps (strength {req.strength})"
+    cfg = f"CFG {req.guidance_scale}" + ("" if req.classifier_free_guidance else " (off: 1 or below)")
     notes = "".join(f"\n\n⚠ {note}" for note in final.notes)
     return (
-        f"**{req.mode}** · seed `{req.seed}` · {req.steps} steps · {req.scheduler} · CFG {req.guidance_scale}"
-        f" · {req.width}x{req.height}{strength} · {model} · {final.seconds:.2f} s{notes}"
+        f"**{req.mode}** · seed `{req.seed}` · {steps} · {req.scheduler} · {cfg}"
+        f" · {req.width}x{req.height} · {model} · {final.seconds:.2f} s{notes}"
     )

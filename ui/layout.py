@@ -80,17 +80,17 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                     with gr.Tab("txt2img", id="txt2img"):
                         go_txt = gr.Button("Generate", variant="primary", elem_id="generate-txt2img")
                     with gr.Tab("img2img", id="img2img"):
-                        img_in = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
-                                          elem_id="img2img-input")
+                        img_in = fields.ImageFile(label="Input image", type="filepath", sources=["upload", "clipboard"],
+                                                 elem_id="img2img-input")
                         img_strength = fields.Slider(0.01, 1.0, value=start.get("strength", 0.75), step=0.01,
                                                  label="Strength (how much to change)")
                         go_img = gr.Button("Generate", variant="primary", elem_id="generate-img2img")
                     with gr.Tab("depth", id="depth2img"):
                         with gr.Row():
-                            depth_in = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
-                                                elem_id="depth-input")
-                            depth_map = gr.Image(label="Depth map (optional; estimated when empty)", type="filepath",
-                                                 sources=["upload"])
+                            depth_in = fields.ImageFile(label="Input image", type="filepath",
+                                                       sources=["upload", "clipboard"], elem_id="depth-input")
+                            depth_map = fields.ImageFile(label="Depth map (optional; estimated when empty)",
+                                                         type="filepath", sources=["upload"])
                         depth_strength = fields.Slider(0.01, 1.0, value=start.get("strength", 0.8), step=0.01,
                                                    label="Strength")
                         go_depth = gr.Button("Generate", variant="primary", elem_id="generate-depth2img")
