@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -21,7 +20,7 @@ from pipelines import GenerationError, Limits, ModelCache, generate, validate_re
 from ui.events import Runner
 from ui.stream import RunStore
 
-from .conftest import pixels
+from .conftest import CASES, pixels  # CASES: ../shared/cases, the issue-16 inputs
 from .test_app import COMMON, free_port
 
 STEPS = 4
@@ -162,7 +161,6 @@ def test_huge_upload_is_refused_before_decoding(served, images, monkeypatch):
     assert (48, 40) in decoded  # the recorder sees the server's decodes
 
 
-CASES = Path(__file__).parent / "cases"  # the issue-16 inputs, copied from its shared cases folder
 
 
 def test_16_bit_depth_map_case_reaches_the_pipeline_at_full_range(served, images):

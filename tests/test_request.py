@@ -7,6 +7,8 @@ from PIL import Image
 
 from pipelines import Limits, RequestError, validate_request
 
+from .conftest import CASES  # ../shared/cases: the issue-16 inputs
+
 BASE = dict(mode="txt2img", prompt="a red circle", seed=1, steps=10, guidance_scale=7.5, width=64, height=64,
             scheduler="Euler", preview="latent-rgb")
 
@@ -103,7 +105,6 @@ def test_settings_are_plain_data():
 
 # -- input images: decoded once, here, from the file the user sent ------------------------------
 
-CASES = Path(__file__).parent / "cases"  # the issue-16 inputs, copied from its shared cases folder
 IMG2IMG = dict(BASE, mode="img2img", strength=1.0)
 DEPTH = dict(BASE, mode="depth2img", strength=1.0, image=Image.new("RGB", (64, 64)))
 

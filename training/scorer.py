@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .scenes import ANCHORS, PALETTE, POSITIONS, SHAPES
+from .scenes import ANCHORS, PALETTE, POSITIONS
 
 _PAL = np.array(list(PALETTE.values()), np.float32)
 _NAMES = list(PALETTE)

@@ -12,7 +12,7 @@ from pipelines.presets import Preset
 from . import fields
 from .events import GenerateFn, Runner
 from .inspect import Inspector
-from .stream import RunStore, progress_html
+from .stream import RunStore
 
 CSS = """
 .sw-progress { display: flex; gap: .75em; align-items: center; font-variant-numeric: tabular-nums; }
