@@ -120,7 +120,7 @@ def generate(
     cancel = cancel or CancelToken()
     # 1. The shared pipeline, and a per-run one with its own scheduler and interrupt flag
     shared = cache.pipeline(request.mode, source)
-    checkpoint = cache.checkpoint(source, depth=request.mode == "depth2img")
+    checkpoint = cache.checkpoint(source)
     scheduler = make_scheduler(request.scheduler, shared.scheduler.config)
     pipe = _per_run(shared, scheduler)
     recorder = X0Recorder(scheduler)  # x0 for every frame: the timeline shows both views
