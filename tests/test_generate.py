@@ -77,7 +77,8 @@ def test_a_frame_keeps_both_views_and_counts_its_bytes(cache, tiny_dir, make_req
     timestep = frames[0].t.nbytes
     assert frames[1].nbytes == timestep + 2 * picture + latents
     assert frames[0].nbytes == timestep + 2 * picture + latents + picture + latents  # and the start
-    assert frames[0].image.size == (64, 64) and np.array_equal(pixels(frames[0].image), pixels(frames[0].x0_pixels.pil()))
+    assert frames[0].image.size == (64, 64)
+    assert np.array_equal(pixels(frames[0].image), pixels(frames[0].x0_pixels.pil()))  # the x0 view streams
 
 
 def test_x0_view_differs_from_x_t(cache, tiny_dir, make_request):
@@ -115,7 +116,8 @@ def test_x_t_is_the_pipelines_latents_in_variance_preserving_form(cache, tiny_di
     assert len(frames) == len(expected) == (6 if scheduler == "PNDM" else 5)
     for frame, latents in zip(frames, expected):
         assert torch.allclose(frame.latents.tensor(), latents, atol=1e-6)
-        assert np.array_equal(pixels(frame.xt_pixels.pil()), cache.checkpoint(str(tiny_dir)).latent_rgb(latents).numpy())
+        shown = cache.checkpoint(str(tiny_dir)).latent_rgb(latents)
+        assert np.array_equal(pixels(frame.xt_pixels.pil()), shown.numpy())
 
 
 def test_uploaded_depth_map_is_used_and_shown(cache, tiny_dir, make_request):

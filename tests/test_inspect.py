@@ -87,7 +87,8 @@ def test_noise_levels_are_the_schedulers_own(cache, tiny_dir, make_request, tmp_
     assert euler.levels[-1] == 0 and euler.frames[-1].sigma == 0
     assert [round(f.sigma, 4) for f in euler.frames] == [round(float(s), 4) for s in sigmas.sigmas[1:]]
     # the plot: step 0 (the start) at the left edge, step 7 at the right, marked where the slider is
-    assert '<circle cx="28.0"' in schedule_svg(euler.levels, 0) and '<circle cx="452.0"' in schedule_svg(euler.levels, 7)
+    assert '<circle cx="28.0"' in schedule_svg(euler.levels, 0)
+    assert '<circle cx="452.0"' in schedule_svg(euler.levels, 7)
 
 
 def test_compare_shows_the_other_run_at_the_same_step(recorded, inspector, cache, tiny_dir, make_request, tmp_path):
@@ -108,7 +109,8 @@ def test_step_zero_is_the_seeds_noise_for_txt2img(recorded, inspector, cache, ti
     image, x0, _, info, channels, _ = inspector.show([recorded], 0, None, 0)
     full_vae = cache.checkpoint(str(tiny_dir)).decoder("full-vae")
     assert np.array_equal(pixels(image), full_vae(noise).numpy()) and x0 is None
-    assert "step 0" in info and "the seed's starting noise" in info and "noise level √(1−ᾱ)=" in info and len(channels) == 4
+    assert "step 0" in info and "the seed's starting noise" in info and "noise level √(1−ᾱ)=" in info
+    assert len(channels) == 4
     assert torch.equal(recorded.frames[0].start_latents.tensor(), noise)
     # Euler starts from noise * init_noise_sigma; shown like every x_t, divided by sqrt(sigma^2 + 1)
     euler = record(make_request(seed=recorded.request.seed, steps=7, scheduler="Euler"), cache, tiny_dir,
