@@ -91,7 +91,7 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
         examples=card.get("example_prompts", []),
         vocabulary=card.get("vocabulary", {}),
         keep_runs=KEEP_RUNS,
-        anatomy=Anatomy(cache, args.model),
+        anatomy=Anatomy(args.model, depth_source),
         delete_cache=CACHE_SWEEP,
     )
     return build_app(spec).queue(max_size=MAX_QUEUE, default_concurrency_limit=1)

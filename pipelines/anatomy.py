@@ -1,16 +1,17 @@
-"""Looking inside a run: the prompt's tokens, the seed's starting noise, and any
-step's latents as pictures (both views, and the 4 latent channels)."""
+"""Looking inside a run without its models: the prompt's tokens as each source's
+tokenizer reads them, and the latent channels of a step. Step pictures are made
+during the run (`generate.Frame`); nothing here loads weights or uses the device,
+so the Inspect panel can answer while a run holds the GPU."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .cache import BUNDLED, ModelCache
-from .request import GenerationRequest
+from .cache import BUNDLED, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -21,44 +22,38 @@ class Token:
 
 
 class Anatomy:
-    """Inspection helpers bound to one model source of a cache."""
+    """Token views for the app's sources: `model` runs txt2img and img2img,
+    `depth_model` (default: `model`) runs depth2img. Each source's tokenizer is
+    loaded once, on its own (no weights), and kept by source."""
 
-    def __init__(self, cache: ModelCache, source: str = BUNDLED):
-        self.cache, self.source = cache, source
+    def __init__(self, model: str = BUNDLED, depth_model: str | None = None):
+        self.sources = {"txt2img": model, "img2img": model, "depth2img": depth_model or model}
+        self._tokenizers: dict[str, object] = {}
+        self._lock = threading.Lock()
 
-    def tokens(self, prompt: str) -> list[Token]:
-        """How the text encoder sees `prompt`, start and end markers included."""
-        tokenizer = self.cache.pipeline("txt2img", self.source).tokenizer
+    def tokenizer(self, source: str):
+        """`source`'s tokenizer. Raises `ModelLoadError` when it cannot be read."""
+        with self._lock:
+            if source not in self._tokenizers:
+                self._tokenizers[source] = load_tokenizer(source)
+            return self._tokenizers[source]
+
+    def tokens(self, prompt: str, source: str | None = None) -> list[Token]:
+        """How `source`'s text encoder (default: the txt2img one) sees `prompt`, start and end markers included."""
+        tokenizer = self.tokenizer(source or self.sources["txt2img"])
         ids = tokenizer(prompt, truncation=False).input_ids
         limit = tokenizer.model_max_length
         # truncation keeps the first limit - 1 tokens and puts the end marker last
         return [Token(tokenizer.convert_ids_to_tokens(i).replace("</w>", ""), i, n < limit - 1 or n == len(ids) - 1)
                 for n, i in enumerate(ids)]
 
-    def initial_noise(self, request: GenerationRequest) -> Image.Image:
-        """txt2img's starting latent for this seed, as the pipeline draws it, through the latent->RGB map."""
-        pipe = self.cache.pipeline("txt2img", self.source)
-        factor = pipe.vae_scale_factor
-        shape = (1, pipe.unet.config.in_channels, request.height // factor, request.width // factor)
-        noise = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(request.seed), dtype=torch.float32)
-        return self.picture(noise, "latent-rgb")
 
-    def picture(self, latents: torch.Tensor, preview: str) -> Image.Image:
-        """Latents as a picture with the given preview decoder."""
-        decode = self.cache.checkpoint(self.source).decoder(preview)
-        return Image.fromarray(decode(latents.to(self.cache.device)).cpu().numpy())
-
-    def step_pictures(self, frame, preview: str) -> tuple[Image.Image, Image.Image, list[Image.Image]]:
-        """A frame's x_t and x0 as pictures, and its latent channels."""
-        latents = frame.latents.tensor()
-        return self.picture(latents, preview), self.picture(frame.x0.tensor(), preview), self.channels(latents)
-
-    @staticmethod
-    def channels(latents: torch.Tensor) -> list[Image.Image]:
-        """Each latent channel as a grayscale image, scaled to its own range."""
-        images = []
-        for channel in latents[0].float():
-            low, high = channel.min(), channel.max()
-            scaled = (channel - low) / (high - low) if high > low else torch.zeros_like(channel)
-            images.append(Image.fromarray((scaled * 255).round().to(torch.uint8).cpu().numpy(), mode="L"))
-        return images
+def channels(latents: torch.Tensor) -> list[Image.Image]:
+    """Each latent channel of the first image of (B, C, h, w) `latents` as an 8-bit
+    grayscale image, scaled to its own range (so x_t's scaling does not matter)."""
+    images = []
+    for channel in latents[0].float():
+        low, high = channel.min(), channel.max()
+        scaled = (channel - low) / (high - low) if high > low else torch.zeros_like(channel)
+        images.append(Image.fromarray((scaled * 255).round().to(torch.uint8).cpu().numpy(), mode="L"))
+    return images

@@ -13,7 +13,6 @@ Sources (`--model` / `--depth-model`):
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import threading
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from diffusers import (
     AutoencoderTiny,
     DiffusionPipeline,
@@ -81,12 +81,40 @@ def resolve_local(source: str) -> Path | None:
     return None
 
 
-def _pipeline_class(folder: Path | None, depth: bool) -> type[DiffusionPipeline]:
-    """A local folder says what it is; a hub id is taken as what the caller wants."""
-    if folder is not None:
-        name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
-        depth = name == StableDiffusionDepth2ImgPipeline.__name__
-    return StableDiffusionDepth2ImgPipeline if depth else StableDiffusionPipeline
+# model_index.json `_class_name` -> the class Stepwise loads it as
+_PIPELINE_CLASSES = {
+    StableDiffusionPipeline.__name__: StableDiffusionPipeline,
+    StableDiffusionImg2ImgPipeline.__name__: StableDiffusionPipeline,  # same components
+    StableDiffusionDepth2ImgPipeline.__name__: StableDiffusionDepth2ImgPipeline,
+}
+
+
+def _pipeline_class(source: str, where: str) -> type[DiffusionPipeline]:
+    """The class the checkpoint records in its model_index.json (a small file; from the
+    HF cache for a hub id), never what the first caller asked for: one source is one
+    class, whichever mode asks first."""
+    name = DiffusionPipeline.load_config(where).get("_class_name")
+    if name not in _PIPELINE_CLASSES:
+        raise ModelLoadError(f"{source!r} is a {name} checkpoint; Stepwise runs "
+                             f"{', '.join(sorted(_PIPELINE_CLASSES))} checkpoints")
+    return _PIPELINE_CLASSES[name]
+
+
+def load_tokenizer(source: str = BUNDLED):
+    """The tokenizer of `source` on its own: a few small files, no weights, no device.
+
+    Raises `ModelLoadError` (what to do) when the source cannot be read.
+    """
+    folder = resolve_local(source)
+    where = str(folder) if folder else source
+    try:
+        library, name = DiffusionPipeline.load_config(where).get("tokenizer") or (None, None)
+        if library != "transformers":
+            raise ModelLoadError(f"{source!r} names no transformers tokenizer in its model_index.json")
+        # the class model_index.json names, as the pipeline loads it
+        return getattr(transformers, name).from_pretrained(where, subfolder="tokenizer")
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(ModelCache._load_hint(source, err, local=folder is not None)) from err
 
 
 def _compile(pipe: DiffusionPipeline) -> None:
@@ -158,7 +186,11 @@ class ModelCache:
     - Sharing: img2img is `from_pipe` of txt2img, so both hold the very same
       UNet, VAE and text encoder. A bundled-layout depth model reuses its family's
       VAE, text encoder and tokenizer and adds only its depth UNet and estimator.
-    - Key: (source, device, dtype).
+    - Key: (source, device, dtype). A source's pipeline class is the one its
+      model_index.json records (`StableDiffusionPipeline`, a bundled-layout
+      folder's depth UNet included, or `StableDiffusionDepth2ImgPipeline`), so
+      the mode asked for first cannot pick it; asking a checkpoint for a mode it
+      cannot run is a `ModelLoadError` naming the flag to pass.
     - Lock: one re-entrant lock around lookups and loads, so two requests for a
       cold model load it once. Runs use the pipelines outside the lock.
     - Running: `run_lock` lets one run use the device at a time (the UI also
@@ -191,17 +223,18 @@ class ModelCache:
     def pipeline(self, mode: str, source: str = BUNDLED) -> DiffusionPipeline:
         """The shared pipeline for `mode` ("txt2img", "img2img", "depth2img")."""
         with self._lock:
-            entry = self.checkpoint(source, depth=mode == "depth2img")
+            entry = self.checkpoint(source)
             if mode not in entry.pipelines:
                 entry.pipelines[mode] = self._derive(entry, mode)
             return entry.pipelines[mode]
 
-    def checkpoint(self, source: str = BUNDLED, depth: bool = False) -> Checkpoint:
+    def checkpoint(self, source: str = BUNDLED) -> Checkpoint:
+        """The loaded checkpoint of `source` (loads it on first use). Raises `ModelLoadError`."""
         key = (source, str(self.device), self.dtype)
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                entry = self._load(source, depth)
+                entry = self._load(source)
                 self._entries[key] = entry
                 self._evict(keep=key)
             self._entries.move_to_end(key)
@@ -216,13 +249,13 @@ class ModelCache:
             return sum(e.nbytes() for e in self._entries.values())
 
     # -- loading ------------------------------------------------------------
-    def _load(self, source: str, depth: bool) -> Checkpoint:
+    def _load(self, source: str) -> Checkpoint:
         folder = resolve_local(source)
         where = str(folder) if folder else source
-        pipe_cls = _pipeline_class(folder, depth)
-        kwargs = {} if pipe_cls is StableDiffusionDepth2ImgPipeline else {"safety_checker": None,
-                                                                          "requires_safety_checker": False}
         try:
+            pipe_cls = _pipeline_class(source, where)
+            kwargs = {} if pipe_cls is StableDiffusionDepth2ImgPipeline else {"safety_checker": None,
+                                                                              "requires_safety_checker": False}
             pipe = pipe_cls.from_pretrained(where, dtype=self.dtype, **kwargs)
         except (OSError, ValueError) as err:
             raise ModelLoadError(self._load_hint(source, err, local=folder is not None)) from err
@@ -258,7 +291,10 @@ class ModelCache:
         base = entry.base
         if mode in ("txt2img", "img2img"):
             if isinstance(base, StableDiffusionDepth2ImgPipeline):
-                raise ModelLoadError(f"{entry.source!r} is a depth model; it runs only depth2img")
+                raise ModelLoadError(
+                    f"{entry.source!r} is a depth model ({type(base).__name__}); it runs only depth2img: "
+                    "pass it with --depth-model, and a text-to-image checkpoint with --model"
+                )
             cls = StableDiffusionPipeline if mode == "txt2img" else StableDiffusionImg2ImgPipeline
             pipe = cls.from_pipe(base)
         else:

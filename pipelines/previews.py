@@ -67,6 +67,11 @@ class HostCopy:
     def pil(self) -> Image.Image:
         return Image.fromarray(self.tensor().numpy())
 
+    @property
+    def nbytes(self) -> int:
+        """Host memory the copy holds (known before it lands)."""
+        return self._host.numel() * self._host.element_size()
+
 
 @dataclass
 class LatentRGB:
@@ -135,23 +140,30 @@ class VAEDecoder:
 
 
 class X0Recorder:
-    """Keeps the latest clean-image estimate x0 of one run's own scheduler.
+    """Keeps the latest clean-image estimate x0 of one run's own scheduler, and
+    the latents the run started from.
 
-    `callback_on_step_end` sees only x_t, so this wraps `step` on the run's
-    scheduler instance (never the class, never a shared one). It takes the
+    `callback_on_step_end` sees only x_t after a step, so this wraps `step` on the
+    run's scheduler instance (never the class, never a shared one). It takes the
     scheduler's `pred_original_sample` where it returns one (DDIM, Euler, Euler a)
     and otherwise computes x0 from the model output and the step's noise level.
+    `start` is the `sample` of the first `step` call: the seed's noise for txt2img,
+    the noised input image's latents for img2img and depth2img, in the scheduler's
+    own space (sigma-scaled for Euler). It is only read, never changed.
     """
 
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.x0: torch.Tensor | None = None
+        self.start: torch.Tensor | None = None
         original = scheduler.step
 
         # wraps() keeps the signature: pipelines pass `generator` and `eta` only to a
         # `step` that declares them, and Euler a draws its noise from that generator.
         @functools.wraps(original)
         def step(model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+            if self.start is None:
+                self.start = sample
             out = original(model_output, timestep, sample, *args, return_dict=True, **kwargs)
             x0 = getattr(out, "pred_original_sample", None)
             self.x0 = x0 if x0 is not None else self._x0_from_output(model_output, timestep, sample)
@@ -173,3 +185,54 @@ class X0Recorder:
         if kind == "v_prediction":
             return alpha_t * sample - sigma_t * model_output
         return model_output  # "sample"
+
+
+class NoiseSchedule:
+    """Where one run's x_t stands: its noise level at the start and after each step,
+    and x_t in the form every picture of it is made from.
+
+    Position k is the run's starting latents for k = 0 and x_t after step k for
+    k = 1..n (n UNet evaluations; PNDM evaluates its first timestep twice). The
+    values are the scheduler's own: sigma schedulers (Euler, Euler a, DPM++, UniPC)
+    keep `sigmas` on the CPU, and x_t after step k is at `sigmas[begin + k]`
+    (0 after the last step); alpha-bar schedulers (DDIM, PNDM) take x_t to the next
+    timestep the UNet sees, and after the last step to `final_alpha_cumprod`.
+    Built in the first step callback without a host sync; levels are read later.
+    """
+
+    def __init__(self, scheduler, timesteps: torch.Tensor):
+        n = len(timesteps)
+        self.timesteps = HostCopy(timesteps)  # the n timesteps the UNet sees
+        # Euler-type samplers carry x_t = x0 + sigma * noise (init_noise_sigma > 1);
+        # DDIM, DPM++, UniPC and PNDM carry sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise
+        self.sigma_space = float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0
+        self.sigmas = None
+        if getattr(scheduler, "sigmas", None) is not None and getattr(scheduler, "step_index", None) is not None:
+            begin = scheduler.step_index - 1  # called after the first step
+            self.sigmas = scheduler.sigmas[begin : begin + n + 1].float()
+        else:
+            self.alphas_cumprod = scheduler.alphas_cumprod
+            self.final_alpha_cumprod = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
+
+    def shown(self, latents: torch.Tensor, k: int) -> torch.Tensor:
+        """x_t at position k as every picture of it is decoded: in the variance-preserving
+        form sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise, so early pictures of
+        Euler's sigma-scaled latents are not saturated noise. Same shape and device."""
+        if self.sigma_space:
+            return latents / (self.sigmas[k] ** 2 + 1) ** 0.5
+        return latents
+
+    @functools.cached_property
+    def levels(self) -> list[float]:
+        """sqrt(1 - alpha_bar) of x_t at positions 0..n (1 = pure noise, 0 = clean)."""
+        if self.sigmas is not None:
+            sigmas = self.sigmas.double()
+            return (sigmas / (sigmas**2 + 1).sqrt()).tolist()
+        timesteps = self.timesteps.tensor().long().cpu()
+        alpha_bars = [*self.alphas_cumprod[timesteps].tolist(), self.final_alpha_cumprod]
+        return [max(1 - a, 0.0) ** 0.5 for a in alpha_bars]
+
+    def sigma(self, k: int) -> float:
+        """sigma = sqrt((1 - alpha_bar) / alpha_bar) of x_t at position k (inf for pure noise)."""
+        level = self.levels[k]
+        return float("inf") if level >= 1 else level / (1 - level**2) ** 0.5

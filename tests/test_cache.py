@@ -1,3 +1,4 @@
+import json
 import threading
 
 import pytest
@@ -18,7 +19,8 @@ def test_img2img_shares_the_txt2img_modules(cache, tiny_dir):
     assert cache.total_bytes() == before  # no extra parameter bytes
 
 
-def test_depth_family_shares_vae_text_encoder_and_tokenizer(cache, tiny_dir):
+def test_depth_family_shares_vae_text_encoder_and_tokenizer(tiny_dir):
+    cache = ModelCache(device="cpu")  # its own: the session's may hold the depth pipeline already
     txt = cache.pipeline("txt2img", str(tiny_dir))
     before = cache.total_bytes()
     depth = cache.pipeline("depth2img", str(tiny_dir))
@@ -120,6 +122,98 @@ def test_hub_id_loads_from_the_hf_cache_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     pipe = ModelCache(device="cpu").pipeline("txt2img", "stepwise/tiny")
     assert pipe.unet.config.in_channels == 4
+
+
+def save_depth_class_checkpoint(folder):
+    """A checkpoint saved as `StableDiffusionDepth2ImgPipeline`, as stabilityai/stable-diffusion-2-depth is."""
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    from pipelines.tiny import tiny_components
+
+    parts = tiny_components(seed=3)
+    StableDiffusionDepth2ImgPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["depth_unet"],
+        scheduler=parts["scheduler"], depth_estimator=parts["depth_estimator"],
+        feature_extractor=parts["feature_extractor"],
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """An offline HF cache; `hub(save, "org/name")` puts a checkpoint in it under that repo id."""
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+
+    def put(save, repo_id):
+        # the HF cache layout: models--org--name/snapshots/<rev>/..., refs/main -> rev
+        repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+        save(repo / "snapshots" / "0123abcd")
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0123abcd")
+        return repo_id
+
+    return put
+
+
+def classes_asked_in_order(source, modes):
+    """For each mode in turn on one fresh cache: the pipeline class, or the error message."""
+    cache, got = ModelCache(device="cpu"), []
+    for mode in modes:
+        try:
+            got.append(type(cache.pipeline(mode, source)).__name__)
+        except ModelLoadError as err:
+            got.append(str(err))
+    return got
+
+
+NOT_A_DEPTH_MODEL = ("{!r} has no depth UNet; pass a depth checkpoint such as stabilityai/stable-diffusion-2-depth "
+                     "with --depth-model")
+ONLY_DEPTH = ("{!r} is a depth model (StableDiffusionDepth2ImgPipeline); it runs only depth2img: pass it with "
+              "--depth-model, and a text-to-image checkpoint with --model")
+
+
+@pytest.mark.parametrize("modes", [("depth2img", "txt2img", "img2img"), ("txt2img", "img2img", "depth2img")])
+def test_the_checkpoint_not_the_first_request_decides_the_class(hub, tiny_dir, tmp_path, modes):
+    sd = hub(save_tiny_checkpoint, "stepwise/sd")
+    depth = hub(save_depth_class_checkpoint, "stepwise/sd-depth")
+    local_depth = str(save_depth_class_checkpoint(tmp_path / "local-depth"))
+    classes = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+               "depth2img": "StableDiffusionDepth2ImgPipeline"}
+    # the bundled layout: a txt2img checkpoint with its depth UNet beside it runs every mode
+    assert classes_asked_in_order(str(tiny_dir), modes) == [classes[m] for m in modes]
+    assert classes_asked_in_order(sd, modes) == [NOT_A_DEPTH_MODEL.format(sd) if m == "depth2img" else classes[m]
+                                                 for m in modes]
+    for source in (depth, local_depth):
+        assert classes_asked_in_order(source, modes) == [
+            classes[m] if m == "depth2img" else ONLY_DEPTH.format(source) for m in modes]
+
+
+def test_a_checkpoint_of_another_pipeline_class_is_refused_by_name(tmp_path):
+    folder = save_tiny_checkpoint(tmp_path / "xl")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ModelLoadError) as err:
+        ModelCache(device="cpu").checkpoint(str(folder))
+    assert str(err.value) == (f"{str(folder)!r} is a StableDiffusionXLPipeline checkpoint; Stepwise runs "
+                              "StableDiffusionDepth2ImgPipeline, StableDiffusionImg2ImgPipeline, "
+                              "StableDiffusionPipeline checkpoints")
+
+
+def test_tokenizer_loads_on_its_own_from_a_folder_or_the_hf_cache(hub, tiny_dir, cache):
+    from pipelines.cache import load_tokenizer
+
+    depth = hub(save_depth_class_checkpoint, "stepwise/sd-depth")
+    prompt = "a red circle " * 10
+    expected = cache.pipeline("txt2img", str(tiny_dir)).tokenizer(prompt).input_ids
+    for source in (str(tiny_dir), depth):
+        assert load_tokenizer(source)(prompt).input_ids == expected
+    with pytest.raises(ModelLoadError, match="'stepwise/missing' is not in the local Hugging Face cache"):
+        load_tokenizer("stepwise/missing")
 
 
 def test_folder_that_is_not_a_pipeline_is_refused(tmp_path):

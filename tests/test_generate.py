@@ -45,8 +45,8 @@ def bare_pipeline(mode, tiny_dir, scheduler_name):
     return pipe
 
 
-def bare_call(req, pipe):
-    kwargs = dict(prompt=req.prompt, negative_prompt=req.negative_prompt or None, num_inference_steps=req.steps,
+def bare_call(req, pipe, **extra):
+    kwargs = dict(extra, prompt=req.prompt, negative_prompt=req.negative_prompt or None, num_inference_steps=req.steps,
                   guidance_scale=req.guidance_scale, generator=torch.Generator().manual_seed(req.seed))
     if req.mode == "txt2img":
         kwargs.update(width=req.width, height=req.height)
@@ -71,6 +71,16 @@ def test_one_frame_per_step_for_each_preview_and_view(cache, tiny_dir, make_requ
     assert len({pixels(f.image).tobytes() for f in frames}) == 5  # every step is a new picture
 
 
+def test_a_frame_keeps_both_views_and_counts_its_bytes(cache, tiny_dir, make_request):
+    frames, _ = run(make_request(steps=3, preview="full-vae", view="x0"), cache, tiny_dir)
+    picture, latents = 64 * 64 * 3, 4 * 32 * 32 * 4  # uint8 RGB at full size; float32 latents at half
+    timestep = frames[0].t.nbytes
+    assert frames[1].nbytes == timestep + 2 * picture + latents
+    assert frames[0].nbytes == timestep + 2 * picture + latents + picture + latents  # and the start
+    assert frames[0].image.size == (64, 64)
+    assert np.array_equal(pixels(frames[0].image), pixels(frames[0].x0_pixels.pil()))  # the x0 view streams
+
+
 def test_x0_view_differs_from_x_t(cache, tiny_dir, make_request):
     xt, _ = run(make_request(view="x_t", preview="full-vae"), cache, tiny_dir)
     x0, _ = run(make_request(view="x0", preview="full-vae"), cache, tiny_dir)
@@ -87,6 +97,27 @@ def test_final_image_is_pixel_identical_to_bare_diffusers(cache, tiny_dir, make_
     _, finals = run(req, cache, tiny_dir)
     expected = bare_call(req, bare_pipeline(mode, tiny_dir, scheduler))
     assert np.array_equal(pixels(finals[0].image), pixels(expected))
+
+
+@pytest.mark.parametrize("scheduler", ["Euler", "Euler a", "DDIM", "DPM++ 2M Karras", "PNDM"])
+def test_x_t_is_the_pipelines_latents_in_variance_preserving_form(cache, tiny_dir, make_request, scheduler):
+    """A frame's x_t is the bare pipeline's latents after the step; Euler-type samplers'
+    (x0 + sigma * noise) divided by sqrt(sigma^2 + 1), sigma of those latents, the others' as they are."""
+    req = make_request(steps=5, scheduler=scheduler)
+    frames, _ = run(req, cache, tiny_dir)
+    pipe, expected = bare_pipeline("txt2img", tiny_dir, scheduler), []
+
+    def keep(p, i, t, tensors):
+        sigma = p.scheduler.sigmas[p.scheduler.step_index] if scheduler.startswith("Euler") else 0.0
+        expected.append(tensors["latents"] / (sigma**2 + 1) ** 0.5)
+        return tensors
+
+    bare_call(req, pipe, callback_on_step_end=keep)
+    assert len(frames) == len(expected) == (6 if scheduler == "PNDM" else 5)
+    for frame, latents in zip(frames, expected):
+        assert torch.allclose(frame.latents.tensor(), latents, atol=1e-6)
+        shown = cache.checkpoint(str(tiny_dir)).latent_rgb(latents)
+        assert np.array_equal(pixels(frame.xt_pixels.pil()), shown.numpy())
 
 
 def test_uploaded_depth_map_is_used_and_shown(cache, tiny_dir, make_request):

@@ -1,4 +1,6 @@
-"""The Inspect panel's data: timeline frames, tokens, starting noise, exports, PNG settings."""
+"""The Inspect panel's data: timeline frames, tokens, starting latents, exports, PNG settings."""
+
+import json
 
 import gradio as gr
 import numpy as np
@@ -8,12 +10,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from imageio_ffmpeg import read_frames
 from PIL import Image, PngImagePlugin
 
-from pipelines import Frame, generate
+from pipelines import Frame, ModelCache, generate
 from pipelines.anatomy import Anatomy
 from pipelines.export import export
 from pipelines.metadata import a1111_parameters, read_parameters, save_png
+from pipelines.schedulers import make_scheduler
+from pipelines.tiny import save_tiny_checkpoint
 from ui.inspect import Inspector
-from ui.stream import RunView
+from ui.stream import RunView, schedule_svg
 
 from .conftest import pixels
 
@@ -32,61 +36,196 @@ def recorded(cache, tiny_dir, make_request, tmp_path):
 
 
 @pytest.fixture
-def inspector(cache, tiny_dir):
-    return Inspector(Anatomy(cache, str(tiny_dir)))
+def inspector(tiny_dir):
+    return Inspector(Anatomy(str(tiny_dir)))
 
 
-def test_timeline_returns_the_exact_stored_frame_for_every_step(recorded, inspector):
-    for step in range(1, 8):
-        x_t, x0, _, info, channels, plot = inspector.show([recorded], 0, None, step)
-        assert np.array_equal(pixels(x_t), pixels(recorded.frames[step - 1].image))  # x_t preview, re-decoded
-        assert f"step {step}/7" in info and "noise level" in info and "<svg" in plot
-        assert len(channels) == 4 and channels[0][0].mode == "L"
-        assert not np.array_equal(pixels(x_t), pixels(x0))
+def record(req, cache, source, folder) -> RunView:
+    folder.mkdir(exist_ok=True)
+    view = RunView(folder, request=req)
+    for item in generate(req, cache, source=str(source)):
+        if isinstance(item, Frame):
+            view.add_frame(item)
+        else:
+            view.final = save_png(item, folder / "final.png", "tiny")
+    return view
 
 
-def test_x0_view_in_the_timeline_matches_an_x0_run(cache, tiny_dir, make_request, recorded, inspector):
-    x0_run = [o for o in generate(make_request(steps=7, preview="full-vae", view="x0", scheduler="DDIM"), cache,
-                                  source=str(tiny_dir)) if isinstance(o, Frame)]
-    for step in (1, 4, 7):
-        _, x0, *_ = inspector.show([recorded], 0, None, step)
-        assert np.array_equal(pixels(x0), pixels(x0_run[step - 1].image))
+@pytest.mark.parametrize("scheduler", ["Euler", "Euler a", "DDIM", "DPM++ 2M Karras"])
+def test_timeline_shows_the_pixels_the_run_streamed_for_both_views(cache, tiny_dir, make_request, inspector,
+                                                                     tmp_path, scheduler):
+    """Same seed, two runs: one streams x_t, one x0. The timeline of each shows, at every
+    step, the very pixels the other streamed live, and the last x_t is the final image."""
+    runs = [record(make_request(steps=7, preview="full-vae", view=view, scheduler=scheduler), cache, tiny_dir,
+                   tmp_path / view) for view in ("x_t", "x0")]
+    decode = cache.checkpoint(str(tiny_dir)).decoder("full-vae")
+    for n in range(2):
+        for step in range(1, 8):
+            x_t, x0, _, info, channels, plot = inspector.show(runs, n, None, step)
+            assert np.array_equal(pixels(x_t), pixels(runs[0].frames[step - 1].image))
+            assert np.array_equal(pixels(x0), pixels(runs[1].frames[step - 1].image))
+            frame = runs[n].frames[step - 1]
+            assert np.array_equal(pixels(x_t), decode(frame.latents.tensor()).numpy())  # made from the kept latents
+            assert f"step {step}/7" in info and f"noise level √(1−ᾱ)={frame.noise_level:.3f}" in info
+            assert len(channels) == 4 and channels[0][0].mode == "L" and "<svg" in plot
+        last = pixels(inspector.show(runs, n, None, 7)[0]).astype(int)
+        assert np.abs(last - pixels(Image.open(runs[n].final)).astype(int)).max() <= 1  # x_t after the last step
 
 
-def test_noise_levels_fall_to_the_end(recorded):
-    levels = recorded.levels
-    assert len(levels) == 7 and levels == sorted(levels, reverse=True) and 0 < levels[-1] < levels[0] <= 1
-    assert [round(f.noise_level, 6) for f in recorded.frames] == [round(v, 6) for v in levels]
+def test_noise_levels_are_the_schedulers_own(cache, tiny_dir, make_request, tmp_path):
+    """levels[0]: the start; levels[k]: x_t after step k, the next timestep's level, and
+    after the last step DDIM's final_alpha_cumprod (alphas_cumprod[0] here) or Euler's sigma 0."""
+    ddim = record(make_request(steps=7, scheduler="DDIM"), cache, tiny_dir, tmp_path / "ddim")
+    alphas_cumprod = cache.pipeline("txt2img", str(tiny_dir)).scheduler.alphas_cumprod
+    timesteps = [int(f.timestep) for f in ddim.frames]
+    expected = [float((1 - alphas_cumprod[t]) ** 0.5) for t in [*timesteps, 0]]
+    assert ddim.levels == pytest.approx(expected, abs=1e-6) and len(ddim.levels) == 8
+    assert [f.noise_level for f in ddim.frames] == ddim.levels[1:]
+    euler = record(make_request(steps=7, scheduler="Euler"), cache, tiny_dir, tmp_path / "euler")
+    sigmas = make_scheduler("Euler", cache.pipeline("txt2img", str(tiny_dir)).scheduler.config)
+    sigmas.set_timesteps(7)
+    assert euler.levels == pytest.approx([float(s / (s**2 + 1) ** 0.5) for s in sigmas.sigmas], abs=1e-6)
+    assert euler.levels[-1] == 0 and euler.frames[-1].sigma == 0
+    assert [round(f.sigma, 4) for f in euler.frames] == [round(float(s), 4) for s in sigmas.sigmas[1:]]
+    # the plot: step 0 (the start) at the left edge, step 7 at the right, marked where the slider is
+    assert '<circle cx="28.0"' in schedule_svg(euler.levels, 0)
+    assert '<circle cx="452.0"' in schedule_svg(euler.levels, 7)
 
 
 def test_compare_shows_the_other_run_at_the_same_step(recorded, inspector, cache, tiny_dir, make_request, tmp_path):
-    other = RunView(tmp_path / "b", request=make_request(seed=99, steps=7, preview="full-vae"))
-    (tmp_path / "b").mkdir()
-    for item in generate(other.request, cache, source=str(tiny_dir)):
-        if isinstance(item, Frame):
-            other.add_frame(item)
+    other = record(make_request(seed=99, steps=7, preview="full-vae"), cache, tiny_dir, tmp_path / "b")
     _, _, beside, *_ = inspector.show([recorded, other], 0, 1, 3)
     _, own_x0, *_ = inspector.show([recorded, other], 1, None, 3)
     assert np.array_equal(pixels(beside), pixels(own_x0))
+    assert inspector.show([recorded, other], 0, 1, 0)[2] is None  # step 0: no x0 yet, in either run
+    short = record(make_request(seed=5, steps=3, preview="full-vae"), cache, tiny_dir, tmp_path / "c")
+    _, _, beside, info, *_ = inspector.show([recorded, short], 0, 1, 6)
+    assert np.array_equal(pixels(beside), pixels(short.frames[2].x0_pixels.pil()))
+    assert "compared run at step 3/3" in info
 
 
-def test_step_zero_is_the_seeds_starting_noise(recorded, inspector, cache, tiny_dir):
-    image, *_ = inspector.show([recorded], 0, None, 0)
-    pipe = cache.pipeline("txt2img", str(tiny_dir))
+def test_step_zero_is_the_seeds_noise_for_txt2img(recorded, inspector, cache, tiny_dir, make_request, tmp_path):
     noise = randn_tensor((1, 4, 32, 32), generator=torch.Generator().manual_seed(recorded.request.seed))
-    expected = cache.checkpoint(str(tiny_dir)).latent_rgb(noise)
-    assert np.array_equal(pixels(image), expected.numpy()) and pipe.vae_scale_factor == 2
+    # DDIM starts from the noise itself (the recorded run decodes it with the full VAE)
+    image, x0, _, info, channels, _ = inspector.show([recorded], 0, None, 0)
+    full_vae = cache.checkpoint(str(tiny_dir)).decoder("full-vae")
+    assert np.array_equal(pixels(image), full_vae(noise).numpy()) and x0 is None
+    assert "step 0" in info and "the seed's starting noise" in info and "noise level √(1−ᾱ)=" in info
+    assert len(channels) == 4
+    assert torch.equal(recorded.frames[0].start_latents.tensor(), noise)
+    # Euler starts from noise * init_noise_sigma; shown like every x_t, divided by sqrt(sigma^2 + 1)
+    euler = record(make_request(seed=recorded.request.seed, steps=7, scheduler="Euler"), cache, tiny_dir,
+                   tmp_path / "euler")
+    assert torch.allclose(euler.frames[0].start_latents.tensor(), noise, atol=1e-5)
+    image, *_ = inspector.show([euler], 0, None, 0)
+    assert np.array_equal(pixels(image), cache.checkpoint(str(tiny_dir)).latent_rgb(
+        euler.frames[0].start_latents.tensor()).numpy())
+
+
+@pytest.fixture(scope="module")
+def micro():
+    """The bundled micro model: a trained VAE, so a picture of latents can resemble an image."""
+    from pipelines.cache import BUNDLED_FOLDER
+
+    return str(BUNDLED_FOLDER)
+
+
+@pytest.mark.parametrize("mode", ["img2img", "depth2img"])
+@pytest.mark.parametrize("scheduler", ["DDIM", "Euler"])
+def test_step_zero_is_the_noised_input_image(cache, micro, make_request, scene, tmp_path, mode, scheduler):
+    """At strength 0.1 a run starts from the input image's latents with a little noise
+    (noise level 0.335 on the micro model's schedule): step 0 shows that, not the seed's noise."""
+    req = make_request(mode, steps=20, strength=0.1, preview="full-vae", scheduler=scheduler)
+    view = record(req, cache, micro, tmp_path / mode)
+    inspector = Inspector(Anatomy(micro))
+    start, x0, _, info, *_ = inspector.show([view], 0, None, 0)
+    noise, *_ = inspector.show([record(make_request(steps=20, preview="full-vae", scheduler=scheduler), cache,
+                                       micro, tmp_path / "txt2img")], 0, None, 0)
+    error = np.abs(pixels(start).astype(float) - pixels(scene)).mean()
+    assert error < 30 and np.abs(pixels(noise).astype(float) - pixels(scene)).mean() > 60
+    assert x0 is None and "input image's latents, noised to strength 0.1" in info
+    assert len(view.frames) == 2 and view.levels[0] == pytest.approx(0.335, abs=1e-3)
+
+
+def test_scrubbing_touches_no_model_during_and_after_a_run(cache, tiny_dir, make_request, inspector, tmp_path,
+                                                           monkeypatch):
+    """The panel's events run outside the queue: they must not load, evict or run a model."""
+    calls = []
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"the Inspect panel called ModelCache.{name}")
+        return call
+
+    req = make_request(steps=6, preview="full-vae", scheduler="Euler")
+    view, other = RunView(tmp_path, request=req), record(make_request(seed=8), cache, tiny_dir, tmp_path / "o")
+    for item in generate(req, cache, source=str(tiny_dir)):
+        if isinstance(item, Frame):
+            view.add_frame(item)
+            if item.step == 1:  # the run has its pipeline; from here on the cache is off limits
+                for name in ("checkpoint", "pipeline", "_load", "_derive", "_evict", "free_memory"):
+                    monkeypatch.setattr(ModelCache, name, refuse(name))
+            for step in range(item.step + 1):
+                assert inspector.show([view, other], 0, 1, step)[0] is not None
+            inspector.tokens("a red square")
+    for step in range(7):
+        inspector.show([view, other], 0, 1, step)
+        inspector.show([view, other], 1, 0, step)
+    assert calls == []
+
+
+@pytest.fixture(scope="module")
+def second_source(tmp_path_factory):
+    """Another checkpoint (other weights) whose tokenizer reads 16 tokens, like a --depth-model would be."""
+    folder = save_tiny_checkpoint(tmp_path_factory.mktemp("second") / "ckpt", seed=4)
+    config = folder / "tokenizer" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 16}))
+    return folder
+
+
+def test_a_depth_run_from_another_source_is_shown_and_tokenized_with_that_source(
+        cache, tiny_dir, second_source, make_request, tmp_path):
+    inspector = Inspector(Anatomy(str(tiny_dir), depth_model=str(second_source)))
+    view = record(make_request("depth2img", steps=5, strength=1.0, preview="full-vae", scheduler="DDIM"), cache,
+                  second_source, tmp_path / "depth")
+    x_t, *_ = inspector.show([view], 0, None, 5)
+    final = pixels(Image.open(view.final)).astype(int)
+    assert np.abs(pixels(x_t).astype(int) - final).max() <= 1  # the depth source's VAE made it
+    with_model_vae = cache.checkpoint(str(tiny_dir)).decoder("full-vae")(view.frames[-1].latents.tensor())
+    assert np.abs(with_model_vae.numpy().astype(int) - final).mean() > 10
+    prompt = "a red circle " * 2  # one token per letter here: 20, and the two markers
+    html = inspector.tokens(prompt)
+    assert html.count("sw-tokens") == 2
+    assert f"depth2img ({second_source}): 22 tokens · <b>6 cut off</b> (the encoder reads 16)" in html
+    assert f"txt2img and img2img ({tiny_dir}): 22 tokens<" in html
+    assert [t.id for t in inspector.anatomy.tokens(prompt, str(second_source)) if t.kept] == \
+        cache.pipeline("depth2img", str(second_source)).tokenizer(prompt, truncation=True).input_ids
+
+
+def test_tokens_say_when_a_source_cannot_be_read(tmp_path):
+    html = Inspector(Anatomy(str(tmp_path / "missing" / "model"))).tokens("a red square")
+    assert "no tokens" in html and "neither a local folder nor a hub repo id" in html
+
+
+def test_pndm_second_evaluation_of_a_timestep_is_said(cache, tiny_dir, make_request, inspector, tmp_path):
+    view = record(make_request(steps=4, scheduler="PNDM"), cache, tiny_dir, tmp_path / "pndm")
+    assert len(view.frames) == 5 and view.frames[0].timestep != view.frames[1].timestep == view.frames[2].timestep
+    assert view.levels[1] == view.levels[2]  # both leave x_t at the second timestep
+    info = inspector.show([view], 0, None, 3)[3]
+    assert "step 3/5" in info and "same timestep as step 2: this scheduler evaluates it a second time" in info
+    assert "same timestep" not in inspector.show([view], 0, None, 2)[3]
 
 
 def test_tokens_view_matches_the_tokenizer(inspector, cache, tiny_dir):
     tokenizer = cache.pipeline("txt2img", str(tiny_dir)).tokenizer
-    prompt = "a red circle " * 10  # 130 characters: one token each with this tokenizer
+    prompt = "a red circle " * 10  # one token per letter with this tokenizer: 100, and the two markers
     tokens = inspector.anatomy.tokens(prompt)
     assert [t.id for t in tokens] == tokenizer(prompt, truncation=False).input_ids
     kept = [t.id for t in tokens if t.kept]
     assert kept == tokenizer(prompt, truncation=True, max_length=77).input_ids
     html = inspector.tokens(prompt)
-    assert f"{len(tokens)} tokens" in html and f"{len(tokens) - 77} cut off" in html
+    assert f"{len(tokens)} tokens" in html and f"{len(tokens) - 77} cut off" in html and html.count("sw-tokens") == 1
 
 
 @pytest.mark.parametrize("kind", ["gif", "webp", "mp4"])

@@ -8,7 +8,8 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from pipelines import SCHEDULER_NAMES, Limits
+from pipelines import SCHEDULER_NAMES, Limits, ModelLoadError
+from pipelines.anatomy import channels
 from pipelines.export import export
 from pipelines.metadata import read_parameters
 
@@ -16,7 +17,7 @@ from .events import KEEP_SESSION_RUNS
 from .stream import RunView, schedule_svg
 
 
-def tokens_html(tokens) -> str:
+def tokens_html(tokens, label: str | None = None) -> str:
     """Each token as a chip with its id; tokens past the encoder's limit struck through."""
     if not tokens:
         return ""
@@ -25,7 +26,8 @@ def tokens_html(tokens) -> str:
         f'<span class="sw-token{"" if t.kept else " cut"}" title="id {t.id}">{html.escape(t.text)}'
         f"<sub>{t.id}</sub></span>" for t in tokens)
     note = f" · <b>{cut} cut off</b> (the encoder reads {len(tokens) - cut})" if cut else ""
-    return f'<div class="sw-tokens"><small>{len(tokens)} tokens{note}</small><div>{chips}</div></div>'
+    head = f"{html.escape(label)}: " if label else ""
+    return f'<div class="sw-tokens"><small>{head}{len(tokens)} tokens{note}</small><div>{chips}</div></div>'
 
 
 def run_choices(runs: list[RunView] | None) -> list[tuple[str, int]]:
@@ -38,8 +40,10 @@ LOADED = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width
 
 
 class Inspector:
-    """Handlers for the Inspect panel; `anatomy` turns stored latents into pictures. Loaded
-    settings are checked against this server's `limits` and the `schedulers` it offers."""
+    """Handlers for the Inspect panel. They show what runs made and stored in their
+    frames, and tokenize with `anatomy`'s tokenizers: no handler loads, evicts or
+    runs a model, so they answer while a run holds the GPU. Loaded settings are checked
+    against the loaded model's `limits` and the `schedulers` it offers."""
 
     def __init__(self, anatomy, limits: Limits = Limits(), schedulers: tuple[str, ...] = SCHEDULER_NAMES):
         self.anatomy = anatomy
@@ -47,7 +51,19 @@ class Inspector:
         self.schedulers = tuple(schedulers)
 
     def tokens(self, prompt: str) -> str:
-        return tokens_html(self.anatomy.tokens(prompt or ""))
+        """The prompt's tokens as each mode's model reads them; one block per model source."""
+        modes_of: dict[str, list[str]] = {}
+        for mode, source in self.anatomy.sources.items():
+            modes_of.setdefault(source, []).append(mode)
+        blocks = []
+        for source, modes in modes_of.items():
+            label = f"{' and '.join(modes)} ({source})" if len(modes_of) > 1 else None
+            try:
+                blocks.append(tokens_html(self.anatomy.tokens(prompt or "", source), label))
+            except ModelLoadError as err:
+                blocks.append(f'<div class="sw-tokens"><small>{html.escape(label or source)}: no tokens, '
+                              f"{html.escape(str(err))}</small></div>")
+        return "".join(blocks)
 
     def refresh(self, runs: list[RunView] | None, other: int | None):
         """After a run: list the session's runs, point the timeline at the newest, last step.
@@ -61,30 +77,43 @@ class Inspector:
                 gr.Slider(maximum=max(steps, 1), value=steps))
 
     def show(self, runs: list[RunView] | None, pick: int | None, other: int | None, step: int):
-        """The chosen step of run `pick` (0 = the seed's starting noise), and run `other` beside it.
-        With no run picked yet, the newest: scrubbing works while it streams."""
+        """Step `step` of run `pick` as the run made it (0 = the latents it started from), and
+        run `other`'s x0 beside it. With no run picked yet, the newest: scrubbing works while
+        it streams. Returns (x_t, x0, beside, info markdown, channel gallery, schedule svg)."""
         view = _pick(runs, pick if pick is not None else len(runs or []) - 1)
         if view is None:
             return None, None, None, "Run something first: every step of it lands here.", [], ""
-        preview = view.request.preview
+        if not view.frames:
+            return None, None, None, "No step of this run has finished (yet).", [], ""
         step = min(int(step), len(view.frames))  # the run may still be going
+        first = view.frames[0]
+        levels = first.schedule_levels()
+        plot = schedule_svg(levels, step)
+        beside, beside_note = self._beside(runs, other, step)
         if step == 0:
-            noise = self.anatomy.initial_noise(view.request)
-            return noise, None, self._beside(runs, other, 0), "**step 0**: the seed's starting noise", [], \
-                schedule_svg(view.levels, 0) if view.levels else ""
+            start = "the seed's starting noise" if view.request.mode == "txt2img" else (
+                f"the input image's latents, noised to strength {view.request.strength}")
+            info = (f"**step 0**: the latents the run started from, {start} · "
+                    f"noise level √(1−ᾱ)={levels[0]:.3f} · σ={first.schedule.sigma(0):.3f}")
+            return (first.start_pixels.pil(), None, beside, info + beside_note,
+                    _gallery(first.start_latents.tensor()), plot)
         frame = view.frames[step - 1]
-        x_t, x0, channels = self.anatomy.step_pictures(frame, preview)
-        info = (f"**step {frame.step}/{frame.total}** · timestep t={frame.timestep:.0f} · "
-                f"noise level √(1−ᾱ)={frame.noise_level:.3f} · σ={frame.sigma:.3f}")
-        gallery = [(image, f"channel {n}") for n, image in enumerate(channels, 1)]
-        return x_t, x0, self._beside(runs, other, step), info, gallery, schedule_svg(view.levels, step)
+        info = (f"**step {frame.step}/{frame.total}** · the UNet at timestep t={frame.timestep:.0f} · "
+                f"x_t after it: noise level √(1−ᾱ)={frame.noise_level:.3f} · σ={frame.sigma:.3f}")
+        if step > 1 and view.frames[step - 2].timestep == frame.timestep:
+            info += f" · same timestep as step {step - 1}: this scheduler evaluates it a second time"
+        return (frame.xt_pixels.pil(), frame.x0_pixels.pil(), beside, info + beside_note,
+                _gallery(frame.latents.tensor()), plot)
 
-    def _beside(self, runs, other, step):
+    def _beside(self, runs, other, step) -> tuple:
+        """Run `other`'s x0 at `step` (its last step if it is shorter) as that run made it,
+        and a note saying which step that is; nothing at step 0, before any x0."""
         view = _pick(runs, other)
-        if view is None or not view.frames:
-            return None
-        frame = view.frames[min(max(step, 1), len(view.frames)) - 1]
-        return self.anatomy.step_pictures(frame, view.request.preview)[1]
+        if view is None or not view.frames or step == 0:
+            return None, ""
+        frame = view.frames[min(step, len(view.frames)) - 1]
+        note = "" if frame.step == step else f" · compared run at step {frame.step}/{frame.total}, its last so far"
+        return frame.x0_pixels.pil(), note
 
     def export(self, runs: list[RunView] | None, pick: int | None, kind: str) -> str:
         view = _pick(runs, pick if pick is not None else len(runs or []) - 1)
@@ -138,6 +167,10 @@ def _loaded_summary(read) -> str:
     if not parts:
         return f"Nothing loaded from the {read.generator} settings{made}: see the notes."
     return f"Loaded from {read.generator}{made}: {', '.join(parts)}."
+
+
+def _gallery(latents) -> list[tuple]:
+    return [(image, f"channel {n}") for n, image in enumerate(channels(latents), 1)]
 
 
 def _pick(runs, n) -> RunView | None:

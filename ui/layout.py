@@ -53,7 +53,7 @@ class AppSpec:
     examples: list[str] = field(default_factory=list)
     vocabulary: dict[str, list[str]] = field(default_factory=dict)
     keep_runs: int = 32
-    anatomy: object = None  # pipelines.anatomy.Anatomy: tokens, starting noise, latents -> pictures
+    anatomy: object = None  # pipelines.anatomy.Anatomy: each source's tokens (loads no model)
     delete_cache: tuple[int, int] | None = (3600, 3600)  # Gradio's cache sweep: (every s, older than s)
 
 
@@ -147,7 +147,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
             with gr.Row():
                 pick = gr.Dropdown(label="Run", choices=[], elem_id="timeline-run")
                 other = gr.Dropdown(label="Compare with", choices=[], elem_id="timeline-compare")
-            scrub = gr.Slider(0, lim.max_steps, value=0, step=1, label="Step (0 = the seed's starting noise)",
+            scrub = gr.Slider(0, lim.max_steps, value=0, step=1, label="Step (0 = the latents the run starts from)",
                               elem_id="timeline-step")
             step_info = gr.Markdown(elem_id="timeline-info")
             with gr.Row():

@@ -52,7 +52,7 @@ class RunView:
     folder: Path
     request: object = None  # the GenerationRequest
     frames: list = field(default_factory=list)
-    levels: list[float] = field(default_factory=list)  # noise level at every step of the run
+    levels: list[float] = field(default_factory=list)  # noise level of x_t at the start and after every step
     final: str | None = None
     gallery: list[tuple[str, str]] = field(default_factory=list)  # (path, caption), one per step
     preview: str | None = None
@@ -102,14 +102,15 @@ def progress_html(step: int, total: int, note: str = "", levels: list[float] | N
 
 
 def schedule_svg(levels: list[float], current: int, width: int = 480, height: int = 120) -> str:
-    """The noise level sqrt(1 - alpha_bar) at each step as a line plot, the current step marked."""
-    pad, n = 28, len(levels)
-    x = [pad + (width - 2 * pad) * i / max(n - 1, 1) for i in range(n)]
+    """The noise level sqrt(1 - alpha_bar) of x_t at the start (levels[0]) and after each step
+    as a line plot, step `current` marked."""
+    pad, n = 28, len(levels) - 1
+    x = [pad + (width - 2 * pad) * i / max(n, 1) for i in range(n + 1)]
     y = [height - pad - (height - 2 * pad) * level for level in levels]
     line = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(x, y))
     marker = ""
-    if 1 <= current <= n:
-        cx, cy = x[current - 1], y[current - 1]
+    if 0 <= current <= n:
+        cx, cy = x[current], y[current]
         marker = (f'<line x1="{cx:.1f}" y1="{pad}" x2="{cx:.1f}" y2="{height - pad}" class="now"/>'
                   f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" class="now"/>')
     return (
