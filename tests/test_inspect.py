@@ -1,6 +1,7 @@
 """The Inspect panel's data: timeline frames, tokens, starting latents, exports, PNG settings."""
 
 import json
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -234,7 +235,9 @@ def test_animations_have_one_frame_per_step_for_an_independent_reader(recorded, 
     reader = read_frames(path)  # ffmpeg's own decoders, not Pillow or PyAV
     meta = next(reader)
     decoded = list(reader)
-    assert len(decoded) == 7 and meta["size"][0] >= 64
+    assert len(decoded) == 7 and meta["size"][0] >= 256  # small frames scaled up as the page shows them
+    req = recorded.request
+    assert Path(path).name == f"{req.mode}-seed{req.seed}-{recorded.folder.name[-8:]}.{kind}"
 
 
 def test_zip_holds_every_step_as_lossless_png(recorded, inspector):
