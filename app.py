@@ -34,7 +34,12 @@ log = logging.getLogger("stepwise")
 MAX_QUEUE = 16  # waiting runs beyond this are refused with "queue full"
 MAX_UPLOAD = "20mb"
 KEEP_RUNS = 32  # run folders of step frames kept on disk; older ones are deleted
+# Runs whose steps stay in memory for the Inspect timeline, and their bytes in all; a session
+# may hold half. A 512x512 full-VAE step holds about 1.7 MB (its pixels as array and image,
+# 64x64x4 float32 latents and x0), so 1 GB is about 20 such 30-step runs.
+RUN_MEMORY = (16, 1024 * 2**20)
 CACHE_SWEEP = (3600, 3600)  # Gradio's own cache: every hour, delete files older than an hour
+SESSION_TTL = CACHE_SWEEP[1]  # a session's runs go with its files: an hour after its last run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +83,8 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
         examples=card.get("example_prompts", []),
         vocabulary=card.get("vocabulary", {}),
         keep_runs=KEEP_RUNS,
+        run_memory=RUN_MEMORY,
+        session_ttl=SESSION_TTL,
         anatomy=Anatomy(cache, args.model),
         delete_cache=CACHE_SWEEP,
     )

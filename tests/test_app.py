@@ -1,8 +1,10 @@
 """The app end to end: a real server on localhost, driven through gradio_client."""
 
+import gc
 import socket
 
 import numpy as np
+import psutil
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
@@ -117,3 +119,26 @@ def test_launch_defaults_are_safe(server):
     assert len(gpu_events) == 3
     assert {fn.concurrency_id for fn in gpu_events} == {"gpu"} and {fn.concurrency_limit for fn in gpu_events} == {1}
     assert server.max_file_size == 20 * 1024 * 1024
+
+
+def test_hundred_api_runs_leave_the_servers_memory_flat(server):
+    store, process = server.run_store, psutil.Process()
+    client = Client(server.local_url, verbose=False, download_files=False)
+    # 128x128 full-VAE steps: the 6 steps of a run hold 1.3 MB (latents, x0, pixels), as much as
+    # the 1.3 MB a 150-step run of the bundled model held when runs piled up in sessions
+    settings = {**COMMON, "steps": 6, "width": 128, "height": 128, "preview": "full-vae"}
+
+    def api_runs(seeds):  # each from a new session that never comes back, as /gradio_api/call/ clients do
+        for seed in seeds:
+            client.reset_session()
+            assert client.predict(**{**settings, "seed": seed}, api_name="/txt2img")[2]
+        gc.collect()
+        return store.usage(), process.memory_info().rss
+
+    before, rss_before = api_runs(range(40))  # past the store's bounds
+    after, rss_after = api_runs(range(40, 100))
+    assert before["memory_runs"] == after["memory_runs"] == app_module.RUN_MEMORY[0]
+    assert before["memory_bytes"] == after["memory_bytes"] < 16 * 1.5 * 2**20
+    assert after["disk_runs"] <= app_module.KEEP_RUNS
+    # RSS is noisy (allocator arenas), so the bound is loose; 60 runs kept would add 79 MB
+    assert rss_after - rss_before < 40 * 2**20, f"RSS grew {(rss_after - rss_before) / 2**20:.0f} MB in 60 runs"

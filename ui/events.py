@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import gradio as gr
 
@@ -22,14 +23,15 @@ from pipelines.metadata import save_png
 from .stream import RunStore, RunView, progress_html
 
 GenerateFn = Callable[[GenerationRequest, CancelToken], Iterator]
-KEEP_SESSION_RUNS = 4  # runs a browser session keeps for the timeline and comparisons
+KEEP_SESSION_RUNS = 4  # runs a session keeps for the timeline and comparisons
 
 
 class Runner:
     """Runs generations for a Gradio app.
 
-    Each run has its own `CancelToken`, registered under the browser session that
-    started it, so Stop reaches that session's run and no other.
+    Each run has its own `CancelToken`, registered under the session that started it,
+    so Stop reaches that session's run and no other. A session's runs live in `store`
+    under stable ids; the session's `gr.State` holds only the ids.
     """
 
     def __init__(self, generate: GenerateFn, store: RunStore, limits: Limits, model_label: str):
@@ -82,10 +84,11 @@ class Runner:
             if previous is not None:
                 previous.cancel()  # a new Generate from the same tab supersedes the old run
             self._tokens[session] = token
-        view = RunView(self.store.new_run(), request=req)
-        runs = runs if runs is not None else []  # this session's runs, newest last, for the timeline
-        runs.append(view)
-        del runs[:-KEEP_SESSION_RUNS]
+        view = self.store.new_run(req, session)
+        # The session's run ids, newest last: a new list, so a run that fails before its
+        # first update leaves the session's State as it was.
+        before = list(runs or [])
+        runs = [*before, view.id][-KEEP_SESSION_RUNS:]
         # Outputs: live, gallery, final, status, info, runs[, depth used]. Outputs with
         # nothing new get cheap values (None, "") rather than gr.skip(), for which Gradio
         # rebuilds the component's config (milliseconds); only the gallery, whose resend
@@ -94,20 +97,21 @@ class Runner:
             for item in self.generate(req, token):
                 if isinstance(item, Final):
                     final = view.final = save_png(item, view.folder / "final.png", self.model_label)
+                    view.disk_bytes += Path(final).stat().st_size
                     status = progress_html(view.step, view.total, f"done in {item.seconds:.2f} s", view.levels)
                     for note in item.notes:
                         gr.Warning(note)
                     yield self._outputs(view, view.gallery, final, status, _info(req, self.model_label, item),
                                         runs, with_depth)
                     return
-                view.add_frame(item)
+                self.store.add_frame(view, item)
                 gallery = view.gallery if view.gallery_due() else gr.skip()
                 status = progress_html(view.step, view.total, f"t={item.timestep:.0f}", view.levels)
                 yield self._outputs(view, gallery, None, status, "", runs, with_depth)
             # the frames ended without a final image: the run was stopped
             note = f"Stopped at step {view.step}/{view.total}; the steps so far stay in the gallery."
             yield self._outputs(view, view.gallery, None, progress_html(view.step, view.total, "stopped", view.levels),
-                                note, runs, with_depth)
+                                note, runs if view.step else before, with_depth)
         except (ModelLoadError, GenerationError, ValueError) as err:
             raise gr.Error(str(err)) from None
         finally:
@@ -115,6 +119,10 @@ class Runner:
             with self._lock:
                 if self._tokens.get(session) is token:
                     del self._tokens[session]
+            if view.step:  # the session's list is now `runs`: the run that left it leaves memory
+                self.store.drop([i for i in before if i not in runs], "It left its session's newest runs.")
+            else:  # nothing of it reached the session
+                self.store.forget([view.id])
 
 
 def _info(req: GenerationRequest, model: str, final: Final) -> str:

@@ -12,7 +12,7 @@ from pipelines.presets import Preset
 from . import fields
 from .events import GenerateFn, Runner
 from .inspect import Inspector
-from .stream import RunStore, progress_html
+from .stream import MB, RunStore, progress_html
 
 CSS = """
 .sw-progress { display: flex; gap: .75em; align-items: center; font-variant-numeric: tabular-nums; }
@@ -43,13 +43,17 @@ class AppSpec:
     initial_preset: str | None = None
     examples: list[str] = field(default_factory=list)
     vocabulary: dict[str, list[str]] = field(default_factory=dict)
-    keep_runs: int = 32
+    keep_runs: int = 32  # run folders on disk
+    run_memory: tuple[int, int] = (16, 1024 * MB)  # runs whose steps stay in memory, and their bytes
+    session_ttl: float = 3600  # a session's runs are let go this long after its last run
     anatomy: object = None  # pipelines.anatomy.Anatomy: tokens, starting noise, latents -> pictures
     delete_cache: tuple[int, int] | None = (3600, 3600)  # Gradio's cache sweep: (every s, older than s)
 
 
 def build_app(spec: AppSpec) -> gr.Blocks:
-    runner = Runner(spec.generate, RunStore(spec.run_root, spec.keep_runs), spec.limits, spec.model_label)
+    memory_runs, memory_bytes = spec.run_memory
+    store = RunStore(spec.run_root, keep=spec.keep_runs, memory_runs=memory_runs, memory_bytes=memory_bytes)
+    runner = Runner(spec.generate, store, spec.limits, spec.model_label)
     start = dict(spec.presets[spec.initial_preset].values) if spec.initial_preset else {}
     lim = spec.limits
 
@@ -61,7 +65,9 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                 "pictures are noise. Use the bundled micro model or pass `--model`.",
                 elem_id="untrained-banner",
             )
-        runs = gr.State([])  # this session's runs (ui.stream.RunView), newest last
+        # this session's run ids (keys of `store`), newest last; API sessions never close,
+        # so the runs are let go `session_ttl` after the last one
+        runs = gr.State([], time_to_live=spec.session_ttl, delete_callback=store.forget)
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, value=start.get("prompt", ""), elem_id="prompt")
@@ -159,7 +165,8 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         gpu = dict(concurrency_limit=1, concurrency_id="gpu", show_progress="hidden")
         inspector = Inspector(spec.anatomy)
         timeline = [pick, other, scrub]
-        shown = dict(fn=inspector.show, inputs=[runs, pick, other, scrub],
+        shown = dict(fn=lambda ids, p, o, step: inspector.timeline(store.views(ids), p, o, step),
+                     inputs=[runs, pick, other, scrub],
                      outputs=[xt_view, x0_view, other_view, step_info, channels, schedule], **_private())
         events = [
             go_txt.click(runner.handler("txt2img"), inputs_kwargs=common_gpu, outputs=outputs, api_name="txt2img",
@@ -171,14 +178,15 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                            outputs=[*outputs, depth_used], api_name="depth2img", **gpu),
         ]
         for event in events:
-            event.then(inspector.refresh, inputs=[runs, other], outputs=timeline, **_private()).then(**shown)
+            event.then(lambda ids, o: inspector.refresh(store.views(ids), o), inputs=[runs, other], outputs=timeline,
+                       **_private()).then(**shown)
         scrub.release(**shown)
         scrub.input(**shown, trigger_mode="always_last")
         pick.input(**shown)
         other.input(**shown)
         for kind, button in export_buttons.items():
-            button.click(lambda r, p, kind=kind: inspector.export(r, p, kind), inputs=[runs, pick], outputs=[download],
-                         **_private())
+            button.click(lambda ids, p, kind=kind: inspector.export_run(store.views(ids), p, kind), inputs=[runs, pick],
+                         outputs=[download], **_private())
         prompt.change(inspector.tokens, inputs=[prompt], outputs=[tokens], trigger_mode="always_last", **_private())
         demo.load(inspector.tokens, inputs=[prompt], outputs=[tokens], **_private())
         load_png.upload(inspector.load_png, inputs=[load_png],
@@ -187,7 +195,8 @@ def build_app(spec: AppSpec) -> gr.Blocks:
 
         private = _private()
         random_seed.click(lambda: -1, outputs=[seed], **private)
-        reuse_seed.click(lambda r: r[-1].request.seed if r else -1, inputs=[runs], outputs=[seed], **private)
+        reuse_seed.click(lambda ids: next((v.request.seed for v in store.views(ids)[-1:]), -1), inputs=[runs],
+                         outputs=[seed], **private)
         to_img2img.click(lambda p: (p, gr.Tabs(selected="img2img")), inputs=[final], outputs=[img_in, tabs], **private)
         to_depth.click(lambda p: (p, gr.Tabs(selected="depth2img")), inputs=[final], outputs=[depth_in, tabs],
                        **private)
@@ -205,6 +214,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
 
         preset.change(apply_preset, inputs=[preset],
                       outputs=[*preset_targets.values(), img_strength, depth_strength, tabs, preset_note], **private)
+    demo.run_store = store  # what the server keeps of runs: RunStore.usage() for tests and monitoring
     return demo
 
 
