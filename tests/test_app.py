@@ -2,15 +2,17 @@
 
 import gc
 import socket
+import time
 
 import numpy as np
 import psutil
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.utils import Status
 from PIL import Image
 
 import app as app_module
-from pipelines import ModelCache
+from pipelines import ModelCache, validate_request
 
 from .conftest import pixels
 from .test_generate import bare_call, bare_pipeline
@@ -119,6 +121,48 @@ def test_launch_defaults_are_safe(server):
     assert len(gpu_events) == 3
     assert {fn.concurrency_id for fn in gpu_events} == {"gpu"} and {fn.concurrency_limit for fn in gpu_events} == {1}
     assert server.max_file_size == 20 * 1024 * 1024
+
+
+def wait_for(condition, what: str, limit: float = 120):
+    """Poll until `condition()`; fail naming `what` after `limit` seconds (a guard, not a timing)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_stop_withdraws_the_callers_queued_run(server, tiny_dir):
+    mine, theirs = Client(server.local_url, verbose=False), Client(server.local_url, verbose=False)
+    assert len(stream(mine, "/txt2img")) == STEPS + 1  # the session has a finished run before
+    reference = bare_call(validate_request({"mode": "txt2img", **COMMON, "seed": 77, "steps": 40}),
+                          bare_pipeline("txt2img", tiny_dir, "Euler"))
+    running = theirs.submit(**{**COMMON, "seed": 77, "steps": 40}, api_name="/txt2img")
+    wait_for(lambda: running.status().code == Status.ITERATING, "the other client's run to start")
+    queued = mine.submit(**COMMON, api_name="/txt2img")  # waits behind it: one run at a time
+    wait_for(lambda: queued.status().code == Status.IN_QUEUE, "my run to be queued")
+    mine.predict(api_name="/stop")
+    with pytest.raises(Exception, match="Stopped before it started: Stop took this run out of the queue"):
+        queued.result()
+    assert queued.outputs() == []  # not one frame, no final image
+    final = running.result()
+    assert np.array_equal(pixels(Image.open(final[2])), pixels(reference))
+    assert not running.outputs()[-1][4].startswith("Stopped")
+    assert len(stream(mine, "/txt2img")) == STEPS + 1  # Stop left nothing behind: the next run runs
+
+
+def test_stop_ends_the_callers_running_run_and_withdraws_its_queued_one(server):
+    client = Client(server.local_url, verbose=False)
+    running = client.submit(**{**COMMON, "steps": 150}, api_name="/txt2img")
+    wait_for(lambda: running.status().code == Status.ITERATING, "the first run to start")
+    queued = client.submit(**COMMON, api_name="/txt2img")
+    wait_for(lambda: queued.status().code == Status.IN_QUEUE, "the second run to be queued")
+    client.predict(api_name="/stop")
+    with pytest.raises(Exception, match="Stopped before it started"):
+        queued.result()
+    running.result()
+    last = running.outputs()[-1]
+    assert last[4].startswith("Stopped at step") and last[2] is None  # no final image
+    assert len(last[1]) == int(last[4].split("step ")[1].split("/")[0])  # the steps so far stay
 
 
 def test_hundred_api_runs_leave_the_servers_memory_flat(server):

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gradio as gr
+from gradio.server_messages import ProcessCompletedMessage
+from gradio.utils import error_payload
 
 from pipelines import (
     CancelToken,
@@ -24,6 +26,7 @@ from .stream import RunStore, RunView, progress_html
 
 GenerateFn = Callable[[GenerationRequest, CancelToken], Iterator]
 KEEP_SESSION_RUNS = 4  # runs a session keeps for the timeline and comparisons
+WITHDRAWN = "Stopped before it started: Stop took this run out of the queue."
 
 
 class Runner:
@@ -39,7 +42,9 @@ class Runner:
         self.store = store
         self.limits = limits
         self.model_label = model_label
+        self.blocks: gr.Blocks | None = None  # set once built: Stop withdraws runs from its queue
         self._tokens: dict[str, CancelToken] = {}
+        self._handlers: set = set()  # this Runner's event functions, to find their events in the queue
         self._lock = threading.Lock()
 
     def handler(self, mode: str, with_depth: bool = False):
@@ -55,18 +60,47 @@ class Runner:
 
         fn = run_depth if with_depth else run
         fn.__name__ = mode
+        self._handlers.add(fn)
         return fn
 
-    def stop(self, request: gr.Request) -> None:
-        """Cancel this session's run. It has no outputs: the run's own last update
-        says where it stopped (an output here could land after it and hide it)."""
+    async def stop(self, request: gr.Request) -> None:
+        """Withdraw this session's runs still waiting in the queue, and stop its running
+        one after the current step. It has no outputs: the run's own last update says
+        where it stopped (an output here could land after it and hide it)."""
+        # withdraw first: once the running run stops, the next one waiting starts
+        withdrawn = await self._withdraw_queued(request.session_hash)
         with self._lock:
             token = self._tokens.get(request.session_hash)
-        if token is None:
+        if token is not None:
+            token.cancel()
+            gr.Info("Stopping after this step…")
+        elif not withdrawn:
             gr.Info("Nothing is running.")
-            return
-        token.cancel()
-        gr.Info("Stopping after this step…")
+        if withdrawn:
+            gr.Info(f"Took {withdrawn} waiting run{'s' if withdrawn > 1 else ''} out of the queue.")
+
+    async def _withdraw_queued(self, session: str | None) -> int:
+        """Take `session`'s runs still waiting in Gradio's queue out of it; each one's client
+        gets WITHDRAWN as the error of its run. Gradio has no public call for this: its
+        /cancel route needs the event id, which only the client knows, and `cancels=` works
+        in the browser only and ends a running run without its last update. So this uses
+        the Queue's own attributes (gradio 6.31, pinned in requirements.txt;
+        tests/test_app.py::test_stop_withdraws_the_callers_queued_run fails if they change)."""
+        queue = getattr(self.blocks, "_queue", None)
+        if queue is None or session is None:
+            return 0
+        withdrawn = 0
+        for event_id in list(queue.pending_event_ids_session.get(session, ())):
+            event = queue.event_ids_to_events.get(event_id)
+            if event is None or event.fn.fn not in self._handlers:
+                continue
+            await queue.remove_from_queue(event_id)
+            if event_id in queue.event_ids_to_events:
+                continue  # it had started: its CancelToken stops it
+            error = error_payload(gr.Error(WITHDRAWN, title="Stopped"), show_error=True)  # as a raised gr.Error
+            queue.send_message(event, ProcessCompletedMessage(output=error, success=False, title="Stopped"))
+            withdrawn += 1
+        return withdrawn
 
     @staticmethod
     def _outputs(view: RunView, gallery, final, status: str, info: str, runs: list, with_depth: bool) -> tuple:

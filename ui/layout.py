@@ -214,6 +214,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
 
         preset.change(apply_preset, inputs=[preset],
                       outputs=[*preset_targets.values(), img_strength, depth_strength, tabs, preset_note], **private)
+    runner.blocks = demo
     demo.run_store = store  # what the server keeps of runs: RunStore.usage() for tests and monitoring
     return demo
 
