@@ -40,6 +40,10 @@ KEEP_RUNS = 32  # run folders of step frames kept on disk; older ones are delete
 RUN_MEMORY = (16, 1024 * 2**20)
 CACHE_SWEEP = (3600, 3600)  # Gradio's own cache: every hour, delete files older than an hour
 SESSION_TTL = CACHE_SWEEP[1]  # a session's runs go with its files: an hour after its last run
+# Sessions whose Gradio state (every component's config, the run ids) stays in memory, least
+# recently used dropped first: about 250 kB each here (measured), so Gradio's default of
+# 10000 would be 2.5 GB. Every gradio_client or /gradio_api/call/ client is a new session.
+MAX_SESSIONS = 256
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,7 +113,7 @@ def _model_card(folder: Path) -> dict:
 def launch_options(host: str, port: int, auth: tuple[str, str] | None = None) -> dict:
     """Safe defaults for `Blocks.launch`, shared by main() and the tests."""
     return dict(server_name=host, server_port=port, auth=auth, max_file_size=MAX_UPLOAD, show_error=True,
-                enable_monitoring=False, css=CSS)
+                enable_monitoring=False, css=CSS, state_session_capacity=MAX_SESSIONS)
 
 
 def main(args: argparse.Namespace, cache: ModelCache, app: gr.Blocks) -> None:

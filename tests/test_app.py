@@ -121,6 +121,7 @@ def test_launch_defaults_are_safe(server):
     assert len(gpu_events) == 3
     assert {fn.concurrency_id for fn in gpu_events} == {"gpu"} and {fn.concurrency_limit for fn in gpu_events} == {1}
     assert server.max_file_size == 20 * 1024 * 1024
+    assert server.state_session_capacity == app_module.MAX_SESSIONS
 
 
 def wait_for(condition, what: str, limit: float = 120):
@@ -184,5 +185,9 @@ def test_hundred_api_runs_leave_the_servers_memory_flat(server):
     assert before["memory_runs"] == after["memory_runs"] == app_module.RUN_MEMORY[0]
     assert before["memory_bytes"] == after["memory_bytes"] < 16 * 1.5 * 2**20
     assert after["disk_runs"] <= app_module.KEEP_RUNS
+    assert len(server.state_holder.session_data) <= app_module.MAX_SESSIONS
+    # Gradio's sets of files it served hold only the runs still on disk: 6 previews, 6 gallery items, 1 final
+    served = [path for files in server.temp_file_sets for path in files if path.startswith(str(store.root))]
+    assert len(served) <= app_module.KEEP_RUNS * 13
     # RSS is noisy (allocator arenas), so the bound is loose; 60 runs kept would add 79 MB
     assert rss_after - rss_before < 40 * 2**20, f"RSS grew {(rss_after - rss_before) / 2**20:.0f} MB in 60 runs"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -215,8 +216,18 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         preset.change(apply_preset, inputs=[preset],
                       outputs=[*preset_targets.values(), img_strength, depth_strength, tabs, preset_note], **private)
     runner.blocks = demo
+    store.on_delete = lambda folder: _untrack(demo, folder)
     demo.run_store = store  # what the server keeps of runs: RunStore.usage() for tests and monitoring
     return demo
+
+
+def _untrack(demo: gr.Blocks, folder) -> None:
+    """Forget the paths of a deleted run folder's files in Gradio's per-component sets of
+    files served (`Blocks.temp_file_sets`): its hourly sweep drops only the files it deletes
+    itself, so every frame path ever served would stay there (about 50 kB a 150-step run)."""
+    prefix = os.path.abspath(folder) + os.sep
+    for files in demo.temp_file_sets:
+        files.difference_update([path for path in list(files) if str(path).startswith(prefix)])
 
 
 def _private() -> dict:

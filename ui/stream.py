@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class RunStore:
         self._counter = itertools.count()
         self._runs: dict[str, RunView] = {}  # on disk, oldest first
         self._memory: OrderedDict[str, RunView] = OrderedDict()  # frames in memory, least recently used first
+        self.on_delete: Callable[[Path], None] | None = None  # told of each deleted folder
 
     def new_run(self, request=None, session: str | None = None) -> RunView:
         """A new run with its own folder; deletes the oldest folders past the disk bounds."""
@@ -141,6 +143,8 @@ class RunStore:
 
     def _delete(self, folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
+        if self.on_delete is not None:
+            self.on_delete(folder)
         view = self._runs.pop(folder.name, None)
         if view is not None:
             self._drop(view, "This run's files were deleted to keep the server's disk use bounded.")
