@@ -40,7 +40,16 @@ log = logging.getLogger("stepwise")
 MAX_QUEUE = 16  # waiting runs beyond this are refused with "queue full"
 MAX_UPLOAD = "20mb"
 KEEP_RUNS = 32  # run folders of step frames kept on disk; older ones are deleted
+# Runs whose steps stay in memory for the Inspect timeline, and their bytes in all; a session
+# may hold half. A 512x512 full-VAE step holds about 1.7 MB (its pixels as array and image,
+# 64x64x4 float32 latents and x0), so 1 GB is about 20 such 30-step runs.
+RUN_MEMORY = (16, 1024 * 2**20)
 CACHE_SWEEP = (3600, 3600)  # Gradio's own cache: every hour, delete files older than an hour
+SESSION_TTL = CACHE_SWEEP[1]  # a session's runs go with its files: an hour after its last run
+# Sessions whose Gradio state (every component's config, the run ids) stays in memory, least
+# recently used dropped first: about 250 kB each here (measured), so Gradio's default of
+# 10000 would be 2.5 GB. Every gradio_client or /gradio_api/call/ client is a new session.
+MAX_SESSIONS = 256
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,6 +100,8 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
         examples=card.get("example_prompts", []),
         vocabulary=card.get("vocabulary", {}),
         keep_runs=KEEP_RUNS,
+        run_memory=RUN_MEMORY,
+        session_ttl=SESSION_TTL,
         anatomy=Anatomy(args.model, depth_source),
         delete_cache=CACHE_SWEEP,
     )
@@ -128,7 +139,7 @@ def launch_options(host: str, port: int, auth: tuple[str, str] | None = None) ->
     """Safe defaults for `Blocks.launch`, shared by main() and the tests."""
     # quiet: serve() prints the one line that matters (Gradio's own hint names share=True, not --share)
     return dict(server_name=host, server_port=port, auth=auth, max_file_size=MAX_UPLOAD, show_error=True,
-                enable_monitoring=False, css=CSS, quiet=True)
+                enable_monitoring=False, css=CSS, state_session_capacity=MAX_SESSIONS, quiet=True)
 
 
 def serve(args: argparse.Namespace, app: gr.Blocks) -> None:

@@ -90,10 +90,12 @@ class Frame:
 
     @property
     def nbytes(self) -> int:
-        """Host memory of the pictures and latents this frame keeps."""
+        """Host memory of the pictures and latents this frame keeps, its cached PIL images included
+        (Pillow stores an RGB pixel in 4 bytes)."""
         kept = (self.t, self.xt_pixels, self.x0_pixels, self.latents, self.depth_pixels, self.start_pixels,
                 self.start_latents)
-        return sum(copy.nbytes for copy in kept if copy is not None)
+        cached = [self.__dict__[name] for name in ("image", "depth") if self.__dict__.get(name) is not None]
+        return sum(copy.nbytes for copy in kept if copy is not None) + sum(4 * im.width * im.height for im in cached)
 
     @cached_property
     def timestep(self) -> float:

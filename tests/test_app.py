@@ -1,14 +1,18 @@
 """The app end to end: a real server on localhost, driven through gradio_client."""
 
+import gc
 import socket
+import time
 
 import numpy as np
+import psutil
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.utils import Status
 from PIL import Image
 
 import app as app_module
-from pipelines import ModelCache
+from pipelines import ModelCache, validate_request
 
 from .conftest import pixels
 from .test_generate import bare_call, bare_pipeline
@@ -117,3 +121,73 @@ def test_launch_defaults_are_safe(server):
     assert len(gpu_events) == 3
     assert {fn.concurrency_id for fn in gpu_events} == {"gpu"} and {fn.concurrency_limit for fn in gpu_events} == {1}
     assert server.max_file_size == 20 * 1024 * 1024
+    assert server.state_session_capacity == app_module.MAX_SESSIONS
+
+
+def wait_for(condition, what: str, limit: float = 120):
+    """Poll until `condition()`; fail naming `what` after `limit` seconds (a guard, not a timing)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_stop_withdraws_the_callers_queued_run(server, tiny_dir):
+    mine, theirs = Client(server.local_url, verbose=False), Client(server.local_url, verbose=False)
+    assert len(stream(mine, "/txt2img")) == STEPS + 1  # the session has a finished run before
+    reference = bare_call(validate_request({"mode": "txt2img", **COMMON, "seed": 77, "steps": 40}),
+                          bare_pipeline("txt2img", tiny_dir, "Euler"))
+    running = theirs.submit(**{**COMMON, "seed": 77, "steps": 40}, api_name="/txt2img")
+    wait_for(lambda: running.status().code == Status.ITERATING, "the other client's run to start")
+    queued = mine.submit(**COMMON, api_name="/txt2img")  # waits behind it: one run at a time
+    wait_for(lambda: queued.status().code == Status.IN_QUEUE, "my run to be queued")
+    mine.predict(api_name="/stop")
+    with pytest.raises(Exception, match="Stopped before it started: Stop took this run out of the queue"):
+        queued.result()
+    assert queued.outputs() == []  # not one frame, no final image
+    final = running.result()
+    assert np.array_equal(pixels(Image.open(final[2])), pixels(reference))
+    assert not running.outputs()[-1][4].startswith("Stopped")
+    assert len(stream(mine, "/txt2img")) == STEPS + 1  # Stop left nothing behind: the next run runs
+
+
+def test_stop_ends_the_callers_running_run_and_withdraws_its_queued_one(server):
+    client = Client(server.local_url, verbose=False)
+    running = client.submit(**{**COMMON, "steps": 150}, api_name="/txt2img")
+    wait_for(lambda: running.status().code == Status.ITERATING, "the first run to start")
+    queued = client.submit(**COMMON, api_name="/txt2img")
+    wait_for(lambda: queued.status().code == Status.IN_QUEUE, "the second run to be queued")
+    client.predict(api_name="/stop")
+    with pytest.raises(Exception, match="Stopped before it started"):
+        queued.result()
+    running.result()
+    last = running.outputs()[-1]
+    assert last[4].startswith("Stopped at step") and last[2] is None  # no final image
+    assert len(last[1]) == int(last[4].split("step ")[1].split("/")[0])  # the steps so far stay
+
+
+def test_hundred_api_runs_leave_the_servers_memory_flat(server):
+    store, process = server.run_store, psutil.Process()
+    client = Client(server.local_url, verbose=False, download_files=False)
+    # 128x128 full-VAE steps: the 6 steps of a run hold 1.3 MB (latents, x0, pixels), as much as
+    # the 1.3 MB a 150-step run of the bundled model held when runs piled up in sessions
+    settings = {**COMMON, "steps": 6, "width": 128, "height": 128, "preview": "full-vae"}
+
+    def api_runs(seeds):  # each from a new session that never comes back, as /gradio_api/call/ clients do
+        for seed in seeds:
+            client.reset_session()
+            assert client.predict(**{**settings, "seed": seed}, api_name="/txt2img")[2]
+        gc.collect()
+        return store.usage(), process.memory_info().rss
+
+    before, rss_before = api_runs(range(40))  # past the store's bounds
+    after, rss_after = api_runs(range(40, 100))
+    assert before["memory_runs"] == after["memory_runs"] == app_module.RUN_MEMORY[0]
+    assert before["memory_bytes"] == after["memory_bytes"] < 16 * 1.5 * 2**20
+    assert after["disk_runs"] <= app_module.KEEP_RUNS
+    assert len(server.state_holder.session_data) <= app_module.MAX_SESSIONS
+    # Gradio's sets of files it served hold only the runs still on disk: 6 previews, 6 gallery items, 1 final
+    served = [path for files in server.temp_file_sets for path in files if path.startswith(str(store.root))]
+    assert len(served) <= app_module.KEEP_RUNS * 13
+    # RSS is noisy (allocator arenas), so the bound is loose; 60 runs kept would add 79 MB
+    assert rss_after - rss_before < 40 * 2**20, f"RSS grew {(rss_after - rss_before) / 2**20:.0f} MB in 60 runs"

@@ -1,7 +1,9 @@
 """The Inspect panel's data: timeline frames, tokens, starting latents, exports, PNG settings."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import numpy as np
@@ -11,14 +13,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from imageio_ffmpeg import read_frames
 from PIL import Image, PngImagePlugin
 
-from pipelines import Frame, ModelCache, generate
+from pipelines import Frame, GenerationError, Limits, ModelCache, generate, validate_request
 from pipelines.anatomy import Anatomy
 from pipelines.export import export
 from pipelines.metadata import a1111_parameters, read_parameters, save_png
 from pipelines.schedulers import make_scheduler
 from pipelines.tiny import save_tiny_checkpoint
-from ui.inspect import Inspector
-from ui.stream import RunView, schedule_svg
+from ui.events import Runner
+from ui.inspect import Inspector, _pick, run_choices
+from ui.stream import RunStore, RunView, schedule_svg
 
 from .conftest import pixels
 
@@ -306,3 +309,144 @@ def test_load_png_fills_the_controls(recorded):
     assert note == (f"**Loaded from AUTOMATIC1111 (made with model tiny): prompt, seed {r.seed}, steps 7, "
                     f"CFG {r.guidance_scale}, size 64x64, scheduler DDIM.**"
                     "\n- the file has no negative prompt: kept yours")
+
+
+# -- runs by id, within bounds (issue 16: items 11 and 13) ----------------------
+
+@pytest.fixture(scope="module")
+def frames(cache, tiny_dir):
+    """A 3-step run's frames, replayed into every run of the store tests."""
+    req = validate_request({"mode": "txt2img", "prompt": "a red square", "seed": 5, "steps": 3, "width": 64,
+                            "height": 64, "scheduler": "DDIM", "preview": "full-vae"})
+    return req, [o for o in generate(req, cache, source=str(tiny_dir)) if isinstance(o, Frame)]
+
+
+def fill(store, frames, session="s", seed=5):
+    req, items = frames
+    view = store.new_run(replace(req, seed=seed), session)
+    for frame in items:
+        store.add_frame(view, frame)
+    return view
+
+
+def test_a_runs_bytes_are_its_arrays_each_counted_once(frames, tmp_path):
+    view = fill(RunStore(tmp_path), frames)
+    _, items = frames
+    arrays = sum(f.xt_pixels.tensor().nbytes + f.x0_pixels.tensor().nbytes + f.latents.tensor().nbytes
+                 + f.t.tensor().nbytes for f in items)
+    arrays += items[0].start_pixels.tensor().nbytes + items[0].start_latents.tensor().nbytes  # the run's start
+    images = 3 * 64 * 64 * 4  # each frame's cached PIL image: RGB held as 4 bytes a pixel
+    assert view.nbytes == arrays + images
+    assert items[0].latents.tensor().shape == (1, 4, 32, 32)  # the tiny model's latents, float32: 16 KiB a step
+    assert view.disk_bytes == sum(p.stat().st_size for p in tmp_path.rglob("*.jpg"))
+
+
+def test_memory_drops_the_least_recently_used_runs_frames_first(frames, tmp_path):
+    store = RunStore(tmp_path, keep=8, memory_runs=3)
+    runs = [fill(store, frames, seed=n) for n in range(4)]
+    assert [bool(v.dropped) for v in runs] == [True, False, False, False] and runs[0].frames == []
+    assert "dropped from memory" in runs[0].dropped and "3 most recently used runs" in runs[0].dropped
+    store.views([runs[1].id])  # the timeline looked at run 1: now run 2 is the least recently used
+    fill(store, frames, seed=4)
+    assert [bool(v.dropped) for v in runs] == [True, False, True, False]
+    usage = store.usage()
+    assert usage["memory_runs"] == 3 and usage["memory_bytes"] == 3 * runs[3].nbytes and usage["disk_runs"] == 5
+    assert store.views([v.id for v in runs]) == runs  # dropped from memory, still on disk
+
+
+def test_memory_is_bounded_by_bytes_in_all_and_per_session(frames, tmp_path):
+    one = fill(RunStore(tmp_path / "probe"), frames).nbytes
+    store = RunStore(tmp_path / "runs", memory_bytes=int(4.5 * one), session_bytes=int(2.5 * one))
+    a = [fill(store, frames, "a", seed=n) for n in range(3)]
+    assert [bool(v.dropped) for v in a] == [True, False, False]  # a's share: 2 runs
+    b = [fill(store, frames, "b", seed=n) for n in range(2)]
+    assert not any(v.dropped for v in b) and store.usage()["memory_bytes"] == 4 * one
+    fill(store, frames, "c", seed=9)  # 5 runs would pass 4.5: the least recently used (a's) goes
+    assert [bool(v.dropped) for v in a] == [True, True, False] and store.usage()["memory_bytes"] == 4 * one
+
+
+def test_a_run_larger_than_its_sessions_share_keeps_no_frames(frames, tmp_path):
+    store = RunStore(tmp_path, session_bytes=1000)
+    view = fill(store, frames)
+    assert view.dropped and view.frames == [] and view.nbytes == 0 and store.usage()["memory_bytes"] == 0
+    assert len(view.gallery) == 3 and view.step == 3  # still shown while it ran
+
+
+def test_disk_keeps_the_newest_folders_and_forgets_their_runs(frames, tmp_path):
+    store = RunStore(tmp_path, keep=3)
+    runs = [fill(store, frames, seed=n) for n in range(5)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [v.id for v in runs[2:]]
+    assert store.views([v.id for v in runs]) == runs[2:] and runs[0].dropped
+    store.forget([runs[3].id])
+    assert not runs[3].folder.exists() and store.views([v.id for v in runs]) == [runs[2], runs[4]]
+    assert store.usage() == {"memory_runs": 2, "memory_bytes": 2 * runs[4].nbytes, "disk_runs": 2,
+                             "disk_bytes": runs[2].disk_bytes + runs[4].disk_bytes}
+
+
+def test_disk_is_bounded_by_bytes(frames, tmp_path):
+    one = fill(RunStore(tmp_path / "probe"), frames).disk_bytes
+    store = RunStore(tmp_path / "runs", disk_bytes=int(2.5 * one))
+    runs = [fill(store, frames, seed=n) for n in range(4)]
+    # the bound is checked as a run starts: the new one and the newest within 2.5 runs stay
+    assert store.views([v.id for v in runs]) == runs[1:]
+
+
+def runner_session(store, cache, tiny_dir, fail_seed):
+    """A session as Gradio drives it: the State of run ids goes in, the last update's comes out."""
+
+    def run(req, token):
+        if req.seed == fail_seed:
+            raise GenerationError("the UNet ran out of memory")
+        return generate(req, cache, token, source=str(tiny_dir))
+
+    handler = Runner(run, store, Limits(), "tiny").handler("txt2img")
+    state = {"runs": []}
+
+    def go(seed):
+        fields = {"prompt": "a red square", "seed": seed, "steps": 2, "width": 64, "height": 64, "scheduler": "DDIM"}
+        try:
+            *_, last = handler(SimpleNamespace(session_hash="s"), runs=state["runs"], **fields)
+        except gr.Error:
+            return False
+        state["runs"] = last[5]
+        return True
+
+    return go, state
+
+
+def test_compare_keeps_its_run_through_new_and_failed_runs(cache, tiny_dir, inspector, tmp_path):
+    store = RunStore(tmp_path)
+    go, state = runner_session(store, cache, tiny_dir, fail_seed=13)
+
+    def refresh(other):
+        views = store.views(state["runs"])
+        pick, compare, _ = inspector.refresh(views, other)
+        assert [tuple(c) for c in compare.choices] == [(v.label, v.id) for v in views]
+        return pick.value, compare.value
+
+    assert go(1) and go(2)
+    assert refresh(None) == (state["runs"][1], None)
+    other = state["runs"][0]  # the user compares with the seed-1 run
+    for seed in (3, 13, 4):  # a new run, a failed one, another new one: 4 runs kept, nothing dropped
+        assert go(seed) is (seed != 13)
+        newest, other = refresh(other)
+        assert _pick(store.views(state["runs"]), other).request.seed == 1
+        assert _pick(store.views(state["runs"]), newest).request.seed == (3 if seed == 13 else seed)
+    assert [v.request.seed for v in store.views(state["runs"])] == [1, 2, 3, 4]
+    assert go(5)  # the seed-1 run leaves the session's 4: the choice is cleared, not moved
+    newest, other = refresh(other)
+    assert other is None and _pick(store.views(state["runs"]), newest).request.seed == 5
+    assert len(store.views(state["runs"])) == 4 and store.usage()["memory_runs"] == 4  # the failed run left nothing
+
+
+def test_timeline_and_export_say_when_a_runs_steps_were_dropped(frames, inspector, tmp_path):
+    store = RunStore(tmp_path, memory_runs=1)
+    old, new = fill(store, frames, seed=1), fill(store, frames, seed=2)
+    runs = store.views([old.id, new.id])
+    *_, info, channels, plot = inspector.timeline(runs, old.id, None, 2)
+    assert info == old.dropped and "dropped from memory" in info and channels == [] and plot == ""
+    assert inspector.timeline(runs, new.id, old.id, 2)[3].startswith("**step 2/3**")
+    assert inspector.timeline(runs, new.id, old.id, 2)[2] is None  # nothing to put beside it
+    with pytest.raises(gr.Error, match="dropped from memory"):
+        inspector.export_run(runs, old.id, "gif")
+    assert "steps dropped" in run_choices(runs)[0][0] and run_choices(runs)[1][1] == new.id

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import gradio as gr
+from gradio.server_messages import ProcessCompletedMessage
+from gradio.utils import error_payload
 
 from pipelines import (
     CancelToken,
@@ -22,14 +25,16 @@ from pipelines.metadata import save_png
 from .stream import RunStore, RunView, progress_html
 
 GenerateFn = Callable[[GenerationRequest, CancelToken], Iterator]
-KEEP_SESSION_RUNS = 4  # runs a browser session keeps for the timeline and comparisons
+KEEP_SESSION_RUNS = 4  # runs a session keeps for the timeline and comparisons
+WITHDRAWN = "Stopped before it started: Stop took this run out of the queue."
 
 
 class Runner:
     """Runs generations for a Gradio app.
 
-    Each run has its own `CancelToken`, registered under the browser session that
-    started it, so Stop reaches that session's run and no other.
+    Each run has its own `CancelToken`, registered under the session that started it,
+    so Stop reaches that session's run and no other. A session's runs live in `store`
+    under stable ids; the session's `gr.State` holds only the ids.
     """
 
     def __init__(self, generate: GenerateFn, store: RunStore, limits: Limits, model_label: str):
@@ -37,7 +42,9 @@ class Runner:
         self.store = store
         self.limits = limits
         self.model_label = model_label
+        self.blocks: gr.Blocks | None = None  # set once built: Stop withdraws runs from its queue
         self._tokens: dict[str, CancelToken] = {}
+        self._handlers: set = set()  # this Runner's event functions, to find their events in the queue
         self._lock = threading.Lock()
 
     def handler(self, mode: str, with_depth: bool = False):
@@ -53,18 +60,47 @@ class Runner:
 
         fn = run_depth if with_depth else run
         fn.__name__ = mode
+        self._handlers.add(fn)
         return fn
 
-    def stop(self, request: gr.Request) -> None:
-        """Cancel this session's run. It has no outputs: the run's own last update
-        says where it stopped (an output here could land after it and hide it)."""
+    async def stop(self, request: gr.Request) -> None:
+        """Withdraw this session's runs still waiting in the queue, and stop its running
+        one after the current step. It has no outputs: the run's own last update says
+        where it stopped (an output here could land after it and hide it)."""
+        # withdraw first: once the running run stops, the next one waiting starts
+        withdrawn = await self._withdraw_queued(request.session_hash)
         with self._lock:
             token = self._tokens.get(request.session_hash)
-        if token is None:
+        if token is not None:
+            token.cancel()
+            gr.Info("Stopping after this step…")
+        elif not withdrawn:
             gr.Info("Nothing is running.")
-            return
-        token.cancel()
-        gr.Info("Stopping after this step…")
+        if withdrawn:
+            gr.Info(f"Took {withdrawn} waiting run{'s' if withdrawn > 1 else ''} out of the queue.")
+
+    async def _withdraw_queued(self, session: str | None) -> int:
+        """Take `session`'s runs still waiting in Gradio's queue out of it; each one's client
+        gets WITHDRAWN as the error of its run. Gradio has no public call for this: its
+        /cancel route needs the event id, which only the client knows, and `cancels=` works
+        in the browser only and ends a running run without its last update. So this uses
+        the Queue's own attributes (gradio 6.31, pinned in requirements.txt;
+        tests/test_app.py::test_stop_withdraws_the_callers_queued_run fails if they change)."""
+        queue = getattr(self.blocks, "_queue", None)
+        if queue is None or session is None:
+            return 0
+        withdrawn = 0
+        for event_id in list(queue.pending_event_ids_session.get(session, ())):
+            event = queue.event_ids_to_events.get(event_id)
+            if event is None or event.fn.fn not in self._handlers:
+                continue
+            await queue.remove_from_queue(event_id)
+            if event_id in queue.event_ids_to_events:
+                continue  # it had started: its CancelToken stops it
+            error = error_payload(gr.Error(WITHDRAWN, title="Stopped"), show_error=True)  # as a raised gr.Error
+            queue.send_message(event, ProcessCompletedMessage(output=error, success=False, title="Stopped"))
+            withdrawn += 1
+        return withdrawn
 
     @staticmethod
     def _outputs(view: RunView, gallery, final, status: str, info: str, runs: list, with_depth: bool) -> tuple:
@@ -82,10 +118,11 @@ class Runner:
             if previous is not None:
                 previous.cancel()  # a new Generate from the same tab supersedes the old run
             self._tokens[session] = token
-        view = RunView(self.store.new_run(), request=req)
-        runs = runs if runs is not None else []  # this session's runs, newest last, for the timeline
-        runs.append(view)
-        del runs[:-KEEP_SESSION_RUNS]
+        view = self.store.new_run(req, session)
+        # The session's run ids, newest last: a new list, so a run that fails before its
+        # first update leaves the session's State as it was.
+        before = list(runs or [])
+        runs = [*before, view.id][-KEEP_SESSION_RUNS:]
         # Outputs: live, gallery, final, status, info, runs[, depth used]. Outputs with
         # nothing new get cheap values (None, "") rather than gr.skip(), for which Gradio
         # rebuilds the component's config (milliseconds); only the gallery, whose resend
@@ -94,20 +131,21 @@ class Runner:
             for item in self.generate(req, token):
                 if isinstance(item, Final):
                     final = view.final = save_png(item, view.folder / "final.png", self.model_label)
+                    view.disk_bytes += Path(final).stat().st_size
                     status = progress_html(view.step, view.total, f"done in {item.seconds:.2f} s", view.levels)
                     for note in item.notes:
                         gr.Warning(note)
                     yield self._outputs(view, view.gallery, final, status, _info(req, self.model_label, item),
                                         runs, with_depth)
                     return
-                view.add_frame(item)
+                self.store.add_frame(view, item)
                 gallery = view.gallery if view.gallery_due() else gr.skip()
                 status = progress_html(view.step, view.total, f"t={item.timestep:.0f}", view.levels)
                 yield self._outputs(view, gallery, None, status, "", runs, with_depth)
             # the frames ended without a final image: the run was stopped
             note = f"Stopped at step {view.step}/{view.total}; the steps so far stay in the gallery."
             yield self._outputs(view, view.gallery, None, progress_html(view.step, view.total, "stopped", view.levels),
-                                note, runs, with_depth)
+                                note, runs if view.step else before, with_depth)
         except (ModelLoadError, GenerationError, ValueError) as err:
             raise gr.Error(str(err)) from None
         finally:
@@ -115,6 +153,10 @@ class Runner:
             with self._lock:
                 if self._tokens.get(session) is token:
                     del self._tokens[session]
+            if view.step:  # the session's list is now `runs`: the run that left it leaves memory
+                self.store.drop([i for i in before if i not in runs], "It left its session's newest runs.")
+            else:  # nothing of it reached the session
+                self.store.forget([view.id])
 
 
 def _info(req: GenerationRequest, model: str, final: Final) -> str:

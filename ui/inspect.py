@@ -13,7 +13,6 @@ from pipelines.anatomy import channels
 from pipelines.export import export
 from pipelines.metadata import read_parameters
 
-from .events import KEEP_SESSION_RUNS
 from .stream import RunView, schedule_svg
 
 
@@ -30,8 +29,9 @@ def tokens_html(tokens, label: str | None = None) -> str:
     return f'<div class="sw-tokens"><small>{head}{len(tokens)} tokens{note}</small><div>{chips}</div></div>'
 
 
-def run_choices(runs: list[RunView] | None) -> list[tuple[str, int]]:
-    return [(view.label, n) for n, view in enumerate(runs or [])]
+def run_choices(runs: list[RunView] | None) -> list[tuple[str, str]]:
+    """Dropdown choices: each run's label, valued by its stable id (positions shift as runs come and go)."""
+    return [(view.label, view.id) for view in runs or []]
 
 
 # What "Load settings" fills, in the order of its outputs; strength goes to the img2img and depth sliders.
@@ -65,16 +65,29 @@ class Inspector:
                               f"{html.escape(str(err))}</small></div>")
         return "".join(blocks)
 
-    def refresh(self, runs: list[RunView] | None, other: int | None):
+    def refresh(self, runs: list[RunView] | None, other: str | None):
         """After a run: list the session's runs, point the timeline at the newest, last step.
-        The run compared with keeps its place (older runs shift down as new ones come)."""
-        choices = run_choices(runs)
-        newest = len(choices) - 1 if choices else None
+        The run compared with stays chosen while the session keeps it, and is cleared after."""
+        runs = runs or []
         steps = len(runs[-1].frames) if runs else 0
-        other = other - 1 if other is not None and len(runs or []) == KEEP_SESSION_RUNS else other
-        return (gr.Dropdown(choices=choices, value=newest),
-                gr.Dropdown(choices=choices, value=other if other is not None and other >= 0 else None),
+        other = other if _pick(runs, other) is not None else None
+        return (gr.Dropdown(choices=run_choices(runs), value=runs[-1].id if runs else None),
+                gr.Dropdown(choices=run_choices(runs), value=other),
                 gr.Slider(maximum=max(steps, 1), value=steps))
+
+    def timeline(self, runs: list[RunView] | None, pick: str | None, other: str | None, step: int):
+        """`show`, or why the picked run's steps are gone from memory."""
+        view = _pick(runs, pick if pick is not None else -1)
+        if view is not None and view.dropped:
+            return None, None, None, view.dropped, [], ""
+        return self.show(runs, pick, other, step)
+
+    def export_run(self, runs: list[RunView] | None, pick: str | None, kind: str) -> str:
+        """`export`, or why the picked run's steps are gone from memory."""
+        view = _pick(runs, pick)
+        if view is not None and view.dropped:
+            raise gr.Error(view.dropped)
+        return self.export(runs, pick, kind)
 
     def show(self, runs: list[RunView] | None, pick: int | None, other: int | None, step: int):
         """Step `step` of run `pick` as the run made it (0 = the latents it started from), and
@@ -175,8 +188,10 @@ def _gallery(latents) -> list[tuple]:
     return [(image, f"channel {n}") for n, image in enumerate(channels(latents), 1)]
 
 
-def _pick(runs, n) -> RunView | None:
-    if not runs or n is None or not 0 <= int(n) < len(runs):  # stale or empty choice
-        return None
-    return runs[int(n)]
+def _pick(runs: list[RunView] | None, key: str | int | None) -> RunView | None:
+    """The run whose id is `key` (a dropdown value), or at position `key` (an int; -1 is
+    the newest); None for a run the session no longer keeps."""
+    if isinstance(key, int) and runs and -len(runs) <= key < len(runs):
+        return runs[key]
+    return next((view for view in runs or [] if view.id == key), None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -12,7 +13,7 @@ from pipelines.presets import Preset
 from . import fields
 from .events import GenerateFn, Runner
 from .inspect import Inspector
-from .stream import RunStore
+from .stream import MB, RunStore
 
 CSS = """
 .sw-progress { display: flex; gap: .75em; align-items: center; font-variant-numeric: tabular-nums; }
@@ -52,13 +53,17 @@ class AppSpec:
     initial_preset: str | None = None
     examples: list[str] = field(default_factory=list)
     vocabulary: dict[str, list[str]] = field(default_factory=dict)
-    keep_runs: int = 32
+    keep_runs: int = 32  # run folders on disk
+    run_memory: tuple[int, int] = (16, 1024 * MB)  # runs whose steps stay in memory, and their bytes
+    session_ttl: float = 3600  # a session's runs are let go this long after its last run
     anatomy: object = None  # pipelines.anatomy.Anatomy: each source's tokens (loads no model)
     delete_cache: tuple[int, int] | None = (3600, 3600)  # Gradio's cache sweep: (every s, older than s)
 
 
 def build_app(spec: AppSpec) -> gr.Blocks:
-    runner = Runner(spec.generate, RunStore(spec.run_root, spec.keep_runs), spec.limits, spec.model_label)
+    memory_runs, memory_bytes = spec.run_memory
+    store = RunStore(spec.run_root, keep=spec.keep_runs, memory_runs=memory_runs, memory_bytes=memory_bytes)
+    runner = Runner(spec.generate, store, spec.limits, spec.model_label)
     start = {**spec.defaults, **(spec.presets[spec.initial_preset].values if spec.initial_preset else {})}
     lim = spec.limits
 
@@ -70,7 +75,9 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                 "pictures are noise. Use the bundled micro model or pass `--model`.",
                 elem_id="untrained-banner",
             )
-        runs = gr.State([])  # this session's runs (ui.stream.RunView), newest last
+        # this session's run ids (keys of `store`), newest last; API sessions never close,
+        # so the runs are let go `session_ttl` after the last one
+        runs = gr.State([], time_to_live=spec.session_ttl, delete_callback=store.forget)
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=2, value=start.get("prompt", ""), elem_id="prompt")
@@ -172,7 +179,8 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         gpu = dict(concurrency_limit=1, concurrency_id="gpu", show_progress="hidden")
         inspector = Inspector(spec.anatomy, lim, SCHEDULER_NAMES)
         timeline = [pick, other, scrub]
-        shown = dict(fn=inspector.show, inputs=[runs, pick, other, scrub],
+        shown = dict(fn=lambda ids, p, o, step: inspector.timeline(store.views(ids), p, o, step),
+                     inputs=[runs, pick, other, scrub],
                      outputs=[xt_view, x0_view, other_view, step_info, channels, schedule], **_private())
         events = [
             go_txt.click(runner.handler("txt2img"), inputs_kwargs=common_gpu, outputs=outputs, api_name="txt2img",
@@ -184,14 +192,15 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                            outputs=[*outputs, depth_used], api_name="depth2img", **gpu),
         ]
         for event in events:
-            event.then(inspector.refresh, inputs=[runs, other], outputs=timeline, **_private()).then(**shown)
+            event.then(lambda ids, o: inspector.refresh(store.views(ids), o), inputs=[runs, other], outputs=timeline,
+                       **_private()).then(**shown)
         scrub.release(**shown)
         scrub.input(**shown, trigger_mode="always_last")
         pick.input(**shown)
         other.input(**shown)
         for kind, button in export_buttons.items():
-            button.click(lambda r, p, kind=kind: inspector.export(r, p, kind), inputs=[runs, pick], outputs=[download],
-                         **_private())
+            button.click(lambda ids, p, kind=kind: inspector.export_run(store.views(ids), p, kind), inputs=[runs, pick],
+                         outputs=[download], **_private())
         prompt.change(inspector.tokens, inputs=[prompt], outputs=[tokens], trigger_mode="always_last", **_private())
         demo.load(inspector.tokens, inputs=[prompt], outputs=[tokens], **_private())
         load_png.upload(inspector.load_png, inputs=[load_png],  # in the order of ui.inspect.LOADED, then the note
@@ -201,7 +210,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
 
         private = _private()
         random_seed.click(lambda: -1, outputs=[seed], **private)
-        reuse_seed.click(_last_seed, inputs=[runs], outputs=[seed], **private)
+        reuse_seed.click(lambda ids: _last_seed(store.views(ids or [])), inputs=[runs], outputs=[seed], **private)
         to_img2img.click(lambda p: _send(p, "img2img"), inputs=[final], outputs=[img_in, tabs], **private)
         to_depth.click(lambda p: _send(p, "depth2img"), inputs=[final], outputs=[depth_in, tabs], **private)
 
@@ -218,7 +227,19 @@ def build_app(spec: AppSpec) -> gr.Blocks:
 
         preset.change(apply_preset, inputs=[preset],
                       outputs=[*preset_targets.values(), img_strength, depth_strength, tabs, preset_note], **private)
+    runner.blocks = demo
+    store.on_delete = lambda folder: _untrack(demo, folder)
+    demo.run_store = store  # what the server keeps of runs: RunStore.usage() for tests and monitoring
     return demo
+
+
+def _untrack(demo: gr.Blocks, folder) -> None:
+    """Forget the paths of a deleted run folder's files in Gradio's per-component sets of
+    files served (`Blocks.temp_file_sets`): its hourly sweep drops only the files it deletes
+    itself, so every frame path ever served would stay there (about 50 kB a 150-step run)."""
+    prefix = os.path.abspath(folder) + os.sep
+    for files in demo.temp_file_sets:
+        files.difference_update([path for path in list(files) if str(path).startswith(prefix)])
 
 
 def _private() -> dict:
@@ -229,7 +250,7 @@ def _private() -> dict:
     return dict(api_visibility="private", queue=True, concurrency_id="ui", concurrency_limit=None)
 
 
-def _last_seed(runs: list | None):
+def _last_seed(runs: list):
     if not runs:
         gr.Warning("No run in this session yet: the seed stays as it is.")
         return gr.skip()

@@ -16,7 +16,9 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -25,24 +27,127 @@ GALLERY_GROWTH = 1.25  # refresh the gallery when it is this many times the size
 FRAME_FORMAT, FRAME_QUALITY = "JPEG", 85
 
 
-class RunStore:
-    """Folders for runs' frames; keeps the newest `keep` runs, deletes older ones."""
+MB = 2**20
 
-    def __init__(self, root: str | Path, keep: int = 32):
+
+class RunStore:
+    """Every run's step frames in memory and its files on disk, by run id, within fixed bounds.
+
+    Memory holds what the Inspect timeline re-decodes: each run's frames (latents, x0,
+    pixels) and its input images. It is bounded in all (`memory_runs` runs, `memory_bytes`)
+    and per session (`session_bytes`, half by default); past a bound the least recently
+    used run loses its frames (`RunView.dropped` says why; its files stay). Disk holds each
+    run's folder (step JPEGs, final PNG, exports), at most `keep` folders and `disk_bytes`
+    of step and final images (exports are not counted); as a run starts, the oldest
+    folders past that are deleted and their runs forgotten. So a run leaves memory first
+    and disk second, and a client that never comes back (`/gradio_api/call/` clients never
+    close their session) costs nothing once its runs age out. Runs stream on worker
+    threads while the panel reads on others; one lock guards the index and byte counts.
+    """
+
+    def __init__(self, root: str | Path, keep: int = 32, memory_runs: int = 16, memory_bytes: int = 1024 * MB,
+                 session_bytes: int | None = None, disk_bytes: int = 4096 * MB):
         self.root = Path(root)
-        self.keep = keep
+        self.keep, self.disk_bytes = keep, disk_bytes
+        self.memory_runs, self.memory_bytes = memory_runs, memory_bytes
+        self.session_bytes = session_bytes if session_bytes is not None else memory_bytes // 2
         self._lock = threading.Lock()
         self._counter = itertools.count()
+        self._runs: dict[str, RunView] = {}  # on disk, oldest first
+        self._memory: OrderedDict[str, RunView] = OrderedDict()  # frames in memory, least recently used first
+        self.on_delete: Callable[[Path], None] | None = None  # told of each deleted folder
 
-    def new_run(self) -> Path:
+    def new_run(self, request=None, session: str | None = None) -> RunView:
+        """A new run with its own folder; deletes the oldest folders past the disk bounds."""
         with self._lock:
             self.root.mkdir(parents=True, exist_ok=True)
             # name sorts by creation: time, then a per-process counter, then randomness
             folder = self.root / f"{time.time_ns():020d}-{next(self._counter):06d}-{uuid.uuid4().hex[:8]}"
             folder.mkdir()
-            for old in sorted(p for p in self.root.iterdir() if p.is_dir())[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-            return folder
+            view = RunView(folder, request=request, session=session)
+            view.nbytes = held_bytes(request, view._seen) if request is not None else 0
+            self._runs[view.id] = self._memory[view.id] = view
+            # the disk, not the index: an earlier process's folders count too, and
+            # another process on this root (or a person) may have deleted some of ours
+            folders = sorted(p for p in self.root.iterdir() if p.is_dir())
+            for gone in self._runs.keys() - {p.name for p in folders}:
+                self._delete(self._runs[gone].folder)
+            old = folders[: -self.keep]
+            on_disk = sum(v.disk_bytes for v in self._runs.values())
+            for run in folders[len(old):-1]:  # never the new run's own folder
+                if on_disk <= self.disk_bytes:
+                    break
+                on_disk -= self._runs[run.name].disk_bytes if run.name in self._runs else 0
+                old.append(run)
+            for run in old:
+                self._delete(run)
+            self._fit(view)
+            return view
+
+    def add_frame(self, view: RunView, frame) -> None:
+        """`view.add_frame`, then drop the least recently used runs' frames past the memory bounds."""
+        view.save_frame(frame)
+        with self._lock:
+            if view.id in self._memory:
+                view.keep_frame(frame)
+                self._memory.move_to_end(view.id)
+                self._fit(view)
+
+    def views(self, ids: list[str] | None) -> list[RunView]:
+        """The runs of `ids` still on disk, in order; those in memory count as just used."""
+        with self._lock:
+            found = [self._runs[i] for i in ids or [] if i in self._runs]
+            for view in found:
+                if view.id in self._memory:
+                    self._memory.move_to_end(view.id)
+            return found
+
+    def drop(self, ids: list[str], reason: str) -> None:
+        """Free these runs' frames; their files stay."""
+        with self._lock:
+            for i in ids:
+                if i in self._memory:
+                    self._drop(self._memory[i], reason)
+
+    def forget(self, ids: list[str] | None) -> None:
+        """Free these runs' frames and delete their folders (a session that went away:
+        `gr.State(delete_callback=...)`)."""
+        with self._lock:
+            for i in ids or []:
+                if i in self._runs:
+                    self._delete(self._runs[i].folder)
+
+    def usage(self) -> dict[str, int]:
+        """What the store holds now: runs and bytes in memory, runs and bytes of frames on disk."""
+        with self._lock:
+            return {"memory_runs": len(self._memory), "memory_bytes": sum(v.nbytes for v in self._memory.values()),
+                    "disk_runs": len(self._runs), "disk_bytes": sum(v.disk_bytes for v in self._runs.values())}
+
+    def _fit(self, view: RunView) -> None:
+        # this session's share first, then everyone's; the least recently used run goes first
+        mine = [v for v in self._memory.values() if v.session == view.session]
+        while sum(v.nbytes for v in mine) > self.session_bytes:
+            self._drop(mine.pop(0), self._why())
+        while len(self._memory) > self.memory_runs or \
+                sum(v.nbytes for v in self._memory.values()) > self.memory_bytes:
+            self._drop(next(iter(self._memory.values())), self._why())
+
+    def _why(self) -> str:
+        return (f"This run's steps were dropped from memory: the server keeps the steps of its {self.memory_runs} "
+                f"most recently used runs, up to {self.memory_bytes // MB} MB in all and "
+                f"{self.session_bytes // MB} MB per session. Run it again (same seed and settings) to scrub it.")
+
+    def _drop(self, view: RunView, reason: str) -> None:
+        self._memory.pop(view.id, None)
+        view.drop(reason)
+
+    def _delete(self, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        if self.on_delete is not None:
+            self.on_delete(folder)
+        view = self._runs.pop(folder.name, None)
+        if view is not None:
+            self._drop(view, "This run's files were deleted to keep the server's disk use bounded.")
 
 
 @dataclass
@@ -51,23 +156,39 @@ class RunView:
 
     folder: Path
     request: object = None  # the GenerationRequest
-    frames: list = field(default_factory=list)
+    session: str | None = None  # the Gradio session that started it
+    frames: list = field(default_factory=list, repr=False)
     levels: list[float] = field(default_factory=list)  # noise level of x_t at the start and after every step
     final: str | None = None
-    gallery: list[tuple[str, str]] = field(default_factory=list)  # (path, caption), one per step
+    gallery: list[tuple[str, str]] = field(default_factory=list, repr=False)  # (path, caption), one per step
     preview: str | None = None
     depth: str | None = None
     step: int = 0
     total: int = 0
+    nbytes: int = 0  # memory held for the timeline: frames and input images
+    disk_bytes: int = 0  # files written into `folder`
+    dropped: str | None = None  # why the frames are no longer kept, once they are not
     _gallery_sent: int = 0
+    _seen: set = field(default_factory=set, repr=False)  # ids of arrays counted in nbytes
+
+    @property
+    def id(self) -> str:
+        """Stable for the run's life and unique: its folder's name."""
+        return self.folder.name
 
     @property
     def label(self) -> str:
         r = self.request
-        return f"#{self.folder.name[-8:]} · {r.mode} · seed {r.seed} · {r.steps} steps · CFG {r.guidance_scale}"
+        gone = " · steps dropped" if self.dropped else ""
+        return f"#{self.id[-8:]} · {r.mode} · seed {r.seed} · {r.steps} steps · CFG {r.guidance_scale}{gone}"
 
     def add_frame(self, frame) -> None:
-        self.frames.append(frame)
+        self.save_frame(frame)
+        if not self.dropped:
+            self.keep_frame(frame)
+
+    def save_frame(self, frame) -> None:
+        """Write the step's picture once and show it: preview, gallery, progress."""
         if frame.schedule_t is not None:
             self.levels = frame.schedule_levels()
         path = self.save(frame.image, f"step_{frame.step:04d}.jpg")
@@ -76,12 +197,24 @@ class RunView:
         if frame.depth is not None:
             self.depth = self.save(frame.depth, "depth.png")
 
+    def keep_frame(self, frame) -> None:
+        """Keep the frame for the timeline, and count the bytes it holds."""
+        self.frames.append(frame)
+        self.nbytes += held_bytes(frame, self._seen)
+
+    def drop(self, reason: str) -> None:
+        """Free the frames and input images; later frames are saved and shown but not kept."""
+        self.frames, self.dropped, self.nbytes, self._seen = [], reason, 0, set()
+        if self.request is not None and getattr(self.request, "image", None) is not None:
+            self.request = replace(self.request, image=None, depth_map=None)
+
     def save(self, image: Image.Image, name: str) -> str:
         path = self.folder / name
         if name.endswith(".jpg"):
             image.save(path, FRAME_FORMAT, quality=FRAME_QUALITY)
         else:
             image.save(path)
+        self.disk_bytes += path.stat().st_size
         return str(path)
 
     def gallery_due(self) -> bool:
@@ -90,6 +223,24 @@ class RunView:
             self._gallery_sent = len(self.gallery)
             return True
         return False
+
+
+def held_bytes(obj, seen: set[int], depth: int = 2) -> int:
+    """Bytes of the arrays `obj` holds: torch tensors and numpy arrays (`.nbytes`), PIL
+    images (width x height x bands), found as its attributes or theirs (a Frame's
+    HostCopy holds a tensor). Each array counts once per `seen` (frames share a schedule)."""
+    if id(obj) in seen:
+        return 0
+    if isinstance(obj, Image.Image):
+        seen.add(id(obj))
+        return obj.width * obj.height * len(obj.getbands())
+    nbytes = getattr(obj, "nbytes", None)
+    if isinstance(nbytes, int):
+        seen.add(id(obj))
+        return nbytes
+    if depth and hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return sum(held_bytes(value, seen, depth - 1) for value in vars(obj).values())
+    return 0
 
 
 def progress_html(step: int, total: int, note: str = "", levels: list[float] | None = None) -> str:
