@@ -267,7 +267,8 @@ def test_export_says_what_went_wrong(recorded, inspector, tmp_path):
     gone.frames = recorded.frames
     with pytest.raises(gr.Error, match="This run's files are gone .*: run it again to download its steps"):
         inspector.export([gone], 0, "gif")
-    assert inspector.export([recorded], None, "gif").endswith("steps.gif")  # no pick yet: the newest run
+    newest = f"-seed{recorded.request.seed}-{recorded.folder.name[-8:]}.gif"
+    assert inspector.export([recorded], None, "gif").endswith(newest)  # no pick yet: the newest run
 
 
 def test_png_metadata_is_read_by_sd_parsers(recorded):
