@@ -34,7 +34,8 @@ from transformers import DPTForDepthEstimation, DPTImageProcessor
 
 from .devices import memory_bytes, pick_device, pick_dtype, use_fastest_attention
 from .previews import PREVIEW_MODES, LatentRGB, VAEDecoder, latent_rgb_for
-from .request import Limits
+from .request import MODES, Limits
+from .schedulers import scheduler_menu
 from .tiny import save_tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -166,13 +167,16 @@ class Checkpoint:
     def limits(self) -> Limits:
         """What runs on this checkpoint may ask for. Sides from 1/8 to 4x the native side
         (64..2048 for SD 1.5, as AUTOMATIC1111's sliders), at most 4x its native pixel count;
-        only the preview decoders it has."""
+        only the preview decoders it has and the samplers that fit its noise schedule."""
         native = self.native_side
+        config = self.base.scheduler.config
         return Limits(
             min_side=max(16, native // 8),
             max_side=min(2048, 4 * native),
             max_pixels=4 * native * native,
             preview_modes=tuple(m for m in PREVIEW_MODES if m != "tiny-vae" or self.tiny_vae is not None),
+            schedulers=scheduler_menu(config)[0],
+            unfit_schedulers={mode: scheduler_menu(config, mode)[1] for mode in MODES},
         )
 
     def nbytes(self) -> int:

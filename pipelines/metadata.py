@@ -66,7 +66,8 @@ SAMPLER_ALIASES = {
 # This app's schedulers as (A1111 sampler, schedule type); "even" is the checkpoint's own evenly spaced
 # timesteps. PNDM with skip_prk_steps (pipelines/schedulers.py) is the PLMS sampler.
 OFFERED = {("Euler a", "even"): "Euler a", ("Euler", "even"): "Euler", ("DDIM", "even"): "DDIM",
-           ("UniPC", "even"): "UniPC", ("PLMS", "even"): "PNDM", ("DPM++ 2M", "karras"): "DPM++ 2M Karras"}
+           ("UniPC", "even"): "UniPC", ("PLMS", "even"): "PNDM", ("DPM++ 2M", "karras"): "DPM++ 2M Karras",
+           ("DPM++ 2M", "even"): "DPM++ 2M"}
 # Schedule types that space timesteps evenly: A1111 Uniform/DDIM, ComfyUI normal/simple/sgm_uniform/ddim_uniform,
 # NovelAI native. A1111's "Automatic" is the sampler's own default: Karras for DPM++ 2M (A1111 1.9+), else even.
 EVEN_SCHEDULES = {"", "uniform", "ddim", "normal", "simple", "sgm_uniform", "ddim_uniform", "native"}

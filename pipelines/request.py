@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,9 @@ class Limits:
     max_pixels: int = 1024 * 1024
     max_prompt_chars: int = 2000
     preview_modes: tuple[str, ...] = PREVIEW_MODES
+    schedulers: tuple[str, ...] = SCHEDULER_NAMES  # the menu (txt2img's)
+    # mode -> {scheduler left out for this model: why}, from `schedulers.scheduler_menu`
+    unfit_schedulers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> Generati
         guidance_scale=_float(raw, "guidance_scale", 0.0, limits.max_guidance, default=7.5),
         width=_side(raw, "width", limits),
         height=_side(raw, "height", limits),
-        scheduler=_choice(raw, "scheduler", SCHEDULER_NAMES, default="Euler a"),
+        scheduler=_scheduler(raw, mode, limits),
         preview=_choice(raw, "preview", limits.preview_modes, default="latent-rgb"),
         view=_choice(raw, "view", VIEWS, default="x_t"),
     )
@@ -196,6 +200,16 @@ def _side(raw: dict, name: str, limits: Limits) -> int:
 def _seed(value) -> int:
     seed = _int({"seed": value}, "seed", RANDOM_SEED, MAX_SEED, default=RANDOM_SEED)
     return random.randint(0, MAX_SEED) if seed == RANDOM_SEED else seed
+
+
+def _scheduler(raw: dict, mode: str, limits: Limits) -> str:
+    name = _choice(raw, "scheduler", SCHEDULER_NAMES, default="Euler a")
+    unfit = limits.unfit_schedulers.get(mode, {})
+    if name in unfit:
+        offered = [n for n in SCHEDULER_NAMES if n not in unfit]
+        raise RequestError("scheduler", f"{name} is not offered for this model in {mode}: {unfit[name]}; "
+                                        f"choose one of {', '.join(offered)}")
+    return name
 
 
 def _choice(raw: dict, name: str, allowed: tuple[str, ...], default: str | None = None) -> str:

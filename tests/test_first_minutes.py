@@ -112,3 +112,24 @@ def test_the_readme_client_example_runs_as_written(tiny_dir, tmp_path, monkeypat
         demo.close()
     assert scope["final"]["url"].endswith("final.png") and (tmp_path / "final.png").stat().st_size > 0
     assert scope["preview"]["url"].endswith("step_0020.jpg")  # the last step's frame came before the final update
+
+
+def test_the_scheduler_menu_and_validation_follow_the_model():
+    limits = ModelCache(device="cpu").checkpoint("bundled").limits()  # zero terminal SNR, v-prediction
+    assert limits.schedulers == ("DDIM", "Euler", "Euler a", "DPM++ 2M", "UniPC")
+    demo = demo_for("bundled")
+    dropdown = component(demo, label="Scheduler")
+    assert [value for _, value in dropdown.choices] == list(limits.schedulers)
+    assert "DPM++ 2M Karras: Karras sigmas do not fit a zero-terminal-SNR schedule" in dropdown.info
+    raw = {"mode": "txt2img", "prompt": "p", "width": 64, "height": 64, "scheduler": "DPM++ 2M Karras"}
+    with pytest.raises(RequestError, match=r"^scheduler: DPM\+\+ 2M Karras is not offered for this model in txt2img: "
+                                           r"Karras sigmas .*; choose one of DDIM, Euler, Euler a, DPM\+\+ 2M, UniPC$"):
+        validate_request(raw, limits)
+
+
+def test_pndm_is_offered_for_txt2img_but_refused_for_img2img(tiny_dir, scene):
+    limits = ModelCache(device="cpu").checkpoint(str(tiny_dir)).limits()  # SD's schedule: every sampler fits
+    raw = {"prompt": "p", "width": 32, "height": 32, "scheduler": "PNDM", "image": scene}
+    assert validate_request({**raw, "mode": "txt2img"}, limits).scheduler == "PNDM"
+    with pytest.raises(RequestError, match="PNDM is not offered for this model in img2img: PNDM .PLMS. cannot start"):
+        validate_request({**raw, "mode": "img2img"}, limits)

@@ -103,6 +103,7 @@ def test_a1111_stealth_pnginfo_in_the_alpha_channel(tmp_path):
     ("Sampler: UniPC", "UniPC"),
     ("Sampler: PLMS", "PNDM"),
     ("Sampler: PNDM", "PNDM"),  # as this app writes it
+    ("Sampler: DPM++ 2M", "DPM++ 2M"),  # before 1.9, no schedule type: the checkpoint's own spacing
 ])
 def test_a1111_sampler_and_schedule_map_to_the_apps_scheduler(tmp_path, settings, scheduler):
     got = read_parameters(a1111(tmp_path, f"Steps: 20, {settings}, CFG scale: 7, Seed: 1, Size: 64x64"))
@@ -111,7 +112,6 @@ def test_a1111_sampler_and_schedule_map_to_the_apps_scheduler(tmp_path, settings
 
 @pytest.mark.parametrize("settings,note", [
     ("Sampler: DPM++ SDE, Schedule type: Karras", "sampler DPM++ SDE with schedule type Karras"),
-    ("Sampler: DPM++ 2M", "sampler DPM++ 2M"),  # before 1.9, without Karras: not the app's DPM++ 2M Karras
     ("Sampler: Euler a, Schedule type: Karras", "sampler Euler a with schedule type Karras"),
     ("Sampler: DPM++ 2M, Schedule type: Exponential", "sampler DPM++ 2M with schedule type Exponential"),
 ])
@@ -270,7 +270,7 @@ def test_comfyui_graph_with_two_samplers_and_two_prompts_says_which_was_taken(tm
     ("dpmpp_2m", "karras", "DPM++ 2M Karras"),
     ("uni_pc", "simple", "UniPC"),
     ("ddim", "ddim_uniform", "DDIM"),
-    ("dpmpp_2m", "normal", None),  # DPM++ 2M without Karras is not offered
+    ("dpmpp_2m", "normal", "DPM++ 2M"),  # evenly spaced: the app's DPM++ 2M
     ("lcm", "normal", None),
 ])
 def test_comfyui_sampler_and_scheduler_map_to_the_apps_scheduler(tmp_path, sampler, scheduler, expected):

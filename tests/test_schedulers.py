@@ -201,7 +201,7 @@ def run(cache, source, name, steps, seed=0):
     frames = [o for o in out if isinstance(o, Frame)]
     (final,) = [o for o in out if isinstance(o, Final)]
     assert len(frames) == steps + (name == "PNDM" and steps > 1), (name, steps, len(frames))
-    assert all(torch.isfinite(f.latents.tensor()).all() and torch.isfinite(f.x0.tensor()).all() for f in frames)
+    assert all(torch.isfinite(f.latents.tensor()).all() for f in frames)  # x_t; x0 is kept as pixels only
     return np.asarray(final.image, dtype=np.float64)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from pipelines import PREVIEW_MODES, SCHEDULER_NAMES, VIEWS, Limits
+from pipelines import PREVIEW_MODES, VIEWS, Limits
 from pipelines.presets import Preset
 
 from . import fields
@@ -119,8 +119,8 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                                               label="Width")
                         height = fields.Slider(lim.min_side, lim.max_side, value=start.get("height", lim.min_side), step=8,
                                            label="Height")
-                    scheduler = fields.Dropdown(list(SCHEDULER_NAMES), value=start.get("scheduler", "Euler a"),
-                                            label="Scheduler")
+                    scheduler = fields.Dropdown(list(lim.schedulers), value=start.get("scheduler", lim.schedulers[0]),
+                                                label="Scheduler", info=_scheduler_note(lim) or None)
                     with gr.Row():
                         preview = fields.Radio([m for m in PREVIEW_MODES if m in lim.preview_modes],
                                                value=start.get("preview", "latent-rgb"), label="Preview decoder",
@@ -177,7 +177,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         common_gpu = dict(common, runs=runs)
         outputs = [live, gallery, final, status, info, runs]
         gpu = dict(concurrency_limit=1, concurrency_id="gpu", show_progress="hidden")
-        inspector = Inspector(spec.anatomy, lim, SCHEDULER_NAMES)
+        inspector = Inspector(spec.anatomy, lim, lim.schedulers)
         timeline = [pick, other, scrub]
         shown = dict(fn=lambda ids, p, o, step: inspector.timeline(store.views(ids), p, o, step),
                      inputs=[runs, pick, other, scrub],
@@ -263,6 +263,16 @@ def _send(final: str | None, tab: str):
         gr.Warning("No final image yet: generate one, then send it.")
         return gr.skip(), gr.skip()
     return final, gr.Tabs(selected=tab)
+
+
+def _scheduler_note(lim: Limits) -> str:
+    """Which samplers this model does not offer, and why (txt2img's menu is the dropdown's)."""
+    unfit = lim.unfit_schedulers
+    parts = [f"{name}: {why}" for name, why in unfit.get("txt2img", {}).items()]
+    for mode in ("img2img", "depth2img"):
+        parts += [f"{name} (not in {mode}): {why}" for name, why in unfit.get(mode, {}).items()
+                  if name not in unfit.get("txt2img", {})]
+    return "Not offered for this model: " + " · ".join(parts) if parts else ""
 
 
 def _preset_note(spec: AppSpec, name: str | None) -> str:
