@@ -169,14 +169,14 @@ class Checkpoint:
         (64..2048 for SD 1.5, as AUTOMATIC1111's sliders), at most 4x its native pixel count;
         only the preview decoders it has and the samplers that fit its noise schedule."""
         native = self.native_side
-        config = self.base.scheduler.config
+        menus = {mode: scheduler_menu(self.base.scheduler.config, mode) for mode in MODES}
         return Limits(
             min_side=max(16, native // 8),
             max_side=min(2048, 4 * native),
             max_pixels=4 * native * native,
             preview_modes=tuple(m for m in PREVIEW_MODES if m != "tiny-vae" or self.tiny_vae is not None),
-            schedulers=scheduler_menu(config)[0],
-            unfit_schedulers={mode: scheduler_menu(config, mode)[1] for mode in MODES},
+            schedulers=menus["txt2img"][0],
+            unfit_schedulers={mode: unfit for mode, (_, unfit) in menus.items()},
         )
 
     def nbytes(self) -> int:

@@ -49,9 +49,8 @@ def load_preset(path: Path, limits: Limits = Limits()) -> Preset:
     if data["mode"] not in MODES:
         raise PresetError(f"{path.name}: field 'mode' must be one of {', '.join(MODES)}, got {data['mode']!r}")
     values = {k: v for k, v in data.items() if k in _REQUEST_FIELDS}
-    probe = dict(values, image=Image.new("RGB", (8, 8)))  # image modes need one to validate the rest
     try:
-        validate_request(probe, limits)
+        _validate(values, limits)
     except RequestError as err:
         raise PresetError(f"{path.name}: field {err}") from None
     return Preset(
@@ -76,9 +75,14 @@ def fitting_presets(presets: dict[str, Preset], limits: Limits, native_side: int
         values = preset.values
         side = max(values.get("width", native_side), values.get("height", native_side))
         try:
-            validate_request(dict(values, image=Image.new("RGB", (8, 8))), limits)
+            _validate(values, limits)
         except RequestError:
             return False
         return side >= native_side // 2
 
     return {name: p for name, p in presets.items() if fits(p)}
+
+
+def _validate(values: dict[str, Any], limits: Limits) -> None:
+    """validate_request on a preset's values; raises RequestError."""
+    validate_request(dict(values, image=Image.new("RGB", (8, 8))), limits)  # image modes need one to validate the rest
