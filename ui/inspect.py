@@ -89,8 +89,8 @@ class Inspector:
             raise gr.Error(view.dropped)
         return self.export(runs, pick, kind)
 
-    def show(self, runs: list[RunView] | None, pick: int | None, other: int | None, step: int):
-        """Step `step` of run `pick` as the run made it (0 = the latents it started from), and
+    def show(self, runs: list[RunView] | None, pick: str | int | None, other: str | int | None, step: int):
+        """Step `step` of run `pick` (a run id, or a position in `runs`) as the run made it (0 = the latents it started from), and
         run `other`'s x0 beside it. With no run picked yet, the newest: scrubbing works while
         it streams. Returns (x_t, x0, beside, info markdown, channel gallery, schedule svg)."""
         view = _pick(runs, pick if pick is not None else len(runs or []) - 1)
@@ -128,7 +128,7 @@ class Inspector:
         note = "" if frame.step == step else f" · compared run at step {frame.step}/{frame.total}, its last so far"
         return frame.x0_pixels.pil(), note
 
-    def export(self, runs: list[RunView] | None, pick: int | None, kind: str) -> str:
+    def export(self, runs: list[RunView] | None, pick: str | int | None, kind: str) -> str:
         view = _pick(runs, pick if pick is not None else len(runs or []) - 1)
         if view is None or not view.frames:
             raise gr.Error("Nothing to export yet: run a generation first, then download its steps.")
