@@ -89,7 +89,8 @@ class Inspector:
             raise gr.Error(view.dropped)
         return self.export(runs, pick, kind)
 
-    def show(self, runs: list[RunView] | None, pick: str | int | None, other: str | int | None, step: int):
+    def show(self, runs: list[RunView] | None, pick: str | int | None, other: str | int | None,
+             step: int):
         """Step `step` of run `pick` (a run id, or a position in `runs`) as the run made it (0 = the latents it started from), and
         run `other`'s x0 beside it. With no run picked yet, the newest: scrubbing works while
         it streams. Returns (x_t, x0, beside, info markdown, channel gallery, schedule svg)."""
