@@ -91,9 +91,9 @@ class Inspector:
 
     def show(self, runs: list[RunView] | None, pick: str | int | None, other: str | int | None,
              step: int):
-        """Step `step` of run `pick` (a run id, or a position in `runs`) as the run made it (0 = the latents it started from), and
-        run `other`'s x0 beside it. With no run picked yet, the newest: scrubbing works while
-        it streams. Returns (x_t, x0, beside, info markdown, channel gallery, schedule svg)."""
+        """Step `step` of run `pick` (a run id, or a position in `runs`) as the run made it
+        (0 = the latents it started from), and run `other`'s x0 beside it. With no run picked
+        yet, the newest: scrubbing works while it streams. Returns (x_t, x0, beside, info markdown, channel gallery, schedule svg)."""
         view = _pick(runs, pick if pick is not None else len(runs or []) - 1)
         if view is None:
             return None, None, None, "Run something first: every step of it lands here.", [], ""
