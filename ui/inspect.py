@@ -93,7 +93,8 @@ class Inspector:
              step: int):
         """Step `step` of run `pick` (a run id, or a position in `runs`) as the run made it
         (0 = the latents it started from), and run `other`'s x0 beside it. With no run picked
-        yet, the newest: scrubbing works while it streams. Returns (x_t, x0, beside, info markdown, channel gallery, schedule svg)."""
+        yet, the newest: scrubbing works while it streams. Returns (x_t, x0, beside, info
+        markdown, channel gallery, schedule svg)."""
         view = _pick(runs, pick if pick is not None else len(runs or []) - 1)
         if view is None:
             return None, None, None, "Run something first: every step of it lands here.", [], ""
