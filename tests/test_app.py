@@ -2,6 +2,7 @@
 
 import gc
 import socket
+import threading
 import time
 
 import numpy as np
@@ -27,9 +28,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir):
+def server_cache():
+    return ModelCache(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, server_cache):
     args = app_module.parse_args(["--model", str(tiny_dir), "--preset", "micro-txt2img"])
-    demo = app_module.create_demo(args, ModelCache(device="cpu"))
+    demo = app_module.create_demo(args, server_cache)
     demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
     yield demo
     demo.close()
@@ -132,16 +138,30 @@ def wait_for(condition, what: str, limit: float = 120):
         time.sleep(0.02)
 
 
-def test_stop_withdraws_the_callers_queued_run(server, tiny_dir):
+def hold_at_first_step(cache, source, monkeypatch) -> threading.Event:
+    """Make runs wait at their first denoiser call until the returned event is set.
+
+    A test that queues a run behind another needs the first still running when it looks:
+    a fast machine finishes a short run before the queue is ever seen (CI once failed so).
+    """
+    unet = cache.pipeline("txt2img", source).unet
+    gate, forward = threading.Event(), unet.forward
+    monkeypatch.setattr(unet, "forward", lambda *a, **k: (gate.wait(120), forward(*a, **k))[1])
+    return gate
+
+
+def test_stop_withdraws_the_callers_queued_run(server, server_cache, tiny_dir, monkeypatch):
     mine, theirs = Client(server.local_url, verbose=False), Client(server.local_url, verbose=False)
     assert len(stream(mine, "/txt2img")) == STEPS + 1  # the session has a finished run before
     reference = bare_call(validate_request({"mode": "txt2img", **COMMON, "seed": 77, "steps": 40}),
                           bare_pipeline("txt2img", tiny_dir, "Euler"))
+    gate = hold_at_first_step(server_cache, str(tiny_dir), monkeypatch)
     running = theirs.submit(**{**COMMON, "seed": 77, "steps": 40}, api_name="/txt2img")
-    wait_for(lambda: running.status().code == Status.ITERATING, "the other client's run to start")
+    wait_for(lambda: server_cache.run_lock.locked(), "the other client's run to start")
     queued = mine.submit(**COMMON, api_name="/txt2img")  # waits behind it: one run at a time
     wait_for(lambda: queued.status().code == Status.IN_QUEUE, "my run to be queued")
     mine.predict(api_name="/stop")
+    gate.set()
     with pytest.raises(Exception, match="Stopped before it started: Stop took this run out of the queue"):
         queued.result()
     assert queued.outputs() == []  # not one frame, no final image
@@ -151,13 +171,16 @@ def test_stop_withdraws_the_callers_queued_run(server, tiny_dir):
     assert len(stream(mine, "/txt2img")) == STEPS + 1  # Stop left nothing behind: the next run runs
 
 
-def test_stop_ends_the_callers_running_run_and_withdraws_its_queued_one(server):
+def test_stop_ends_the_callers_running_run_and_withdraws_its_queued_one(server, server_cache, tiny_dir,
+                                                                      monkeypatch):
     client = Client(server.local_url, verbose=False)
+    gate = hold_at_first_step(server_cache, str(tiny_dir), monkeypatch)
     running = client.submit(**{**COMMON, "steps": 150}, api_name="/txt2img")
-    wait_for(lambda: running.status().code == Status.ITERATING, "the first run to start")
+    wait_for(lambda: server_cache.run_lock.locked(), "the first run to start")
     queued = client.submit(**COMMON, api_name="/txt2img")
     wait_for(lambda: queued.status().code == Status.IN_QUEUE, "the second run to be queued")
     client.predict(api_name="/stop")
+    gate.set()
     with pytest.raises(Exception, match="Stopped before it started"):
         queued.result()
     running.result()

@@ -22,7 +22,7 @@ from ui.events import Runner
 from ui.stream import RunStore
 
 from .conftest import CASES, pixels  # CASES: ../shared/cases, the issue-16 inputs
-from .test_app import COMMON, free_port, wait_for
+from .test_app import COMMON, free_port, hold_at_first_step, wait_for
 
 STEPS = 4
 BASE = dict(COMMON, steps=STEPS)
@@ -274,15 +274,17 @@ def test_eight_clients_three_runs_each_no_cross_talk(served):
         assert np.array_equal(image, references[key]), f"client {key[0]} run {key[1]} got another run's image"
 
 
-def test_one_clients_stop_leaves_a_concurrent_run_alone(served):
+def test_one_clients_stop_leaves_a_concurrent_run_alone(served, monkeypatch):
     stopper, other = Client(served.url, verbose=False), Client(served.url, verbose=False)
     reference = pixels([o for o in generate(validate_request({**BASE, "mode": "txt2img", "seed": 77, "steps": 30}),
                                             served.cache, source=served.source)][-1].image)
+    gate = hold_at_first_step(served.cache, served.source, monkeypatch)
     theirs = other.submit(**{**BASE, "seed": 77, "steps": 30}, api_name="/txt2img")
-    wait_for(lambda: theirs.status().code == Status.ITERATING, "their run to start")
+    wait_for(lambda: served.cache.run_lock.locked(), "their run to start")
     mine = stopper.submit(**{**BASE, "steps": 150}, api_name="/txt2img")  # queued behind theirs
     wait_for(lambda: mine.status().code == Status.IN_QUEUE, "my run to be queued")
     stopper.predict(api_name="/stop")  # takes mine out of the queue; theirs runs on
+    gate.set()
     with pytest.raises(Exception, match="Stopped before it started"):
         mine.result()
     final = theirs.result()
