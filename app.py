@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -75,6 +76,8 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
     scheduler menu and presets offered come from it. Raises ModelLoadError or PresetError."""
     checkpoint = cache.checkpoint(args.model)
     limits = checkpoint.limits()
+    if args.depth_model:  # depth2img runs on its own checkpoint
+        limits = dataclasses.replace(limits, modes=(*(m for m in limits.modes if m != "depth2img"), "depth2img"))
     folder = bundled_folder() if args.model == BUNDLED else Path(args.model)
     card = _model_card(folder)
     presets = fitting_presets(load_presets(), limits, checkpoint.native_side)
@@ -113,9 +116,10 @@ def _model_defaults(checkpoint, card: dict) -> dict:
     most for what it costs. x0 is computed every step anyway, so it is free and shows the
     picture forming; the tiny VAE is near-exact at a fraction of a step. The model card may
     name its own (the micro model's full VAE costs about one step, on the decode thread)."""
-    side = checkpoint.native_side
+    side, family = checkpoint.native_side, checkpoint.family
     preview = "tiny-vae" if checkpoint.tiny_vae is not None else "latent-rgb"
-    return {"width": side, "height": side, "view": "x0", "preview": preview,
+    return {"width": side, "height": side, "view": "x0", "preview": preview, "steps": family.default_steps,
+            "guidance_scale": family.default_guidance, "scheduler": family.default_scheduler,
             **{k: card[k] for k in ("steps", "guidance_scale", "scheduler", "preview", "view") if k in card}}
 
 

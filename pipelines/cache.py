@@ -24,14 +24,15 @@ import torch
 import transformers
 from diffusers import (
     AutoencoderTiny,
+    AutoPipelineForImage2Image,
+    AutoPipelineForText2Image,
     DiffusionPipeline,
     StableDiffusionDepth2ImgPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from transformers import DPTForDepthEstimation, DPTImageProcessor
 
+from .families import Family, UnknownFamily, family_of
 from .devices import memory_bytes, pick_device, pick_dtype, use_fastest_attention
 from .previews import PREVIEW_MODES, LatentRGB, VAEDecoder, latent_rgb_for
 from .request import MODES, Limits
@@ -82,23 +83,14 @@ def resolve_local(source: str) -> Path | None:
     return None
 
 
-# model_index.json `_class_name` -> the class Stepwise loads it as
-_PIPELINE_CLASSES = {
-    StableDiffusionPipeline.__name__: StableDiffusionPipeline,
-    StableDiffusionImg2ImgPipeline.__name__: StableDiffusionPipeline,  # same components
-    StableDiffusionDepth2ImgPipeline.__name__: StableDiffusionDepth2ImgPipeline,
-}
-
-
-def _pipeline_class(source: str, where: str) -> type[DiffusionPipeline]:
-    """The class the checkpoint records in its model_index.json (a small file; from the
-    HF cache for a hub id), never what the first caller asked for: one source is one
-    class, whichever mode asks first."""
+def _family(source: str, where: str) -> Family:
+    """The family of the checkpoint, from the class its model_index.json records (a small file;
+    from the HF cache for a hub id), never from what the first caller asked for."""
     name = DiffusionPipeline.load_config(where).get("_class_name")
-    if name not in _PIPELINE_CLASSES:
-        raise ModelLoadError(f"{source!r} is a {name} checkpoint; Stepwise runs "
-                             f"{', '.join(sorted(_PIPELINE_CLASSES))} checkpoints")
-    return _PIPELINE_CLASSES[name]
+    try:
+        return family_of(name)
+    except UnknownFamily as err:
+        raise ModelLoadError(f"{source!r} is {err}") from None
 
 
 def load_tokenizer(source: str = BUNDLED):
@@ -141,6 +133,7 @@ class Checkpoint:
 
     source: str
     folder: Path | None
+    family: Family
     pipelines: dict[str, DiffusionPipeline]
     latent_rgb: LatentRGB
     tiny_vae: VAEDecoder | None = None
@@ -160,20 +153,32 @@ class Checkpoint:
 
     @property
     def native_side(self) -> int:
-        """The image side the checkpoint was trained at, in pixels: the UNet's `sample_size`
-        (latent side) times the VAE's scale factor; 512 for SD 1.5, 64 for the micro model."""
-        return self.base.unet.config.sample_size * self.base.vae_scale_factor
+        """The image side the checkpoint was trained at, in pixels: the denoiser's sample size
+        (latent side) times the VAE's scale factor; 512 for SD 1.5, 1024 for SDXL, 64 for the micro model."""
+        return self.family.native_side(self.base)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes this checkpoint runs: its family's, and depth2img where the bundled layout has a depth UNet."""
+        has_depth = self.folder is not None and (self.folder / DEPTH_UNET).is_dir()
+        return tuple(m for m in MODES if m in self.family.modes or (m == "depth2img" and has_depth))
 
     def limits(self) -> Limits:
         """What runs on this checkpoint may ask for. Sides from 1/8 to 4x the native side
-        (64..2048 for SD 1.5, as AUTOMATIC1111's sliders), at most 4x its native pixel count;
-        only the preview decoders it has and the samplers that fit its noise schedule."""
-        native = self.native_side
-        menus = {mode: scheduler_menu(self.base.scheduler.config, mode) for mode in MODES}
+        (64..2048 for SD 1.5, as AUTOMATIC1111's sliders) in the family's size multiple, at most
+        4x its native pixel count; only the preview decoders it has and the samplers that fit its
+        noise model."""
+        native, multiple = self.native_side, self.family.size_multiple(self.base)
+        menus = {mode: scheduler_menu(self.base.scheduler.config, mode, self.family.flow_matching)
+                 for mode in MODES}
         return Limits(
-            min_side=max(16, native // 8),
+            min_side=max(16, multiple, native // 8 // multiple * multiple),
             max_side=min(2048, 4 * native),
             max_pixels=4 * native * native,
+            size_multiple=multiple,
+            modes=self.modes,
+            negative_prompt=self.family.negative_prompt,
+            family=self.family.label,
             preview_modes=tuple(m for m in PREVIEW_MODES if m != "tiny-vae" or self.tiny_vae is not None),
             schedulers=menus["txt2img"][0],
             unfit_schedulers={mode: unfit for mode, (_, unfit) in menus.items()},
@@ -257,10 +262,13 @@ class ModelCache:
         folder = resolve_local(source)
         where = str(folder) if folder else source
         try:
-            pipe_cls = _pipeline_class(source, where)
-            kwargs = {} if pipe_cls is StableDiffusionDepth2ImgPipeline else {"safety_checker": None,
-                                                                              "requires_safety_checker": False}
-            pipe = pipe_cls.from_pretrained(where, dtype=self.dtype, **kwargs)
+            family = _family(source, where)
+            if family.modes == ("depth2img",):
+                mode, pipe = "depth2img", StableDiffusionDepth2ImgPipeline.from_pretrained(where, dtype=self.dtype)
+            else:
+                # the family's text-to-image class, whichever variant the folder records
+                kwargs = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
+                mode, pipe = "txt2img", AutoPipelineForText2Image.from_pretrained(where, dtype=self.dtype, **kwargs)
         except (OSError, ValueError) as err:
             raise ModelLoadError(self._load_hint(source, err, local=folder is not None)) from err
         pipe.set_progress_bar_config(disable=True)
@@ -268,12 +276,12 @@ class ModelCache:
         attention = use_fastest_attention(pipe, self.device)
         if self.compile_unet:
             _compile(pipe)
-        mode = "depth2img" if pipe_cls is StableDiffusionDepth2ImgPipeline else "txt2img"
         entry = Checkpoint(
             source=source,
             folder=folder,
+            family=family,
             pipelines={mode: pipe},
-            latent_rgb=latent_rgb_for(folder, pipe.vae),
+            latent_rgb=latent_rgb_for(folder, pipe.vae, family.latents),
             attention=attention,
         )
         entry.tiny_vae = self._load_tiny_vae(folder)
@@ -294,18 +302,18 @@ class ModelCache:
     def _derive(self, entry: Checkpoint, mode: str) -> DiffusionPipeline:
         base = entry.base
         if mode in ("txt2img", "img2img"):
-            if isinstance(base, StableDiffusionDepth2ImgPipeline):
+            if mode not in entry.family.modes:
                 raise ModelLoadError(
                     f"{entry.source!r} is a depth model ({type(base).__name__}); it runs only depth2img: "
                     "pass it with --depth-model, and a text-to-image checkpoint with --model"
                 )
-            cls = StableDiffusionPipeline if mode == "txt2img" else StableDiffusionImg2ImgPipeline
-            pipe = cls.from_pipe(base)
+            auto = AutoPipelineForText2Image if mode == "txt2img" else AutoPipelineForImage2Image
+            pipe = auto.from_pipe(base)
         else:
             folder = entry.folder
-            if folder is None or not (folder / DEPTH_UNET).is_dir():
+            if "depth2img" not in entry.modes:
                 raise ModelLoadError(
-                    f"{entry.source!r} has no depth UNet; pass a depth checkpoint such as "
+                    f"{entry.source!r} ({entry.family.label}) has no depth UNet; pass a depth checkpoint such as "
                     "stabilityai/stable-diffusion-2-depth with --depth-model"
                 )
             unet = UNet2DConditionModel.from_pretrained(folder / DEPTH_UNET, dtype=self.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import queue
 import threading
 import time
@@ -123,12 +124,20 @@ class Final:
     notes: tuple[str, ...] = ()  # what was coerced or cut on the way in
 
 
-_PIPELINE_CALL = {
-    # mode -> request fields the diffusers call takes besides the common ones
-    "txt2img": ("width", "height"),
-    "img2img": ("image", "strength"),
-    "depth2img": ("image", "strength"),
-}
+def pipeline_inputs(pipe, request: GenerationRequest) -> dict:
+    """The request fields this pipeline's call takes besides prompt, steps, guidance and generator:
+    size (img2img takes it from the image, and SD3's and Flux's need it said), the input image and
+    strength, the negative prompt where the model has one. Shared with the tests' bare calls."""
+    takes = inspect.signature(pipe.__call__).parameters
+    names = ["width", "height"] if request.mode == "txt2img" or "width" in takes else []
+    if request.mode != "txt2img":
+        names += ["image", "strength"]
+    inputs = {name: getattr(request, name) for name in names}
+    if request.negative_prompt:
+        inputs["negative_prompt"] = request.negative_prompt
+    if request.depth_map is not None:
+        inputs["depth_map"] = torch.from_numpy(request.depth_map)[None]
+    return inputs
 
 
 def generate(
@@ -150,10 +159,12 @@ def generate(
     # 1. The shared pipeline, and a per-run one with its own scheduler and interrupt flag
     shared = cache.pipeline(request.mode, source)
     checkpoint = cache.checkpoint(source)
-    scheduler = make_scheduler(request.scheduler, shared.scheduler.config)
+    family = checkpoint.family
+    scheduler = make_scheduler(request.scheduler, shared.scheduler.config, family.flow_matching)
     pipe = _per_run(shared, scheduler)
-    recorder = X0Recorder(scheduler)  # x0 and the starting latents: the timeline shows both views and step 0
-    notes = request.notes + _truncation_notes(pipe.tokenizer, request)
+    # x0 and the starting latents: the timeline shows both views and step 0
+    recorder = X0Recorder(scheduler, family.flow_matching)
+    notes = request.notes + _truncation_notes(pipe, family.text_tokens, request)
 
     # 2. The preview decoder
     decode = checkpoint.decoder(request.preview)
@@ -174,11 +185,11 @@ def generate(
             p._interrupt = True
             return tensors
         if i == 0:
-            schedule = NoiseSchedule(scheduler, scheduler.timesteps[-p._num_timesteps:])
-        # what every picture of this step is made from; the frame keeps the pictures
-        views = {"x_t": schedule.shown(tensors["latents"], i + 1), "x0": recorder.x0}
+            schedule = NoiseSchedule(scheduler, scheduler.timesteps[-p._num_timesteps:], family.flow_matching)
+        # what every picture of this step is made from, as (1, C, h, w); the frame keeps the pictures
+        views = {"x_t": schedule.shown(unpack(tensors["latents"]), i + 1), "x0": unpack(recorder.x0)}
         if i == 0:
-            views["start"] = schedule.shown(recorder.start, 0)
+            views["start"] = schedule.shown(unpack(recorder.start), 0)
         depth = HostCopy(_depth_pixels(tensors["depth_mask"])) if i == 0 and "depth_mask" in tensors else None
         fields = dict(step=i + 1, total=p._num_timesteps, t=HostCopy(torch.as_tensor(t)), view=request.view,
                       seconds=time.perf_counter() - started, depth_pixels=depth, schedule=schedule,
@@ -192,19 +203,19 @@ def generate(
         decoder.submit(views, make_frame)
         return tensors
 
+    def unpack(latents: torch.Tensor) -> torch.Tensor:
+        return family.unpack(latents, pipe, request.width, request.height)
+
     # 4. The diffusers call, as the bare pipeline would be called
     call = dict(
         prompt=request.prompt,
-        negative_prompt=request.negative_prompt or None,
         num_inference_steps=request.steps,
         guidance_scale=request.guidance_scale,
         generator=torch.Generator("cpu").manual_seed(request.seed),
         callback_on_step_end=on_step_end,
         callback_on_step_end_tensor_inputs=["latents", "depth_mask"] if request.mode == "depth2img" else ["latents"],
-        **{name: getattr(request, name) for name in _PIPELINE_CALL[request.mode]},
+        **pipeline_inputs(pipe, request),
     )
-    if request.depth_map is not None:
-        call["depth_map"] = torch.from_numpy(request.depth_map)[None]
 
     def work():
         # what ends the run goes through the decode thread, behind the last frames
@@ -306,23 +317,30 @@ class _Decoder:
                 return
 
 
-def _truncation_notes(tokenizer, request: GenerationRequest) -> tuple[str, ...]:
-    """CLIP reads model_max_length tokens (77 for SD); say what was cut, as diffusers only logs it."""
+def _truncation_notes(pipe, text_tokens: dict[str, int], request: GenerationRequest) -> tuple[str, ...]:
+    """Say what each text encoder cut off, as diffusers only logs it. text_tokens: tokenizer attribute
+    -> tokens its encoder reads (`Family.text_tokens`: CLIP 77, T5 256 for SD3, 512 for Flux), the
+    end-of-text token included."""
     notes = []
     for field in ("prompt", "negative_prompt"):
-        ids = tokenizer(getattr(request, field), truncation=False).input_ids
-        limit = tokenizer.model_max_length
-        if len(ids) > limit:
-            cut = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True)
-            notes.append(f"{field}: {len(ids)} tokens, the model reads {limit}; cut off: “{cut}”")
+        for name, limit in text_tokens.items():
+            tokenizer = getattr(pipe, name, None)
+            if tokenizer is None:
+                continue
+            ids = tokenizer(getattr(request, field), truncation=False).input_ids
+            if len(ids) > limit:
+                cut = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True)
+                encoder = "T5" if "T5" in type(tokenizer).__name__ else "CLIP"
+                note = f"{field}: {len(ids)} tokens, {encoder} reads {limit}; cut off: “{cut}”"
+                if note not in notes:  # SDXL's two CLIP tokenizers cut alike
+                    notes.append(note)
     return tuple(notes)
 
 
 def _per_run(shared, scheduler):
-    """A pipeline object of our own over the shared modules: its own scheduler and
-    interrupt flag, no copies of weights (constructing one takes milliseconds)."""
-    extra = {"requires_safety_checker": False} if "requires_safety_checker" in shared.config else {}
-    pipe = type(shared)(**{**shared.components, "scheduler": scheduler}, **extra)
+    """A pipeline object of our own over the shared modules (`from_pipe`): its own scheduler
+    and interrupt flag, no copies of weights (constructing one takes milliseconds)."""
+    pipe = type(shared).from_pipe(shared, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,10 +1,13 @@
 """Turning a step's latents into a picture, and the scheduler's x0 estimate.
 
 Three decoders, cheapest first:
-- `LatentRGB`: a 4x3 linear map (+ bias) straight from latent channels to RGB at
-  latent resolution; no weights, about free.
-- `TinyDecoder`: an `AutoencoderTiny` (TAESD-style), when one is configured.
-- `FullVAE`: the checkpoint's own VAE; exact, as costly as the final decode.
+- `LatentRGB`: a Cx3 linear map (+ bias) straight from latent channels (4 or 16) to
+  RGB at latent resolution; no weights, about free.
+- `VAEDecoder` over an `AutoencoderTiny` (TAESD, TAESDXL, TAESD3, TAEF1 layouts),
+  when one is configured.
+- `VAEDecoder` over the checkpoint's own VAE; exact, as costly as the final decode.
+
+Flux's packed latents are unpacked (`Family.unpack`) before any of them sees them.
 
 Decoders run on the device that holds the latents and return uint8 pixels there;
 `HostCopy` brings them over without stalling the loop. Decoders only read
@@ -14,6 +17,7 @@ change the final image.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from dataclasses import dataclass
@@ -22,19 +26,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .families import LatentFormat
+
 PREVIEW_MODES = ("latent-rgb", "tiny-vae", "full-vae")
 VIEWS = ("x_t", "x0")
-
-# SD 1.x / 2.x latents -> RGB, rows = latent channels. ComfyUI's `latent_formats.SD15`
-# (../shared/reference/FACTS.md); applied to raw latents, output roughly in [-1, 1].
-SD_LATENT_RGB = (
-    (0.3512, 0.2297, 0.3227),
-    (0.3250, 0.4974, 0.2350),
-    (-0.2829, 0.1762, 0.2721),
-    (-0.2120, -0.2616, -0.7177),
-)
-# The SD VAE's config (FACTS.md): latents of a VAE built like this are SD latents.
-_SD_VAE_SIGNATURE = {"latent_channels": 4, "scaling_factor": 0.18215, "block_out_channels": [128, 256, 512, 512]}
 
 LATENT_RGB_FILE = "latent_rgb.json"
 
@@ -85,8 +80,8 @@ class LatentRGB:
         return to_pixels(rgb)
 
     @classmethod
-    def sd(cls) -> LatentRGB:
-        return cls(torch.tensor(SD_LATENT_RGB), torch.zeros(3))
+    def published(cls, latents: LatentFormat) -> LatentRGB:
+        return cls(torch.tensor(latents.rgb), torch.tensor(latents.rgb_bias))
 
     @classmethod
     def load(cls, path: Path) -> LatentRGB:
@@ -99,11 +94,10 @@ class LatentRGB:
         """Least-squares fit against the VAE's own decode (InvokeAI's
         generate_vae_linear_approximation.py does the same), for latent spaces with
         no published map. Random latents at the scale the pipeline uses them."""
-        param = next(vae.parameters())
         generator = torch.Generator().manual_seed(seed)
         channels = vae.config.latent_channels
         latents = torch.randn(samples, channels, size, size, generator=generator) * vae.config.scaling_factor
-        decoded = vae.decode(latents.to(param.device, param.dtype) / vae.config.scaling_factor).sample.float().cpu()
+        decoded = VAEDecoder(vae).decode(latents).float().cpu()
         decoded = torch.nn.functional.adaptive_avg_pool2d(decoded, size)
         x = latents.permute(0, 2, 3, 1).reshape(-1, channels)
         x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
@@ -112,31 +106,36 @@ class LatentRGB:
         return cls(solution[:channels], solution[channels])
 
 
-def latent_rgb_for(folder: Path | None, vae) -> LatentRGB:
-    """The map for this checkpoint: its own file, SD's published map, or a fit."""
+def latent_rgb_for(folder: Path | None, vae, latents: LatentFormat) -> LatentRGB:
+    """The map for this checkpoint: its own file, the family's published map when the VAE is
+    the family's real one, or a fit against the VAE."""
     if folder is not None and (Path(folder) / LATENT_RGB_FILE).is_file():
         return LatentRGB.load(Path(folder) / LATENT_RGB_FILE)
-    if _is_sd_vae(vae.config):
-        return LatentRGB.sd()
+    if latents.is_published_vae(vae.config):
+        return LatentRGB.published(latents)
     return LatentRGB.fit(vae)
 
 
-def _is_sd_vae(config) -> bool:
-    # JSON configs hold lists where built ones may hold tuples
-    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-    return all(plain(config.get(k)) == v for k, v in _SD_VAE_SIGNATURE.items())
-
-
-@dataclass
 class VAEDecoder:
-    """Full VAE (`AutoencoderKL`) or tiny one (`AutoencoderTiny`): decode like the pipeline does."""
+    """Full VAE (`AutoencoderKL`) or tiny one (`AutoencoderTiny`): decode like the pipeline does,
+    `latents / scaling_factor + shift_factor`. A VAE whose config says `force_upcast` (SDXL's
+    overflows in fp16: black previews) decodes with a float32 copy, made once, as diffusers'
+    SDXL pipeline upcasts for its final decode."""
 
-    vae: torch.nn.Module
+    def __init__(self, vae: torch.nn.Module):
+        self.vae = vae
+        if vae.config.get("force_upcast") and vae.dtype == torch.float16:
+            self.vae = copy.deepcopy(vae).float()
 
     @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) sampler latents -> (B, 3, H, W) images in about [-1, 1], in the VAE's dtype."""
+        config = self.vae.config
+        latents = latents.to(self.vae.dtype) / config.scaling_factor + (config.get("shift_factor") or 0.0)
+        return self.vae.decode(latents, return_dict=False)[0]
+
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        return to_pixels(self.vae.decode(latents, return_dict=False)[0])
+        return to_pixels(self.decode(latents))
 
 
 class X0Recorder:
@@ -146,14 +145,15 @@ class X0Recorder:
     `callback_on_step_end` sees only x_t after a step, so this wraps `step` on the
     run's scheduler instance (never the class, never a shared one). It takes the
     scheduler's `pred_original_sample` where it returns one (DDIM, Euler, Euler a)
-    and otherwise computes x0 from the model output and the step's noise level.
+    and otherwise computes x0 from the model output and the step's noise level (flow
+    matching: x0 = x_t - sigma v).
     `start` is the `sample` of the first `step` call: the seed's noise for txt2img,
     the noised input image's latents for img2img and depth2img, in the scheduler's
     own space (sigma-scaled for Euler). It is only read, never changed.
     """
 
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+    def __init__(self, scheduler, flow_matching: bool = False):
+        self.scheduler, self.flow_matching = scheduler, flow_matching
         self.x0: torch.Tensor | None = None
         self.start: torch.Tensor | None = None
         original = scheduler.step
@@ -173,6 +173,9 @@ class X0Recorder:
 
     def _x0_from_output(self, model_output, timestep, sample):
         s = self.scheduler
+        if self.flow_matching:  # x_t = (1 - sigma) x0 + sigma noise and the model predicts v = noise - x0
+            sigma = s.sigmas[s.step_index - 1].to(sample.device, sample.dtype)
+            return sample - sigma * model_output
         if hasattr(s, "_sigma_to_alpha_sigma_t"):  # DPM++ / UniPC: `step` just moved past the sigma it used
             alpha_t, sigma_t = s._sigma_to_alpha_sigma_t(s.sigmas[s.step_index - 1])
         else:  # PNDM and other alpha-bar schedulers
@@ -200,8 +203,9 @@ class NoiseSchedule:
     Built in the first step callback without a host sync; levels are read later.
     """
 
-    def __init__(self, scheduler, timesteps: torch.Tensor):
+    def __init__(self, scheduler, timesteps: torch.Tensor, flow_matching: bool = False):
         n = len(timesteps)
+        self.flow_matching = flow_matching  # x_t = (1 - sigma) x0 + sigma noise: sigma is the share of noise
         self.timesteps = HostCopy(timesteps)  # the n timesteps the UNet sees
         # Euler-type samplers carry x_t = x0 + sigma * noise (init_noise_sigma > 1);
         # DDIM, DPM++, UniPC and PNDM carry sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise
@@ -224,7 +228,10 @@ class NoiseSchedule:
 
     @functools.cached_property
     def levels(self) -> list[float]:
-        """sqrt(1 - alpha_bar) of x_t at positions 0..n (1 = pure noise, 0 = clean)."""
+        """The share of noise in x_t at positions 0..n (1 = pure noise, 0 = clean): sqrt(1 - alpha_bar),
+        or sigma for flow matching."""
+        if self.flow_matching:
+            return self.sigmas.double().tolist()
         if self.sigmas is not None:
             sigmas = self.sigmas.double()
             return (sigmas / (sigmas**2 + 1).sqrt()).tolist()
@@ -233,6 +240,9 @@ class NoiseSchedule:
         return [max(1 - a, 0.0) ** 0.5 for a in alpha_bars]
 
     def sigma(self, k: int) -> float:
-        """sigma = sqrt((1 - alpha_bar) / alpha_bar) of x_t at position k (inf for pure noise)."""
+        """The noise scale of x_t at position k in the model's own terms: flow matching's sigma, else
+        sqrt((1 - alpha_bar) / alpha_bar) (inf for pure noise)."""
         level = self.levels[k]
+        if self.flow_matching:
+            return level
         return float("inf") if level >= 1 else level / (1 - level**2) ** 0.5

@@ -52,6 +52,11 @@ class Limits:
     schedulers: tuple[str, ...] = SCHEDULER_NAMES  # the menu (txt2img's)
     # mode -> {scheduler left out for this model: why}, from `schedulers.scheduler_menu`
     unfit_schedulers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # from the loaded model's `Family`
+    size_multiple: int = 8  # width and height in blocks of this many pixels
+    modes: tuple[str, ...] = ("txt2img", "img2img", "depth2img")  # what it runs
+    negative_prompt: bool = True  # False: the model has no negative conditioning (Flux)
+    family: str = "SD 1.x/2.x"  # its label, for messages
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,9 @@ def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> Generati
     What had to be changed to run (a resize, a conversion) or has no effect (a negative prompt
     without guidance) is kept in `notes` for the user. Raises RequestError naming the field."""
     mode = _choice(raw, "mode", MODES)
+    if mode not in limits.modes:
+        raise RequestError("mode", f"{mode} is not available with this {limits.family} model; it runs "
+                                   f"{', '.join(limits.modes)}")
     prompt = _text(raw, "prompt", limits)
     req = dict(
         mode=mode,
@@ -133,7 +141,12 @@ def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> Generati
         height, width = req["depth_map"].shape
         if (width, height) != (req["width"], req["height"]):  # the pipeline interpolates it to the latents
             notes.append(f"depth_map: resized from {width}x{height} to {req['width']}x{req['height']}")
-    if req["guidance_scale"] <= 1 and req["negative_prompt"]:
+    if not limits.negative_prompt:
+        if req["negative_prompt"]:
+            notes.append(f"negative_prompt: not used: {limits.family} has no negative conditioning "
+                         "(its guidance is distilled into the model)")
+            req["negative_prompt"] = ""
+    elif req["guidance_scale"] <= 1 and req["negative_prompt"]:
         notes.append(f"negative_prompt: not used: guidance_scale {req['guidance_scale']} turns classifier-free "
                      "guidance off (diffusers guides only above 1); raise guidance_scale above 1 to use it")
     elif req["guidance_scale"] < 1:
@@ -192,8 +205,9 @@ def _float(raw: dict, name: str, low: float, high: float, default: float, low_op
 
 def _side(raw: dict, name: str, limits: Limits) -> int:
     value = _int(raw, name, limits.min_side, limits.max_side, default=512)
-    if value % 8:
-        raise RequestError(name, f"must be a multiple of 8 (the VAE works on 8-pixel blocks), got {value}")
+    if value % limits.size_multiple:
+        raise RequestError(name, f"must be a multiple of {limits.size_multiple} (the model works on "
+                                 f"{limits.size_multiple}-pixel blocks), got {value}")
     return value
 
 

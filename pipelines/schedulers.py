@@ -19,6 +19,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
@@ -36,6 +37,11 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
 }
 SCHEDULER_NAMES = tuple(SCHEDULERS)
+# Flow-matching models (SD 3, Flux) predict a velocity; their "Euler" is diffusers' flow-matching Euler,
+# the scheduler those checkpoints ship with. The noise-prediction samplers above cannot run them.
+FLOW_SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+    "Euler": (FlowMatchEulerDiscreteScheduler, {}),
+}
 
 # The config keys that define the noise schedule (alphas_cumprod) a model was trained on.
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -53,9 +59,11 @@ _NOT_FROM_AN_IMAGE = {
 }
 
 
-def make_scheduler(name: str, base_config) -> SchedulerMixin:
-    """A fresh scheduler of the named kind that keeps the checkpoint's noise schedule."""
-    cls, overrides = SCHEDULERS[name]
+def make_scheduler(name: str, base_config, flow_matching: bool = False) -> SchedulerMixin:
+    """A fresh scheduler of the named kind that keeps the checkpoint's noise schedule.
+    flow_matching: the model is a flow-matching one (`Family.flow_matching`); names come from
+    `FLOW_SCHEDULERS` then. Raises KeyError for a name its table lacks (`scheduler_menu` says why)."""
+    cls, overrides = (FLOW_SCHEDULERS if flow_matching else SCHEDULERS)[name]
     scheduler = cls.from_config(base_config, **overrides)
     _drop_negative_timestep(scheduler)
     return scheduler
@@ -87,17 +95,24 @@ def _drop_negative_timestep(scheduler: SchedulerMixin) -> None:
     scheduler.set_timesteps = set_timesteps
 
 
-def scheduler_menu(config: Mapping, mode: str = "txt2img") -> tuple[tuple[str, ...], dict[str, str]]:
+def scheduler_menu(config: Mapping, mode: str = "txt2img",
+                   flow_matching: bool = False) -> tuple[tuple[str, ...], dict[str, str]]:
     """The sampler names that fit this checkpoint, in menu order, and why each other one does not.
 
     config: the checkpoint's scheduler config (`pipe.scheduler.config`, or the dict in
     `scheduler/scheduler_config.json`). mode: "txt2img", "img2img" or "depth2img".
+    flow_matching: the model's `Family.flow_matching`.
     Returns (offered names, {excluded name: one-line reason}).
     Raises nothing: a sampler whose class refuses the config is excluded with diffusers' message.
     """
     offered, excluded = [], {}
-    for name in SCHEDULERS:
-        reason = _misfit(name, config, mode)
+    for name in SCHEDULER_NAMES:
+        if flow_matching:
+            reason = None if name in FLOW_SCHEDULERS else (
+                f"{name} is a sampler for noise-prediction models; this model is trained for flow matching, "
+                f"which runs with {', '.join(FLOW_SCHEDULERS)}")
+        else:
+            reason = _misfit(name, config, mode)
         if reason is None:
             offered.append(name)
         else:

@@ -108,12 +108,15 @@ def test_missing_hub_model_offline_names_model_and_fix(monkeypatch, tmp_path):
     assert "nobody/not-a-model" in message and "HF_HUB_OFFLINE" in message and "--model PATH" in message
 
 
+HUB_COMMIT = "0123abcd" * 5  # snapshots are named by 40-hex commit hashes (diffusers' AutoPipeline resolves refs/main)
+
+
 def test_hub_id_loads_from_the_hf_cache_offline(monkeypatch, tmp_path):
     # the HF cache layout: models--org--name/snapshots/<rev>/..., refs/main -> rev
     repo = tmp_path / "hub" / "models--stepwise--tiny"
-    save_tiny_checkpoint(repo / "snapshots" / "0123abcd")
+    save_tiny_checkpoint(repo / "snapshots" / HUB_COMMIT)
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     import huggingface_hub.constants as hc
@@ -152,9 +155,9 @@ def hub(monkeypatch, tmp_path):
     def put(save, repo_id):
         # the HF cache layout: models--org--name/snapshots/<rev>/..., refs/main -> rev
         repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
-        save(repo / "snapshots" / "0123abcd")
+        save(repo / "snapshots" / HUB_COMMIT)
         (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text("0123abcd")
+        (repo / "refs" / "main").write_text(HUB_COMMIT)
         return repo_id
 
     return put
@@ -171,7 +174,7 @@ def classes_asked_in_order(source, modes):
     return got
 
 
-NOT_A_DEPTH_MODEL = ("{!r} has no depth UNet; pass a depth checkpoint such as stabilityai/stable-diffusion-2-depth "
+NOT_A_DEPTH_MODEL = ("{!r} (SD 1.x/2.x) has no depth UNet; pass a depth checkpoint such as stabilityai/stable-diffusion-2-depth "
                      "with --depth-model")
 ONLY_DEPTH = ("{!r} is a depth model (StableDiffusionDepth2ImgPipeline); it runs only depth2img: pass it with "
               "--depth-model, and a text-to-image checkpoint with --model")
@@ -196,12 +199,13 @@ def test_the_checkpoint_not_the_first_request_decides_the_class(hub, tiny_dir, t
 def test_a_checkpoint_of_another_pipeline_class_is_refused_by_name(tmp_path):
     folder = save_tiny_checkpoint(tmp_path / "xl")
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyV22Pipeline"}))
     with pytest.raises(ModelLoadError) as err:
         ModelCache(device="cpu").checkpoint(str(folder))
-    assert str(err.value) == (f"{str(folder)!r} is a StableDiffusionXLPipeline checkpoint; Stepwise runs "
-                              "StableDiffusionDepth2ImgPipeline, StableDiffusionImg2ImgPipeline, "
-                              "StableDiffusionPipeline checkpoints")
+    assert str(err.value) == (f"{str(folder)!r} is a KandinskyV22Pipeline checkpoint; Stepwise runs "
+                              "StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionDepth2ImgPipeline, "
+                              "StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusion3Pipeline, "
+                              "StableDiffusion3Img2ImgPipeline, FluxPipeline, FluxImg2ImgPipeline checkpoints")
 
 
 def test_tokenizer_loads_on_its_own_from_a_folder_or_the_hf_cache(hub, tiny_dir, cache):

@@ -15,6 +15,7 @@ from transformers import DPTForDepthEstimation, DPTImageProcessor
 
 from pipelines import CancelToken, Final, Frame, ModelCache, generate
 from pipelines.previews import LatentRGB, X0Recorder, latent_rgb_for
+from pipelines.families import FLUX_LATENT_RGB, SD3_LATENT_RGB, SD_LATENT_RGB, SDXL_LATENT_RGB, family_named
 from pipelines.schedulers import SCHEDULER_NAMES, make_scheduler
 
 from .conftest import pixels
@@ -193,14 +194,19 @@ def test_every_scheduler_gives_an_x0(cache, tiny_dir, make_request, name):
     assert len(frames) == frames[0].total == (5 if name == "PNDM" else 4) and len(finals) == 1
 
 
-def test_sd_latent_space_uses_the_published_map():
-    vae_config = {"latent_channels": 4, "scaling_factor": 0.18215, "block_out_channels": [128, 256, 512, 512]}
+@pytest.mark.parametrize("name, channels, scaling, rows", [
+    ("sd", 4, 0.18215, SD_LATENT_RGB), ("sdxl", 4, 0.13025, SDXL_LATENT_RGB),
+    ("sd3", 16, 1.5305, SD3_LATENT_RGB), ("flux", 16, 0.3611, FLUX_LATENT_RGB),
+])
+def test_each_familys_real_vae_uses_its_published_map(name, channels, scaling, rows):
+    class RealVAE:  # the full-size VAE config of the family (FACTS.md)
+        config = {"latent_channels": channels, "scaling_factor": scaling, "block_out_channels": [128, 256, 512, 512]}
 
-    class FakeVAE:
-        config = vae_config
-
-    m = latent_rgb_for(None, FakeVAE())
-    assert torch.allclose(m.matrix, LatentRGB.sd().matrix)
+    m = latent_rgb_for(None, RealVAE(), family_named(name).latents)
+    assert m.matrix.shape == (channels, 3) and torch.equal(m.matrix, torch.tensor(rows))
+    # and a family's map is never taken for another's latent space
+    others = [f for f in ("sd", "sdxl", "sd3", "flux") if f != name]
+    assert not any(family_named(f).latents.is_published_vae(RealVAE.config) for f in others)
 
 
 def test_fitted_map_tracks_the_vae(cache, tiny_dir):

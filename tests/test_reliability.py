@@ -228,7 +228,7 @@ def test_empty_and_non_ascii_prompts_run(served, prompt):
 def test_long_prompt_is_truncated_and_says_so(served):
     prompt = "a very long prompt " * 30  # one token per character with this tokenizer
     final = list(Client(served.url, verbose=False).submit(**{**BASE, "prompt": prompt}, api_name="/txt2img"))[-1]
-    assert "prompt: " in final[4] and "the model reads 77; cut off" in final[4]
+    assert "prompt: " in final[4] and "CLIP reads 77; cut off" in final[4]
 
 
 def test_python_api_validates_the_same_way():

@@ -1,0 +1,136 @@
+"""Model families: everything that differs between SD 1.x/2.x, SDXL, SD 3 and Flux, in one table.
+
+A family is chosen once, when a checkpoint loads, from the `_class_name` its
+model_index.json records (`family_of`); the rest of Stepwise asks the `Family` and
+never tests for a model kind itself. Adding a family is one new entry in `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+# Latent -> RGB maps (rows: latent channels; columns R, G, B) and biases, from ComfyUI's
+# `comfy/latent_formats.py` (../shared/reference/FACTS.md). Applied to the latents as the
+# sampler holds them (for SD3/Flux `(vae_latent - shift_factor) * scaling_factor`).
+SD_LATENT_RGB = (
+    (0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177),
+)
+SDXL_LATENT_RGB = (
+    (0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188),
+)
+SDXL_LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
+SD3_LATENT_RGB = (
+    (-0.0922, -0.0175, 0.0749), (0.0311, 0.0633, 0.0954), (0.1994, 0.0927, 0.0458), (0.0856, 0.0339, 0.0902),
+    (0.0587, 0.0272, -0.0496), (-0.0006, 0.1104, 0.0309), (0.0978, 0.0306, 0.0427), (-0.0042, 0.1038, 0.1358),
+    (-0.0194, 0.0020, 0.0669), (-0.0488, 0.0130, -0.0268), (0.0922, 0.0988, 0.0951), (-0.0278, 0.0524, -0.0542),
+    (0.0332, 0.0456, 0.0895), (-0.0069, -0.0030, -0.0810), (-0.0596, -0.0465, -0.0293), (-0.1448, -0.1463, -0.1189),
+)
+SD3_LATENT_RGB_BIAS = (0.2394, 0.2135, 0.1925)
+FLUX_LATENT_RGB = (
+    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+)
+FLUX_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """How a family's sampler holds latents, and the published map to RGB for its real VAE."""
+
+    channels: int  # 4 (SD, SDXL) or 16 (SD3, Flux)
+    scaling_factor: float  # the real VAE's; latents = (vae_latent - shift_factor) * scaling_factor
+    shift_factor: float = 0.0
+    packed: bool = False  # Flux: 2x2 latent patches packed into (B, h/2 * w/2, 4 C) tokens
+    rgb: tuple[tuple[float, float, float], ...] = ()
+    rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def is_published_vae(self, vae_config) -> bool:
+        """Whether a VAE has this format's published latent space (a tiny or custom VAE does not:
+        its map is fitted). The full-size VAEs of all four families have block_out_channels
+        [128, 256, 512, 512] (their config.json files)."""
+        return (vae_config.get("latent_channels") == self.channels
+                and abs(float(vae_config.get("scaling_factor") or 0) - self.scaling_factor) < 1e-6
+                and list(vae_config.get("block_out_channels") or ()) == [128, 256, 512, 512])
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one model family needs from the rest of Stepwise."""
+
+    name: str  # "sd", "sd-depth", "sdxl", "sd3", "flux"
+    label: str  # for messages: "SDXL"
+    class_names: tuple[str, ...]  # model_index.json `_class_name`s that belong to it
+    latents: LatentFormat
+    flow_matching: bool = False  # x_t = (1 - sigma) x0 + sigma noise, the model predicts v = noise - x0
+    modes: tuple[str, ...] = ("txt2img", "img2img")
+    negative_prompt: bool = True  # False: the model has no negative conditioning (distilled guidance)
+    distilled_guidance: bool = False  # Flux: guidance_scale is an input of the transformer, not CFG
+    cuda_dtype: torch.dtype = torch.float16  # what it is trained and shipped in
+    text_tokens: dict[str, int] = field(default_factory=dict)  # tokenizer attribute -> tokens the model reads
+    default_steps: int = 20
+    default_guidance: float = 7.5
+    default_scheduler: str = "Euler a"
+
+    def size_multiple(self, pipe) -> int:
+        """Width and height must be multiples of this many pixels: the VAE's downscale times the
+        transformer's patch size (SD3) or Flux's 2x2 packing, and at least 8, which every
+        diffusers SD pipeline checks (`check_inputs`): 8 for SD and SDXL, 16 for SD3 and Flux."""
+        transformer = getattr(pipe, "transformer", None)
+        patch = 2 if self.latents.packed else transformer.config.get("patch_size", 1) if transformer else 1
+        return math.lcm(8, pipe.vae_scale_factor * patch)
+
+    def native_side(self, pipe) -> int:
+        """The image side the model was trained at, in pixels (512 SD 1.5, 1024 SDXL/SD3/Flux)."""
+        latent_side = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+        return latent_side * pipe.vae_scale_factor
+
+    def unpack(self, latents: torch.Tensor, pipe, width: int, height: int) -> torch.Tensor:
+        """The sampler's latents as (B, C, h, w): Flux's packed tokens unpacked, others as they are."""
+        if not self.latents.packed:
+            return latents
+        return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
+
+_CLIP = {"tokenizer": 77}
+FAMILIES: tuple[Family, ...] = (
+    Family("sd", "SD 1.x/2.x", ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+           LatentFormat(4, 0.18215, rgb=SD_LATENT_RGB), text_tokens=_CLIP),
+    Family("sd-depth", "SD 2-depth", ("StableDiffusionDepth2ImgPipeline",),
+           LatentFormat(4, 0.18215, rgb=SD_LATENT_RGB), modes=("depth2img",), text_tokens=_CLIP),
+    Family("sdxl", "SDXL", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+           LatentFormat(4, 0.13025, rgb=SDXL_LATENT_RGB, rgb_bias=SDXL_LATENT_RGB_BIAS),
+           text_tokens={"tokenizer": 77, "tokenizer_2": 77}, default_steps=30, default_guidance=5.0,
+           default_scheduler="Euler"),
+    Family("sd3", "SD 3", ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+           LatentFormat(16, 1.5305, 0.0609, rgb=SD3_LATENT_RGB, rgb_bias=SD3_LATENT_RGB_BIAS),
+           flow_matching=True, cuda_dtype=torch.bfloat16, default_steps=28, default_guidance=7.0,
+           default_scheduler="Euler", text_tokens={"tokenizer": 77, "tokenizer_2": 77, "tokenizer_3": 256}),
+    Family("flux", "Flux.1", ("FluxPipeline", "FluxImg2ImgPipeline"),
+           LatentFormat(16, 0.3611, 0.1159, packed=True, rgb=FLUX_LATENT_RGB, rgb_bias=FLUX_LATENT_RGB_BIAS),
+           flow_matching=True, negative_prompt=False, distilled_guidance=True, cuda_dtype=torch.bfloat16,
+           default_steps=28, default_guidance=3.5, default_scheduler="Euler",
+           text_tokens={"tokenizer": 77, "tokenizer_2": 512}),
+)
+
+
+class UnknownFamily(ValueError):
+    """A checkpoint of a pipeline class no family owns."""
+
+
+def family_of(class_name: str) -> Family:
+    """The family owning a model_index.json `_class_name`. Raises `UnknownFamily` naming the
+    classes Stepwise runs."""
+    for family in FAMILIES:
+        if class_name in family.class_names:
+            return family
+    known = ", ".join(name for f in FAMILIES for name in f.class_names)
+    raise UnknownFamily(f"a {class_name} checkpoint; Stepwise runs {known} checkpoints")
+
+
+def family_named(name: str) -> Family:
+    return next(f for f in FAMILIES if f.name == name)
