@@ -1,6 +1,7 @@
 """Stepwise: watch Stable Diffusion work, one denoising step at a time.
 
-    python app.py [--model SRC] [--depth-model SRC] [--device cuda|mps|cpu] [--dtype fp16|fp32] [--compile]
+    python app.py [--model SRC] [--depth-model SRC] [--device cuda|mps|cpu] [--dtype fp16|bf16|fp32]
+                  [--offload model|sequential] [--compile]
                   [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS] [--preset NAME]
 """
 
@@ -30,7 +31,7 @@ import transformers  # noqa: E402
 
 from pipelines import BUNDLED, ModelCache, ModelLoadError, generate  # noqa: E402
 from pipelines.anatomy import Anatomy  # noqa: E402
-from pipelines.cache import BUNDLED_FOLDER, bundled_folder  # noqa: E402
+from pipelines.cache import BUNDLED_FOLDER, OFFLOAD, bundled_folder  # noqa: E402
 from pipelines.devices import app_cpu_threads  # noqa: E402
 from pipelines.presets import Preset, PresetError, fitting_presets, load_presets  # noqa: E402
 from pipelines.tiny import UNTRAINED_MARKER  # noqa: E402
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny-vae", default=None, help="AutoencoderTiny folder or repo id for the tiny-vae preview")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, else fp32)")
+    p.add_argument("--offload", choices=OFFLOAD, default=None,
+                   help="CUDA: keep weights in CPU memory and move each model (model) or layer (sequential) to the "
+                        "GPU when it runs, so Flux and SD 3.5 fit a 16-24 GB card (accelerate)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPUs; the first run compiles)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.disable_progress_bar()
     args = parse_args(argv)
     try:
-        cache = ModelCache(device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae, compile_unet=args.compile)
+        cache = ModelCache(device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae, compile_unet=args.compile,
+                           offload=args.offload)
         if cache.device.type == "cpu":
             torch.set_num_threads(app_cpu_threads())
         demo = create_demo(args, cache)

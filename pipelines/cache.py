@@ -18,6 +18,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = "bundled"
+OFFLOAD = ("model", "sequential")  # --offload: accelerate's CPU offload kinds
 BUNDLED_FOLDER = REPO_ROOT / "models" / "micro"
 DEPTH_UNET, DEPTH_ESTIMATOR, TINY_VAE = "depth_unet", "depth_estimator", "tiny_vae"  # bundled-layout subfolders
 
@@ -139,6 +141,7 @@ class Checkpoint:
     tiny_vae: VAEDecoder | None = None
     attention: str = "sdpa"
     extra_modules: list[torch.nn.Module] = field(default_factory=list)
+    offloaded: bool = False  # --offload: weights move to the GPU per model or layer
 
     @property
     def base(self) -> DiffusionPipeline:
@@ -148,8 +151,15 @@ class Checkpoint:
         """The preview decoder by name ("latent-rgb", "tiny-vae", "full-vae")."""
         if preview == "tiny-vae" and self.tiny_vae is None:
             raise ValueError(f"preview 'tiny-vae' needs a tiny autoencoder; {self.source!r} has none configured")
-        # every pipeline of a checkpoint shares the base's VAE
-        return {"latent-rgb": self.latent_rgb, "tiny-vae": self.tiny_vae, "full-vae": VAEDecoder(self.base.vae)}[preview]
+        if preview == "full-vae":
+            return self.full_vae
+        return {"latent-rgb": self.latent_rgb, "tiny-vae": self.tiny_vae}[preview]
+
+    @cached_property
+    def full_vae(self) -> VAEDecoder:
+        """The checkpoint's own VAE as a preview decoder (every pipeline of it shares the base's VAE);
+        made once: an fp16 VAE that must upcast keeps its float32 copy here."""
+        return VAEDecoder(self.base.vae)
 
     @property
     def native_side(self) -> int:
@@ -179,7 +189,9 @@ class Checkpoint:
             modes=self.modes,
             negative_prompt=self.family.negative_prompt,
             family=self.family.label,
-            preview_modes=tuple(m for m in PREVIEW_MODES if m != "tiny-vae" or self.tiny_vae is not None),
+            # offloaded, a full-VAE preview would move the denoiser off the GPU at every step
+            preview_modes=tuple(m for m in PREVIEW_MODES if (m != "tiny-vae" or self.tiny_vae is not None)
+                                and (m != "full-vae" or not self.offloaded)),
             schedulers=menus["txt2img"][0],
             unfit_schedulers={mode: unfit for mode, (_, unfit) in menus.items()},
         )
@@ -216,9 +228,17 @@ class ModelCache:
     """
 
     def __init__(self, device: str | None = None, dtype: str | None = None, budget_bytes: int | None = None,
-                 tiny_vae: str | None = None, compile_unet: bool = False, overlap_decode: bool = True):
+                 tiny_vae: str | None = None, compile_unet: bool = False, overlap_decode: bool = True,
+                 offload: str | None = None):
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
+        self._dtype_asked = dtype is not None
+        if offload not in (None, *OFFLOAD):
+            raise ValueError(f"offload {offload!r}: choose one of {', '.join(OFFLOAD)}")
+        if offload and self.device.type != "cuda":
+            raise ValueError(f"--offload {offload} moves weights between CPU and a GPU; this run has no CUDA device "
+                             f"({self.device.type}): leave --offload out")
+        self.offload = offload
         self.budget_bytes = budget_bytes if budget_bytes is not None else memory_bytes(self.device) // 2
         self.tiny_vae_source = tiny_vae
         self.compile_unet = compile_unet
@@ -263,16 +283,17 @@ class ModelCache:
         where = str(folder) if folder else source
         try:
             family = _family(source, where)
+            dtype = self.dtype_for(family)
             if family.modes == ("depth2img",):
-                mode, pipe = "depth2img", StableDiffusionDepth2ImgPipeline.from_pretrained(where, dtype=self.dtype)
+                mode, pipe = "depth2img", StableDiffusionDepth2ImgPipeline.from_pretrained(where, dtype=dtype)
             else:
                 # the family's text-to-image class, whichever variant the folder records
                 kwargs = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
-                mode, pipe = "txt2img", AutoPipelineForText2Image.from_pretrained(where, dtype=self.dtype, **kwargs)
+                mode, pipe = "txt2img", AutoPipelineForText2Image.from_pretrained(where, dtype=dtype, **kwargs)
         except (OSError, ValueError) as err:
             raise ModelLoadError(self._load_hint(source, err, local=folder is not None)) from err
         pipe.set_progress_bar_config(disable=True)
-        pipe = pipe.to(self.device)
+        pipe = self._place(pipe)
         attention = use_fastest_attention(pipe, self.device)
         if self.compile_unet:
             _compile(pipe)
@@ -283,18 +304,37 @@ class ModelCache:
             pipelines={mode: pipe},
             latent_rgb=latent_rgb_for(folder, pipe.vae, family.latents),
             attention=attention,
+            offloaded=self.offload is not None,
         )
-        entry.tiny_vae = self._load_tiny_vae(folder)
+        entry.tiny_vae = self._load_tiny_vae(folder, dtype)
         if entry.tiny_vae is not None:
             entry.extra_modules.append(entry.tiny_vae.vae)
         return entry
 
-    def _load_tiny_vae(self, folder: Path | None) -> VAEDecoder | None:
+    def dtype_for(self, family: Family) -> torch.dtype:
+        """--dtype when given; else on CUDA the dtype the family ships in (bf16 for SD3 and Flux,
+        fp16 for SD and SDXL), fp32 elsewhere."""
+        if self._dtype_asked or self.device.type != "cuda":
+            return self.dtype
+        return family.cuda_dtype
+
+    def _place(self, pipe: DiffusionPipeline) -> DiffusionPipeline:
+        """On the device, or offloaded through accelerate (`--offload`): "model" keeps one whole model
+        on the GPU at a time, "sequential" one layer (slowest, least memory)."""
+        if self.offload == "model":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif self.offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        else:
+            pipe = pipe.to(self.device)
+        return pipe
+
+    def _load_tiny_vae(self, folder: Path | None, dtype: torch.dtype) -> VAEDecoder | None:
         source = self.tiny_vae_source or (folder / TINY_VAE if folder and (folder / TINY_VAE).is_dir() else None)
         if source is None:
             return None
         try:
-            vae = AutoencoderTiny.from_pretrained(str(source), dtype=self.dtype).to(self.device)
+            vae = AutoencoderTiny.from_pretrained(str(source), dtype=dtype).to(self.device)
         except (OSError, ValueError) as err:
             raise ModelLoadError(self._load_hint(str(source), err, local=Path(source).is_dir())) from err
         return VAEDecoder(vae)
@@ -316,8 +356,8 @@ class ModelCache:
                     f"{entry.source!r} ({entry.family.label}) has no depth UNet; pass a depth checkpoint such as "
                     "stabilityai/stable-diffusion-2-depth with --depth-model"
                 )
-            unet = UNet2DConditionModel.from_pretrained(folder / DEPTH_UNET, dtype=self.dtype)
-            estimator = DPTForDepthEstimation.from_pretrained(folder / DEPTH_ESTIMATOR, dtype=self.dtype)
+            unet = UNet2DConditionModel.from_pretrained(folder / DEPTH_UNET, dtype=base.dtype)
+            estimator = DPTForDepthEstimation.from_pretrained(folder / DEPTH_ESTIMATOR, dtype=base.dtype)
             pipe = StableDiffusionDepth2ImgPipeline(
                 vae=base.vae,
                 text_encoder=base.text_encoder,
@@ -326,7 +366,8 @@ class ModelCache:
                 scheduler=base.scheduler,
                 depth_estimator=estimator,
                 feature_extractor=DPTImageProcessor.from_pretrained(folder / DEPTH_ESTIMATOR),
-            ).to(self.device)
+            )
+            pipe = self._place(pipe)
             use_fastest_attention(pipe, self.device)
             if self.compile_unet:
                 _compile(pipe)

@@ -265,3 +265,11 @@ def test_app_cpu_threads_leave_a_core_for_streaming(monkeypatch):
     assert [app_cpu_threads(c) for c in (1, 2, 8)] == [1, 1, 7]
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert app_cpu_threads(8) == torch.get_num_threads()  # the user's choice stands
+
+
+def test_offload_needs_a_gpu_and_names_its_kinds():
+    with pytest.raises(ValueError, match=r"--offload model moves weights between CPU and a GPU; this run has no CUDA "
+                                         r"device \(cpu\): leave --offload out"):
+        ModelCache(device="cpu", offload="model")
+    with pytest.raises(ValueError, match="offload 'disk': choose one of model, sequential"):
+        ModelCache(device="cpu", offload="disk")
