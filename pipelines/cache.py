@@ -41,6 +41,10 @@ from .schedulers import scheduler_menu
 from .tiny import save_tiny_checkpoint
 
 log = logging.getLogger(__name__)
+# diffusers warns at every `.to()` of a model class that may keep modules in float32, even when it keeps
+# none ("...kept in float32: []"); SDXL img2img and depth2img move their VAE so on every run
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    lambda record: "should be kept in float32: []" not in record.getMessage())
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = "bundled"

@@ -338,9 +338,13 @@ def _truncation_notes(pipe, text_tokens: dict[str, int], request: GenerationRequ
 
 
 def _per_run(shared, scheduler):
-    """A pipeline object of our own over the shared modules (`from_pipe`): its own scheduler
-    and interrupt flag, no copies of weights (constructing one takes milliseconds)."""
-    pipe = type(shared).from_pipe(shared, scheduler=scheduler)
+    """A pipeline object of our own over the shared modules: its own scheduler and interrupt
+    flag, no copies of weights (constructing one takes milliseconds). Built as `from_pipe`
+    builds one, with the shared pipeline's config options (SDXL's force_zeros_for_empty_prompt,
+    SD's requires_safety_checker), but without its `.to()` over every module on each run."""
+    takes = inspect.signature(type(shared).__init__).parameters
+    options = {k: v for k, v in shared.config.items() if k in takes and k not in shared.components}
+    pipe = type(shared)(**{**shared.components, "scheduler": scheduler}, **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
