@@ -1,8 +1,6 @@
 """Tiny random pipelines of every family: they load as diffusers folders, run txt2img and img2img, repeat."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from pipelines.tiny import UNTRAINED_MARKER, save_tiny_family
+from pipelines.tiny import UNTRAINED_MARKER, main, save_tiny_family
 
 CLASSES = {
     "sdxl": (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, 4),
@@ -91,6 +89,40 @@ def test_unknown_family_is_named():
 
 
 def test_cli_writes_a_family(tmp_path):
-    subprocess.run([sys.executable, "-m", "pipelines.tiny", "sd3", str(tmp_path / "m")], check=True,
-                   capture_output=True)
+    main(["sd3", str(tmp_path / "m")])  # what `python -m pipelines.tiny sd3 FOLDER` runs
     assert json.loads((tmp_path / "m" / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+
+
+def test_t5_tokenizer_saves_loads_and_takes_any_prompt(tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipelines.tiny import tiny_t5_tokenizer
+
+    tokenizer = tiny_t5_tokenizer()
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    for prompt in ("a red square", "Ünïcode ★ 🎉", ""):
+        ids = loaded(prompt).input_ids
+        assert ids == tokenizer(prompt).input_ids
+        assert ids[-1] == 1  # </s>, as T5 ends every sequence
+    assert loaded.convert_ids_to_tokens(loaded("a ★").input_ids) == ["▁", "a", "▁", "<unk>", "</s>"]
+
+
+@pytest.mark.parametrize("family, scheduler, vae", [
+    ("sdxl", {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+              "beta_schedule": "scaled_linear", "timestep_spacing": "leading", "steps_offset": 1},
+     {"latent_channels": 4, "scaling_factor": 0.13025, "force_upcast": True}),
+    ("sd3", {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_dynamic_shifting": False},
+     {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609, "use_quant_conv": False}),
+    ("flux", {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True, "base_shift": 0.5,
+              "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
+     {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
+      "use_post_quant_conv": False}),
+])
+def test_configs_carry_the_shipped_constants(tiny_families, family, scheduler, vae):
+    folder = tiny_families(family)
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    assert {k: scheduler_config[k] for k in scheduler} == scheduler
+    assert {k: vae_config[k] for k in vae} == vae
