@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pipelines import ModelCache, validate_request
-from pipelines.tiny import save_tiny_checkpoint
+from pipelines.tiny import save_tiny_checkpoint, save_tiny_family
 
 
 # Small input files from real bug reports: ../shared/cases beside the checkout (CI lays it there too)
@@ -22,6 +22,20 @@ CASES = Path(__file__).resolve().parents[2] / "shared" / "cases"
 def tiny_dir(tmp_path_factory):
     """A tiny random checkpoint in the bundled layout (txt2img + depth + tiny VAE)."""
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_families(tmp_path_factory):
+    """family -> folder of a tiny random pipeline of that family ("sd", "sdxl", "sd3", "flux"), each built once
+    a session (seed 0)."""
+    built = {}
+
+    def folder(family: str):
+        if family not in built:
+            built[family] = save_tiny_family(tmp_path_factory.mktemp(f"tiny-{family}") / "ckpt", family)
+        return built[family]
+
+    return folder
 
 
 @pytest.fixture(scope="session")
