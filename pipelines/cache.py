@@ -32,22 +32,16 @@ from diffusers import (
 )
 from transformers import DPTForDepthEstimation, DPTImageProcessor
 
+from .choices import PREVIEW_MODES
 from .devices import memory_bytes, pick_device, pick_dtype, use_fastest_attention
-from .previews import PREVIEW_MODES, LatentRGB, VAEDecoder, latent_rgb_for
+from .layout import BUNDLED, BUNDLED_FOLDER, DEPTH_ESTIMATOR, DEPTH_UNET, has_depth, is_pipeline, tiny_vae_folder
+from .previews import LatentRGB, VAEDecoder, latent_rgb_for
+from .protocol import ModelLoadError
 from .request import MODES, Limits
 from .schedulers import scheduler_menu
 from .tiny import save_tiny_checkpoint
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = "bundled"
-BUNDLED_FOLDER = REPO_ROOT / "models" / "micro"
-DEPTH_UNET, DEPTH_ESTIMATOR, TINY_VAE = "depth_unet", "depth_estimator", "tiny_vae"  # bundled-layout subfolders
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says what to do about it."""
 
 
 def stepwise_cache_dir() -> Path:
@@ -56,10 +50,10 @@ def stepwise_cache_dir() -> Path:
 
 def bundled_folder() -> Path:
     """models/micro once it is trained; until then a tiny random checkpoint."""
-    if (BUNDLED_FOLDER / "model_index.json").is_file():
+    if is_pipeline(BUNDLED_FOLDER):
         return BUNDLED_FOLDER
     folder = stepwise_cache_dir() / "untrained-tiny"
-    if not (folder / "model_index.json").is_file():
+    if not is_pipeline(folder):
         log.info("building the untrained tiny default model in %s", folder)
         save_tiny_checkpoint(folder)
     return folder
@@ -71,7 +65,7 @@ def resolve_local(source: str) -> Path | None:
         return bundled_folder()
     path = Path(source).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
+        if not is_pipeline(path):
             raise ModelLoadError(f"{source!r} is a folder but not a diffusers pipeline (it has no model_index.json)")
         return path
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
@@ -282,7 +276,7 @@ class ModelCache:
         return entry
 
     def _load_tiny_vae(self, folder: Path | None) -> VAEDecoder | None:
-        source = self.tiny_vae_source or (folder / TINY_VAE if folder and (folder / TINY_VAE).is_dir() else None)
+        source = self.tiny_vae_source or (tiny_vae_folder(folder) if folder else None)
         if source is None:
             return None
         try:
@@ -303,7 +297,7 @@ class ModelCache:
             pipe = cls.from_pipe(base)
         else:
             folder = entry.folder
-            if folder is None or not (folder / DEPTH_UNET).is_dir():
+            if folder is None or not has_depth(folder):
                 raise ModelLoadError(
                     f"{entry.source!r} has no depth UNet; pass a depth checkpoint such as "
                     "stabilityai/stable-diffusion-2-depth with --depth-model"

@@ -15,15 +15,13 @@ change the final image.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-PREVIEW_MODES = ("latent-rgb", "tiny-vae", "full-vae")
-VIEWS = ("x_t", "x0")
+from . import layout
 
 # SD 1.x / 2.x latents -> RGB, rows = latent channels. ComfyUI's `latent_formats.SD15`
 # (../shared/reference/FACTS.md); applied to raw latents, output roughly in [-1, 1].
@@ -35,8 +33,6 @@ SD_LATENT_RGB = (
 )
 # The SD VAE's config (FACTS.md): latents of a VAE built like this are SD latents.
 _SD_VAE_SIGNATURE = {"latent_channels": 4, "scaling_factor": 0.18215, "block_out_channels": [128, 256, 512, 512]}
-
-LATENT_RGB_FILE = "latent_rgb.json"
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -89,8 +85,8 @@ class LatentRGB:
         return cls(torch.tensor(SD_LATENT_RGB), torch.zeros(3))
 
     @classmethod
-    def load(cls, path: Path) -> LatentRGB:
-        data = json.loads(Path(path).read_text())
+    def from_dict(cls, data: dict) -> LatentRGB:
+        """From a folder's `latent_rgb.json` ({"matrix": C x 3, "bias": 3}; see layout.py)."""
         return cls(torch.tensor(data["matrix"], dtype=torch.float32), torch.tensor(data["bias"], dtype=torch.float32))
 
     @classmethod
@@ -114,8 +110,9 @@ class LatentRGB:
 
 def latent_rgb_for(folder: Path | None, vae) -> LatentRGB:
     """The map for this checkpoint: its own file, SD's published map, or a fit."""
-    if folder is not None and (Path(folder) / LATENT_RGB_FILE).is_file():
-        return LatentRGB.load(Path(folder) / LATENT_RGB_FILE)
+    data = layout.read_latent_rgb(folder) if folder is not None else None
+    if data is not None:
+        return LatentRGB.from_dict(data)
     if _is_sd_vae(vae.config):
         return LatentRGB.sd()
     return LatentRGB.fit(vae)

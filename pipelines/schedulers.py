@@ -24,6 +24,8 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from .choices import SCHEDULER_NAMES
+
 # name -> (class, overrides on top of the checkpoint's config)
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "DDIM": (DDIMScheduler, {}),
@@ -35,7 +37,7 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "UniPC": (UniPCMultistepScheduler, {}),
     "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
 }
-SCHEDULER_NAMES = tuple(SCHEDULERS)
+assert tuple(SCHEDULERS) == SCHEDULER_NAMES, "choices.SCHEDULER_NAMES lists the menu; keep it in step with SCHEDULERS"
 
 # The config keys that define the noise schedule (alphas_cumprod) a model was trained on.
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
