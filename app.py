@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -29,12 +28,11 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from pipelines import BUNDLED, ModelCache, ModelLoadError, generate  # noqa: E402
+from pipelines import BUNDLED, ModelCache, ModelLoadError, generate, layout  # noqa: E402
 from pipelines.anatomy import Anatomy  # noqa: E402
-from pipelines.cache import BUNDLED_FOLDER, OFFLOAD, bundled_folder  # noqa: E402
+from pipelines.cache import OFFLOAD, bundled_folder  # noqa: E402
 from pipelines.devices import app_cpu_threads  # noqa: E402
 from pipelines.presets import Preset, PresetError, fitting_presets, load_presets  # noqa: E402
-from pipelines.tiny import UNTRAINED_MARKER  # noqa: E402
 from ui import CSS, AppSpec, build_app  # noqa: E402
 
 log = logging.getLogger("stepwise")
@@ -98,7 +96,7 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
     spec = AppSpec(
         generate=run,
         model_label=card.get("label") or args.model,
-        untrained=(folder / UNTRAINED_MARKER).exists(),
+        untrained=layout.is_untrained(folder),
         run_root=str(Path(gr.utils.get_upload_folder()) / "stepwise-runs"),
         limits=limits,
         defaults=_model_defaults(checkpoint, card),
@@ -134,11 +132,10 @@ def _default_preset(presets: dict[str, Preset]) -> str | None:
 
 def _model_card(folder: Path) -> dict:
     """The bundled model's settings file (example prompts, vocabulary), if any."""
-    path = folder / "stepwise.json"
-    card = json.loads(path.read_text()) if path.is_file() else {}
-    if (folder / UNTRAINED_MARKER).exists():
+    card = layout.read_card(folder)
+    if layout.is_untrained(folder):
         card.setdefault("label", "untrained tiny model (random weights)")
-    elif folder.resolve() == BUNDLED_FOLDER:
+    elif folder.resolve() == layout.BUNDLED_FOLDER:
         card.setdefault("label", "bundled micro model")
     return card
 

@@ -20,7 +20,7 @@ from PIL import Image
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from pipelines import ModelCache, generate, validate_request
+from pipelines import ModelCache, generate, layout, validate_request
 from pipelines.tiny import tiny_components, tiny_tokenizer
 
 SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
@@ -63,11 +63,9 @@ def save_checkpoint(folder: Path, depth: bool, full: bool) -> Path:
     StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
                             unet=base_unet, scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(folder)
-    parts["tiny_vae"].save_pretrained(folder / "tiny_vae")
+    layout.save_tiny_vae(folder, parts["tiny_vae"])
     if depth:
-        parts["unet"].save_pretrained(folder / "depth_unet")
-        tiny["depth_estimator"].save_pretrained(folder / "depth_estimator")
-        tiny["feature_extractor"].save_pretrained(folder / "depth_estimator")
+        layout.save_depth(folder, parts["unet"], tiny["depth_estimator"], tiny["feature_extractor"])
     return folder
 
 

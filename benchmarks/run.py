@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import gradio as gr
 import torch
 
-from pipelines import Limits, ModelCache, generate, validate_request
+from pipelines import Limits, ModelCache, generate, layout, validate_request
 from pipelines.cache import BUNDLED, bundled_folder
 from pipelines.generate import _per_run
 from pipelines.schedulers import make_scheduler
@@ -168,8 +168,7 @@ def main(argv=None) -> dict:
 
     source = str(bundled_folder()) if args.model == BUNDLED else args.model
     cache = ModelCache(device="cpu")
-    card = Path(source) / "stepwise.json"
-    settings = json.loads(card.read_text()) if card.is_file() else {}
+    settings = layout.read_card(source)
     side = settings.get("width", 64)
     base = dict(mode="txt2img", prompt="a red circle on the left, blue background", seed=7, steps=args.steps,
                 guidance_scale=settings.get("guidance_scale", 4.0), width=side, height=settings.get("height", side),

@@ -1,17 +1,18 @@
 """Looking inside a run without its models: the prompt's tokens as each source's
 tokenizer reads them, and the latent channels of a step. Step pictures are made
 during the run (`generate.Frame`); nothing here loads weights or uses the device,
-so the Inspect panel can answer while a run holds the GPU."""
+so the Inspect panel can answer while a run holds the GPU. It imports no torch
+(ui/ imports it): tokenizers load through `cache` on first use."""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 from PIL import Image
 
-from .cache import BUNDLED, load_tokenizer
+from .layout import BUNDLED
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Anatomy:
         """`source`'s tokenizer. Raises `ModelLoadError` when it cannot be read."""
         with self._lock:
             if source not in self._tokenizers:
+                from .cache import load_tokenizer  # torch and transformers: only once a prompt is inspected
+
                 self._tokenizers[source] = load_tokenizer(source)
             return self._tokenizers[source]
 
@@ -48,12 +51,12 @@ class Anatomy:
                 for n, i in enumerate(ids)]
 
 
-def channels(latents: torch.Tensor) -> list[Image.Image]:
-    """Each latent channel of the first image of (B, C, h, w) `latents` as an 8-bit
-    grayscale image, scaled to its own range (so x_t's scaling does not matter)."""
+def channels(latents) -> list[Image.Image]:
+    """Each latent channel of the first image of (B, C, h, w) `latents` (a torch tensor) as
+    an 8-bit grayscale image, scaled to its own range (so x_t's scaling does not matter)."""
     images = []
-    for channel in latents[0].float():
+    for channel in latents[0].float().cpu().numpy():
         low, high = channel.min(), channel.max()
-        scaled = (channel - low) / (high - low) if high > low else torch.zeros_like(channel)
-        images.append(Image.fromarray((scaled * 255).round().to(torch.uint8).cpu().numpy(), mode="L"))
+        scaled = (channel - low) / (high - low) if high > low else np.zeros_like(channel)
+        images.append(Image.fromarray((scaled * 255).round().astype(np.uint8), mode="L"))
     return images

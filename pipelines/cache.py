@@ -33,9 +33,12 @@ from diffusers import (
 )
 from transformers import DPTForDepthEstimation, DPTImageProcessor
 
-from .families import Family, UnknownFamily, family_of
+from .choices import PREVIEW_MODES
 from .devices import memory_bytes, pick_device, pick_dtype, use_fastest_attention
-from .previews import PREVIEW_MODES, LatentRGB, VAEDecoder, latent_rgb_for
+from .families import Family, UnknownFamily, family_of
+from .layout import BUNDLED, BUNDLED_FOLDER, DEPTH_ESTIMATOR, DEPTH_UNET, has_depth, is_pipeline, tiny_vae_folder
+from .previews import LatentRGB, VAEDecoder, latent_rgb_for
+from .protocol import ModelLoadError
 from .request import MODES, Limits
 from .schedulers import scheduler_menu
 from .tiny import save_tiny_checkpoint
@@ -46,15 +49,8 @@ log = logging.getLogger(__name__)
 logging.getLogger("diffusers.models.modeling_utils").addFilter(
     lambda record: "should be kept in float32: []" not in record.getMessage())
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED = "bundled"
 OFFLOAD = ("model", "sequential")  # --offload: accelerate's CPU offload kinds
-BUNDLED_FOLDER = REPO_ROOT / "models" / "micro"
-DEPTH_UNET, DEPTH_ESTIMATOR, TINY_VAE = "depth_unet", "depth_estimator", "tiny_vae"  # bundled-layout subfolders
 
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says what to do about it."""
 
 
 def stepwise_cache_dir() -> Path:
@@ -63,10 +59,10 @@ def stepwise_cache_dir() -> Path:
 
 def bundled_folder() -> Path:
     """models/micro once it is trained; until then a tiny random checkpoint."""
-    if (BUNDLED_FOLDER / "model_index.json").is_file():
+    if is_pipeline(BUNDLED_FOLDER):
         return BUNDLED_FOLDER
     folder = stepwise_cache_dir() / "untrained-tiny"
-    if not (folder / "model_index.json").is_file():
+    if not is_pipeline(folder):
         log.info("building the untrained tiny default model in %s", folder)
         save_tiny_checkpoint(folder)
     return folder
@@ -78,7 +74,7 @@ def resolve_local(source: str) -> Path | None:
         return bundled_folder()
     path = Path(source).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
+        if not is_pipeline(path):
             raise ModelLoadError(f"{source!r} is a folder but not a diffusers pipeline (it has no model_index.json)")
         return path
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
@@ -174,8 +170,8 @@ class Checkpoint:
     @property
     def modes(self) -> tuple[str, ...]:
         """The modes this checkpoint runs: its family's, and depth2img where the bundled layout has a depth UNet."""
-        has_depth = self.folder is not None and (self.folder / DEPTH_UNET).is_dir()
-        return tuple(m for m in MODES if m in self.family.modes or (m == "depth2img" and has_depth))
+        depth = self.folder is not None and has_depth(self.folder)
+        return tuple(m for m in MODES if m in self.family.modes or (m == "depth2img" and depth))
 
     def limits(self) -> Limits:
         """What runs on this checkpoint may ask for. Sides from 1/8 to 4x the native side
@@ -334,7 +330,7 @@ class ModelCache:
         return pipe
 
     def _load_tiny_vae(self, folder: Path | None, dtype: torch.dtype) -> VAEDecoder | None:
-        source = self.tiny_vae_source or (folder / TINY_VAE if folder and (folder / TINY_VAE).is_dir() else None)
+        source = self.tiny_vae_source or (tiny_vae_folder(folder) if folder else None)
         if source is None:
             return None
         try:

@@ -16,30 +16,13 @@ from PIL import Image
 
 from .cache import BUNDLED, ModelCache
 from .previews import HostCopy, NoiseSchedule, X0Recorder, to_pixels
+from .protocol import CancelToken, Final, GenerationError
 from .request import GenerationRequest
 from .schedulers import make_scheduler
 
 
-class CancelToken:
-    """Stop flag for one run. Each run has its own; nothing here is process-wide."""
-
-    def __init__(self):
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
-
 class Cancelled(Exception):
     """Raised from the step callback to stop a pipeline that has no interrupt flag."""
-
-
-class GenerationError(RuntimeError):
-    """A run failed in a way the user can act on; the message says how."""
 
 
 @dataclass
@@ -113,15 +96,6 @@ class Frame:
     @property
     def caption(self) -> str:
         return f"step {self.step}/{self.total} · t={self.timestep:.0f}"
-
-
-@dataclass
-class Final:
-    image: Image.Image
-    request: GenerationRequest
-    model: str
-    seconds: float
-    notes: tuple[str, ...] = ()  # what was coerced or cut on the way in
 
 
 def pipeline_inputs(pipe, request: GenerationRequest) -> dict:

@@ -18,8 +18,8 @@ from sd_parsers.data import Generators, PromptInfo
 from sd_parsers.exceptions import ParserError
 from sd_parsers.parsers import MANAGED_PARSERS
 
+from .choices import SCHEDULER_NAMES
 from .request import MAX_INPUT_PIXELS, GenerationRequest, Limits, RequestError, validate_request
-from .schedulers import SCHEDULER_NAMES
 
 
 def a1111_parameters(req: GenerationRequest, model: str) -> str:

@@ -19,19 +19,14 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from . import layout
 from .families import LatentFormat
-
-PREVIEW_MODES = ("latent-rgb", "tiny-vae", "full-vae")
-VIEWS = ("x_t", "x0")
-
-LATENT_RGB_FILE = "latent_rgb.json"
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -84,8 +79,8 @@ class LatentRGB:
         return cls(torch.tensor(latents.rgb), torch.tensor(latents.rgb_bias))
 
     @classmethod
-    def load(cls, path: Path) -> LatentRGB:
-        data = json.loads(Path(path).read_text())
+    def from_dict(cls, data: dict) -> LatentRGB:
+        """From a folder's `latent_rgb.json` ({"matrix": C x 3, "bias": 3}; see layout.py)."""
         return cls(torch.tensor(data["matrix"], dtype=torch.float32), torch.tensor(data["bias"], dtype=torch.float32))
 
     @classmethod
@@ -109,8 +104,9 @@ class LatentRGB:
 def latent_rgb_for(folder: Path | None, vae, latents: LatentFormat) -> LatentRGB:
     """The map for this checkpoint: its own file, the family's published map when the VAE is
     the family's real one, or a fit against the VAE."""
-    if folder is not None and (Path(folder) / LATENT_RGB_FILE).is_file():
-        return LatentRGB.load(Path(folder) / LATENT_RGB_FILE)
+    data = layout.read_latent_rgb(folder) if folder is not None else None
+    if data is not None:
+        return LatentRGB.from_dict(data)
     if latents.is_published_vae(vae.config):
         return LatentRGB.published(latents)
     return LatentRGB.fit(vae)

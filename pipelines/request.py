@@ -13,8 +13,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .previews import PREVIEW_MODES, VIEWS
-from .schedulers import SCHEDULER_NAMES
+from .choices import PREVIEW_MODES, SCHEDULER_NAMES, VIEWS
 
 Mode = Literal["txt2img", "img2img", "depth2img"]
 MODES: tuple[Mode, ...] = ("txt2img", "img2img", "depth2img")

@@ -25,6 +25,8 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from .choices import SCHEDULER_NAMES
+
 # name -> (class, overrides on top of the checkpoint's config)
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "DDIM": (DDIMScheduler, {}),
@@ -36,7 +38,7 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "UniPC": (UniPCMultistepScheduler, {}),
     "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
 }
-SCHEDULER_NAMES = tuple(SCHEDULERS)
+assert tuple(SCHEDULERS) == SCHEDULER_NAMES, "choices.SCHEDULER_NAMES lists the menu; keep it in step with SCHEDULERS"
 # Flow-matching models (SD 3, Flux) predict a velocity; their "Euler" is diffusers' flow-matching Euler,
 # the scheduler those checkpoints ship with. The noise-prediction samplers above cannot run them.
 FLOW_SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {

@@ -1,10 +1,8 @@
 """Tiny random-weight Stable Diffusion checkpoints, built from configs.
 
 Used by the tests and as the app's default model until the bundled micro model
-exists. The folder layout is the one `models/micro` uses: a diffusers
-`StableDiffusionPipeline` folder plus `depth_unet/` (SD 2-depth layout,
-in_channels=5), `depth_estimator/` (DPT + its image processor) and, here,
-`tiny_vae/` (an `AutoencoderTiny` for the tiny-vae preview).
+exists. The folder layout is the one `models/micro` uses (pipelines/layout.py),
+here with a `tiny_vae/` and the UNTRAINED marker.
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-UNTRAINED_MARKER = "UNTRAINED"  # file in the folder: the UI labels such models as untrained
+from . import layout
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
@@ -154,11 +152,9 @@ def save_tiny_checkpoint(folder: str | Path, seed: int = 0) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
-    parts["depth_unet"].save_pretrained(folder / "depth_unet")
-    parts["depth_estimator"].save_pretrained(folder / "depth_estimator")
-    parts["feature_extractor"].save_pretrained(folder / "depth_estimator")
-    parts["tiny_vae"].save_pretrained(folder / "tiny_vae")
-    (folder / UNTRAINED_MARKER).write_text("Random weights built from configs; not a trained model.\n")
+    layout.save_depth(folder, parts["depth_unet"], parts["depth_estimator"], parts["feature_extractor"])
+    layout.save_tiny_vae(folder, parts["tiny_vae"])
+    layout.mark_untrained(folder)
     return folder
 
 
@@ -371,8 +367,8 @@ def save_tiny_family(folder: str | Path, family: str, seed: int = 0) -> Path:
     folder = Path(folder)
     pipe, tiny_vae = _BUILDERS[family](seed)
     pipe.save_pretrained(folder)
-    tiny_vae.save_pretrained(folder / "tiny_vae")
-    (folder / UNTRAINED_MARKER).write_text("Random weights built from configs; not a trained model.\n")
+    layout.save_tiny_vae(folder, tiny_vae)
+    layout.mark_untrained(folder)
     return folder
 
 

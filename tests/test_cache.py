@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from pipelines import ModelCache, ModelLoadError
+from pipelines import ModelCache, ModelLoadError, layout
 from pipelines.cache import param_bytes
 from pipelines.tiny import save_tiny_checkpoint
 
@@ -198,8 +198,8 @@ def test_the_checkpoint_not_the_first_request_decides_the_class(hub, tiny_dir, t
 
 def test_a_checkpoint_of_another_pipeline_class_is_refused_by_name(tmp_path):
     folder = save_tiny_checkpoint(tmp_path / "xl")
-    index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyV22Pipeline"}))
+    index = json.loads((folder / layout.MODEL_INDEX).read_text())
+    (folder / layout.MODEL_INDEX).write_text(json.dumps({**index, "_class_name": "KandinskyV22Pipeline"}))
     with pytest.raises(ModelLoadError) as err:
         ModelCache(device="cpu").checkpoint(str(folder))
     assert str(err.value) == (f"{str(folder)!r} is a KandinskyV22Pipeline checkpoint; Stepwise runs "
@@ -235,7 +235,7 @@ def test_txt2img_only_model_has_no_depth(tmp_path):
     folder = save_tiny_checkpoint(tmp_path / "c")
     import shutil
 
-    shutil.rmtree(folder / "depth_unet")
+    shutil.rmtree(folder / layout.DEPTH_UNET)
     with pytest.raises(ModelLoadError, match="--depth-model"):
         ModelCache(device="cpu").pipeline("depth2img", str(folder))
 
@@ -252,7 +252,7 @@ def test_tiny_vae_preview_needs_a_tiny_vae(tmp_path):
     import shutil
 
     folder = save_tiny_checkpoint(tmp_path / "no-taesd")
-    shutil.rmtree(folder / "tiny_vae")
+    shutil.rmtree(folder / layout.TINY_VAE)
     checkpoint = ModelCache(device="cpu").checkpoint(str(folder))
     with pytest.raises(ValueError, match="preview 'tiny-vae' needs a tiny autoencoder"):
         checkpoint.decoder("tiny-vae")

@@ -6,7 +6,7 @@ import gradio as gr
 import pytest
 
 import app as app_module
-from pipelines import ModelCache, RequestError, validate_request
+from pipelines import ModelCache, RequestError, layout, validate_request
 from pipelines.presets import load_presets
 
 
@@ -20,7 +20,7 @@ def component(demo, elem_id=None, label=None):
 @pytest.fixture(scope="module")
 def no_tiny_vae_dir(tiny_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("plain") / "ckpt"
-    shutil.copytree(tiny_dir, folder, ignore=shutil.ignore_patterns("tiny_vae"))
+    shutil.copytree(tiny_dir, folder, ignore=shutil.ignore_patterns(layout.TINY_VAE))
     return folder
 
 

@@ -13,7 +13,7 @@ from diffusers import (
 )
 from transformers import DPTForDepthEstimation, DPTImageProcessor
 
-from pipelines import CancelToken, Final, Frame, ModelCache, generate
+from pipelines import CancelToken, Final, Frame, ModelCache, generate, layout
 from pipelines.previews import LatentRGB, X0Recorder, latent_rgb_for
 from pipelines.families import FLUX_LATENT_RGB, SD3_LATENT_RGB, SD_LATENT_RGB, SDXL_LATENT_RGB, family_named
 from pipelines.schedulers import SCHEDULER_NAMES, make_scheduler
@@ -34,9 +34,9 @@ def bare_pipeline(mode, tiny_dir, scheduler_name):
         base = StableDiffusionPipeline.from_pretrained(tiny_dir)
         pipe = StableDiffusionDepth2ImgPipeline(
             vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-            unet=UNet2DConditionModel.from_pretrained(tiny_dir / "depth_unet"), scheduler=base.scheduler,
-            depth_estimator=DPTForDepthEstimation.from_pretrained(tiny_dir / "depth_estimator"),
-            feature_extractor=DPTImageProcessor.from_pretrained(tiny_dir / "depth_estimator"),
+            unet=UNet2DConditionModel.from_pretrained(tiny_dir / layout.DEPTH_UNET), scheduler=base.scheduler,
+            depth_estimator=DPTForDepthEstimation.from_pretrained(tiny_dir / layout.DEPTH_ESTIMATOR),
+            feature_extractor=DPTImageProcessor.from_pretrained(tiny_dir / layout.DEPTH_ESTIMATOR),
         )
     else:
         cls = StableDiffusionPipeline if mode == "txt2img" else StableDiffusionImg2ImgPipeline

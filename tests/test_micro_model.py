@@ -1,13 +1,11 @@
 """The bundled micro model loads with plain diffusers calls and follows colour / position words."""
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
+from pipelines import layout
 from training.evaluate import analyse, load_depth2img
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "micro"
+MODEL = layout.BUNDLED_FOLDER
 
 CASES = [
     ("a red circle on the left, blue background", "red", "left", 0),
@@ -21,7 +19,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def settings():
-    return json.loads((MODEL / "stepwise.json").read_text())
+    return layout.read_card(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +34,7 @@ def test_settings(settings):
     assert settings["scheduler"] in {"DDIM", "Euler", "Euler a", "DPM++ 2M Karras", "UniPC", "PNDM"}
     assert settings["width"] >= 64 and settings["height"] >= 64
     assert set(settings["vocabulary"]) == {"shapes", "colours", "positions"}
-    lr = json.loads((MODEL / "latent_rgb.json").read_text())
+    lr = layout.read_latent_rgb(MODEL)
     assert len(lr["matrix"]) == 4 and all(len(r) == 3 for r in lr["matrix"]) and len(lr["bias"]) == 3
 
 

@@ -1,9 +1,9 @@
 import ast
-import json
 from pathlib import Path
 
 import pytest
 
+from pipelines import layout
 from pipelines.presets import PRESET_DIR, PresetError, load_preset, load_presets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,7 +18,7 @@ def test_shipped_presets_load_one_per_pipeline_and_real_models():
 
 def test_micro_presets_use_the_shipped_settings():
     """The micro presets are the app's defaults: they sample as training.evaluate scored the model."""
-    shipped = json.loads((ROOT / "models" / "micro" / "stepwise.json").read_text())
+    shipped = layout.read_card(layout.BUNDLED_FOLDER)
     micro = [p for p in load_presets().values() if p.model == "bundled"]
     assert {p.mode for p in micro} == {"txt2img", "img2img", "depth2img"}
     for p in micro:

@@ -17,7 +17,8 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from pipelines.tiny import UNTRAINED_MARKER, main, save_tiny_family
+from pipelines import layout
+from pipelines.tiny import main, save_tiny_family
 
 CLASSES = {
     "sdxl": (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, 4),
@@ -44,8 +45,8 @@ def test_folder_loads_as_its_family(loaded, tiny_families):
     family, pipe = loaded
     folder = tiny_families(family)
     assert type(pipe) is CLASSES[family][0]
-    assert (folder / UNTRAINED_MARKER).is_file()
-    tiny_vae = AutoencoderTiny.from_pretrained(folder / "tiny_vae")
+    assert layout.is_untrained(folder)
+    tiny_vae = AutoencoderTiny.from_pretrained(layout.tiny_vae_folder(folder))
     assert tiny_vae.config.latent_channels == pipe.vae.config.latent_channels == CLASSES[family][2]
     # the preview VAE decodes latents to the same size as the family's VAE
     latents = torch.zeros(1, CLASSES[family][2], 8, 8)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines import layout
 from training import scenes as S
 from training import train
 
@@ -66,7 +67,7 @@ def test_export_loads_and_generates(toy_run):
               generator=torch.Generator().manual_seed(0)).images[0]
     assert im.size == (64, 64)
     assert list(pipe.unet.config.block_out_channels) == [32, 64, 64]
-    assert (root / "model" / "depth_unet" / "config.json").exists()
+    assert (root / "model" / layout.DEPTH_UNET / "config.json").exists()
 
 
 def test_resume_mid_stage_gives_the_same_weights(toy_run, tmp_path, monkeypatch):

@@ -7,7 +7,6 @@ Prints a table, writes training/RESULTS.md and models/micro/contact_sheet.png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from pipelines import layout
 from pipelines.devices import app_cpu_threads, use_fastest_attention
 
 from . import scenes as S
@@ -26,7 +26,7 @@ TARGETS = {"colour": 0.95, "background": 0.95, "shape": 0.85, "position": 0.85}
 
 
 def load_settings(model: str) -> dict:
-    return json.loads((Path(model) / "stepwise.json").read_text())
+    return layout.read_card(model)
 
 
 def load_txt2img(model: str, dtype=torch.float32):
@@ -45,10 +45,10 @@ def load_depth2img(model: str, pipe=None, dtype=torch.float32):
     pipe = pipe or load_txt2img(model, dtype)
     d = StableDiffusionDepth2ImgPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-        unet=UNet2DConditionModel.from_pretrained(f"{model}/depth_unet", dtype=dtype),
+        unet=UNet2DConditionModel.from_pretrained(Path(model) / layout.DEPTH_UNET, dtype=dtype),
         scheduler=pipe.scheduler,
-        depth_estimator=DPTForDepthEstimation.from_pretrained(f"{model}/depth_estimator", dtype=dtype),
-        feature_extractor=DPTImageProcessor.from_pretrained(f"{model}/depth_estimator"))
+        depth_estimator=DPTForDepthEstimation.from_pretrained(Path(model) / layout.DEPTH_ESTIMATOR, dtype=dtype),
+        feature_extractor=DPTImageProcessor.from_pretrained(Path(model) / layout.DEPTH_ESTIMATOR))
     d.set_progress_bar_config(disable=True)
     use_fastest_attention(d, torch.device("cpu"))
     return d
@@ -261,7 +261,7 @@ def main():
     print(table)
     print(f"eval time {time.time() - t_start:.0f}s")
     if not args.no_write:
-        contact_sheet(pipe, cfg, Path(args.model) / "contact_sheet.png")
+        contact_sheet(pipe, cfg, Path(args.model) / layout.CONTACT_SHEET)
         Path(args.results).write_text(
             "# Stepwise micro model: evaluation\n\n"
             f"Command: `{cmd.strip()}` (torch threads {args.threads}; CPU)\n\n"

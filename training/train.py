@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipelines import layout
 
 from . import scenes as S
 from .models import (LATENT, MAX_TOKENS, RES, make_dpt, make_inference_scheduler, make_text_encoder,
@@ -456,12 +457,10 @@ def stage_export(args, run: Path, vae, data, unet, te, tok, dunet, dpt, proc):
                                    scheduler=make_inference_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
-    dunet.save_pretrained(out / "depth_unet", safe_serialization=True)
-    dpt.save_pretrained(out / "depth_estimator", safe_serialization=True)
-    proc.save_pretrained(out / "depth_estimator")
+    layout.save_depth(out, dunet, dpt, proc)  # safetensors: both libraries' default
     for m in (vae, unet, te, dunet, dpt):
         m.to(DEV, torch.float32)
-    (out / "latent_rgb.json").write_text(json.dumps(fit_latent_rgb(vae, data), indent=2) + "\n")
+    layout.write_latent_rgb(out, fit_latent_rgb(vae, data))
     examples = [
         "a red circle on the left, blue background", "a yellow triangle at the top, black background",
         "a white square in the center, purple background", "a green circle at the bottom, orange background",
@@ -471,7 +470,7 @@ def stage_export(args, run: Path, vae, data, unet, te, tok, dunet, dpt, proc):
            "example_prompts": examples,
            "vocabulary": {"shapes": S.SHAPES, "colours": S.COLOURS,
                           "positions": [S.POSITION_PHRASE[p] for p in S.POSITIONS]}}
-    (out / "stepwise.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    layout.write_card(out, cfg)
     log(run, f"export: wrote {out} (guidance {guidance}, dtype {dt})")
 
 
