@@ -91,7 +91,7 @@ def test_unknown_family_is_named():
 
 def test_cli_writes_a_family(tmp_path):
     main(["sd3", str(tmp_path / "m")])  # what `python -m pipelines.tiny sd3 FOLDER` runs
-    assert json.loads((tmp_path / "m" / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    assert json.loads((tmp_path / "m" / layout.MODEL_INDEX).read_text())["_class_name"] == "StableDiffusion3Pipeline"
 
 
 def test_t5_tokenizer_saves_loads_and_takes_any_prompt(tmp_path):
