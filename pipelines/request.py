@@ -73,7 +73,11 @@ class RunField:
     high: float | str | None = None
     choices: str | None = None  # the Limits attribute listing the allowed values
     modes: tuple[str, ...] = MODES  # the modes that take it
-    stored: bool = True  # in settings(): captions, metadata and presets
+    stored: bool = True  # in settings(): captions and PNG metadata
+
+    def bounds(self, limits: Limits) -> tuple:
+        """(low, high) for a number, with `limits`' values for the bounds it names."""
+        return tuple(getattr(limits, b) if isinstance(b, str) else b for b in (self.low, self.high))
 
 
 @dataclass(frozen=True)
@@ -164,10 +168,6 @@ def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> Generati
     return GenerationRequest(**req, notes=tuple(notes))
 
 
-def _bounds(f: RunField, limits: Limits) -> tuple:
-    return tuple(getattr(limits, b) if isinstance(b, str) else b for b in (f.low, f.high))
-
-
 def _check_denoising_steps(mode: str, steps: int, strength: float, limits: Limits) -> None:
     """Refuse what would run no step: diffusers would fail inside the pipeline."""
     if int(steps * strength) >= 1:  # the expression diffusers evaluates, float rounding included
@@ -217,14 +217,14 @@ def _float(raw: dict, name: str, low: float, high: float, default: float, low_op
 
 
 def _side(raw: dict, f: RunField, mode: str, limits: Limits) -> int:
-    value = _int(raw, f.name, *_bounds(f, limits), default=f.default)
+    value = _int(raw, f.name, *f.bounds(limits), default=f.default)
     if value % 8:
         raise RequestError(f.name, f"must be a multiple of 8 (the VAE works on 8-pixel blocks), got {value}")
     return value
 
 
 def _seed(raw: dict, f: RunField, mode: str, limits: Limits) -> int:
-    seed = _int(raw, f.name, *_bounds(f, limits), default=RANDOM_SEED)
+    seed = _int(raw, f.name, *f.bounds(limits), default=RANDOM_SEED)
     return random.randint(0, MAX_SEED) if seed == RANDOM_SEED else seed
 
 
@@ -259,9 +259,9 @@ def _text(raw: dict, f: RunField, mode: str, limits: Limits) -> str:
 # how each field is checked: by its kind, or by its name where it needs more
 _CHECKS = {
     "text": _text,
-    "int": lambda raw, f, mode, limits: _int(raw, f.name, *_bounds(f, limits), default=f.default),
+    "int": lambda raw, f, mode, limits: _int(raw, f.name, *f.bounds(limits), default=f.default),
     # strength's low bound is open: at 0 img2img would run no step
-    "float": lambda raw, f, mode, limits: _float(raw, f.name, *_bounds(f, limits), default=f.default,
+    "float": lambda raw, f, mode, limits: _float(raw, f.name, *f.bounds(limits), default=f.default,
                                                  low_open=f.name == "strength"),
     "choice": lambda raw, f, mode, limits: _choice(raw, f.name, getattr(limits, f.choices), default=f.default),
     "seed": _seed, "width": _side, "height": _side, "scheduler": _scheduler,
