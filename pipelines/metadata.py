@@ -19,7 +19,7 @@ from sd_parsers.exceptions import ParserError
 from sd_parsers.parsers import MANAGED_PARSERS
 
 from .choices import SCHEDULER_NAMES
-from .request import MAX_INPUT_PIXELS, GenerationRequest, Limits, RequestError, validate_request
+from .request import FIELDS, MAX_INPUT_PIXELS, GenerationRequest, Limits, RequestError, validate_request
 
 
 def a1111_parameters(req: GenerationRequest, model: str) -> str:
@@ -277,8 +277,8 @@ def _after_settings(text: str) -> list[str]:
 
 FIELD_LABELS = {"prompt": "prompt", "negative_prompt": "negative prompt", "seed": "seed", "steps": "steps",
                 "guidance_scale": "CFG scale", "width": "size", "strength": "strength"}
-NUMBERS = ("seed", "steps", "guidance_scale", "width", "height", "strength")
-WHOLE_NUMBERS = ("seed", "steps", "width", "height")
+NUMBERS = tuple(name for name, f in FIELDS.items() if f.kind in ("int", "float"))
+WHOLE_NUMBERS = tuple(name for name, f in FIELDS.items() if f.kind == "int")
 
 
 def _number(value, whole: bool) -> int | float:

@@ -9,13 +9,12 @@ from typing import Any
 
 from PIL import Image
 
-from .request import MODES, Limits, RequestError, validate_request
+from .request import FIELDS, MODES, Limits, RequestError, validate_request
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 # fields a preset may set beyond the request's own
 _META = {"name", "description", "model"}
-_REQUEST_FIELDS = {"mode", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height",
-                   "scheduler", "preview", "view", "strength"}
+_REQUEST_FIELDS = {"mode"} | {f.name for f in FIELDS.values() if f.kind != "image"}
 
 
 class PresetError(ValueError):

@@ -7,6 +7,7 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +49,7 @@ class Limits:
     max_pixels: int = 1024 * 1024
     max_prompt_chars: int = 2000
     preview_modes: tuple[str, ...] = PREVIEW_MODES
+    views: tuple[str, ...] = VIEWS
     schedulers: tuple[str, ...] = SCHEDULER_NAMES  # the menu (txt2img's)
     # mode -> {scheduler left out for this model: why}, from `schedulers.scheduler_menu`
     unfit_schedulers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
@@ -58,22 +60,51 @@ class Limits:
     family: str = "SD 1.x/2.x"  # its label, for messages
 
 
+def _field(default, kind: str, label: str, **spec) -> Any:
+    """A run field with its `RunField` spec as dataclass metadata."""
+    return field(default=default, repr=kind != "image", metadata={"run": dict(kind=kind, label=label, **spec)})
+
+
+@dataclass(frozen=True)
+class RunField:
+    """How one run field is checked, set and shown: `FIELDS`, read from GenerationRequest."""
+
+    name: str
+    default: Any  # what validate_request takes when the field is left out
+    kind: str  # text, int, float, choice or image: the control that sets it
+    label: str  # the control's label, which Gradio's own range messages name
+    low: float | str | None = None  # bounds: a number, or the Limits attribute that holds it
+    high: float | str | None = None
+    choices: str | None = None  # the Limits attribute listing the allowed values
+    modes: tuple[str, ...] = MODES  # the modes that take it
+    stored: bool = True  # in settings(): captions and PNG metadata
+
+    def bounds(self, limits: Limits) -> tuple:
+        """(low, high) for a number, with `limits`' values for the bounds it names."""
+        return tuple(getattr(limits, b) if isinstance(b, str) else b for b in (self.low, self.high))
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
+    """A validated run. Its fields past `mode`, in this order, are every mode's API parameters
+    (gradio_client's positional order); each one's metadata declares how it is checked and set."""
+
     mode: Mode
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 20
-    guidance_scale: float = 7.5
-    width: int = 512
-    height: int = 512
-    scheduler: str = "Euler a"
-    preview: str = "latent-rgb"
-    view: str = "x_t"
-    strength: float = 0.75
-    image: Image.Image | None = field(default=None, repr=False)  # 8-bit RGB, width x height
-    depth_map: np.ndarray | None = field(default=None, repr=False)  # (H, W) float32 at the map's own range
+    prompt: str = _field("", "text", "Prompt")
+    negative_prompt: str = _field("", "text", "Negative prompt")
+    seed: int = _field(0, "int", "Seed (-1 = random)", low=RANDOM_SEED, high=MAX_SEED)  # left out: random
+    steps: int = _field(20, "int", "Steps", low="min_steps", high="max_steps")
+    guidance_scale: float = _field(7.5, "float", "Guidance scale (CFG)", low=0.0, high="max_guidance")
+    width: int = _field(512, "int", "Width", low="min_side", high="max_side")
+    height: int = _field(512, "int", "Height", low="min_side", high="max_side")
+    scheduler: str = _field("Euler a", "choice", "Scheduler", choices="schedulers")
+    preview: str = _field("latent-rgb", "choice", "Preview decoder", choices="preview_modes", stored=False)
+    view: str = _field("x_t", "choice", "View", choices="views", stored=False)
+    # 8-bit RGB, width x height
+    image: Image.Image | None = _field(None, "image", "Input image", modes=MODES[1:], stored=False)
+    strength: float = _field(0.75, "float", "Strength", low=0.0, high=1.0, modes=MODES[1:])  # low bound open
+    # (H, W) float32 at the map's own range
+    depth_map: np.ndarray | None = _field(None, "image", "Depth map", modes=MODES[2:], stored=False)
     notes: tuple[str, ...] = ()  # documented coercions applied to the inputs, to tell the user
 
     @property
@@ -94,14 +125,20 @@ class GenerationRequest:
 
     def settings(self) -> dict[str, Any]:
         """The plain-data settings of this run (no images), for captions and metadata."""
-        keys = ["mode", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler"]
-        if self.mode != "txt2img":
-            keys.append("strength")
-        return {k: getattr(self, k) for k in keys}
+        return {"mode": self.mode, **{f.name: getattr(self, f.name) for f in fields_of(self.mode) if f.stored}}
+
+
+FIELDS: dict[str, RunField] = {f.name: RunField(f.name, f.default, **f.metadata["run"])
+                               for f in dataclass_fields(GenerationRequest) if "run" in f.metadata}
+
+
+def fields_of(mode: str) -> list[RunField]:
+    """The fields `mode` takes, in API order."""
+    return [f for f in FIELDS.values() if mode in f.modes]
 
 
 def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> GenerationRequest:
-    """Check and normalise raw values (from Gradio, gradio_client or Python).
+    """Check and normalise raw values (from Gradio, gradio_client or Python) against `FIELDS`.
 
     Images come as paths (uploads, as sent), PIL images or arrays and are decoded here, once.
     What had to be changed to run (a resize, a conversion) or has no effect (a negative prompt
@@ -110,20 +147,10 @@ def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> Generati
     if mode not in limits.modes:
         raise RequestError("mode", f"{mode} is not available with this {limits.family} model; it runs "
                                    f"{', '.join(limits.modes)}")
-    prompt = _text(raw, "prompt", limits)
-    req = dict(
-        mode=mode,
-        prompt=prompt,
-        negative_prompt=_text(raw, "negative_prompt", limits, default=""),
-        seed=_seed(raw.get("seed", RANDOM_SEED)),
-        steps=_int(raw, "steps", limits.min_steps, limits.max_steps, default=20),
-        guidance_scale=_float(raw, "guidance_scale", 0.0, limits.max_guidance, default=7.5),
-        width=_side(raw, "width", limits),
-        height=_side(raw, "height", limits),
-        scheduler=_scheduler(raw, mode, limits),
-        preview=_choice(raw, "preview", limits.preview_modes, default="latent-rgb"),
-        view=_choice(raw, "view", VIEWS, default="x_t"),
-    )
+    req: dict[str, Any] = {"mode": mode}
+    for f in fields_of(mode):
+        if f.kind != "image":
+            req[f.name] = _CHECKS.get(f.name, _CHECKS[f.kind])(raw, f, mode, limits)
     if req["width"] * req["height"] > limits.max_pixels:
         raise RequestError(
             "width",
@@ -132,7 +159,6 @@ def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> Generati
         )
     notes = []
     if mode != "txt2img":
-        req["strength"] = _float(raw, "strength", 0.0, 1.0, default=0.75, low_open=True)
         _check_denoising_steps(mode, req["steps"], req["strength"], limits)
         req["image"] = _image(raw.get("image"), "image", (req["width"], req["height"]), notes)
     if mode == "depth2img" and raw.get("depth_map") is not None:
@@ -202,26 +228,26 @@ def _float(raw: dict, name: str, low: float, high: float, default: float, low_op
     return value
 
 
-def _side(raw: dict, name: str, limits: Limits) -> int:
-    value = _int(raw, name, limits.min_side, limits.max_side, default=512)
+def _side(raw: dict, f: RunField, mode: str, limits: Limits) -> int:
+    value = _int(raw, f.name, *f.bounds(limits), default=f.default)
     if value % limits.size_multiple:
-        raise RequestError(name, f"must be a multiple of {limits.size_multiple} (the model works on "
-                                 f"{limits.size_multiple}-pixel blocks), got {value}")
+        raise RequestError(f.name, f"must be a multiple of {limits.size_multiple} (the model works on "
+                                   f"{limits.size_multiple}-pixel blocks), got {value}")
     return value
 
 
-def _seed(value) -> int:
-    seed = _int({"seed": value}, "seed", RANDOM_SEED, MAX_SEED, default=RANDOM_SEED)
+def _seed(raw: dict, f: RunField, mode: str, limits: Limits) -> int:
+    seed = _int(raw, f.name, *f.bounds(limits), default=RANDOM_SEED)
     return random.randint(0, MAX_SEED) if seed == RANDOM_SEED else seed
 
 
-def _scheduler(raw: dict, mode: str, limits: Limits) -> str:
-    name = _choice(raw, "scheduler", SCHEDULER_NAMES, default="Euler a")
+def _scheduler(raw: dict, f: RunField, mode: str, limits: Limits) -> str:
+    name = _choice(raw, f.name, SCHEDULER_NAMES, default=f.default)
     unfit = limits.unfit_schedulers.get(mode, {})
     if name in unfit:
         offered = [n for n in SCHEDULER_NAMES if n not in unfit]
-        raise RequestError("scheduler", f"{name} is not offered for this model in {mode}: {unfit[name]}; "
-                                        f"choose one of {', '.join(offered)}")
+        raise RequestError(f.name, f"{name} is not offered for this model in {mode}: {unfit[name]}; "
+                                   f"choose one of {', '.join(offered)}")
     return name
 
 
@@ -232,15 +258,27 @@ def _choice(raw: dict, name: str, allowed: tuple[str, ...], default: str | None 
     return value
 
 
-def _text(raw: dict, name: str, limits: Limits, default: str | None = None) -> str:
-    value = raw.get(name, default)
+def _text(raw: dict, f: RunField, mode: str, limits: Limits) -> str:
+    value = raw.get(f.name, f.default)
     if value is None:
         value = ""
     if not isinstance(value, str):
-        raise RequestError(name, f"must be text, got {type(value).__name__}")
+        raise RequestError(f.name, f"must be text, got {type(value).__name__}")
     if len(value) > limits.max_prompt_chars:
-        raise RequestError(name, f"is {len(value)} characters long; the limit is {limits.max_prompt_chars}")
+        raise RequestError(f.name, f"is {len(value)} characters long; the limit is {limits.max_prompt_chars}")
     return value
+
+
+# how each field is checked: by its kind, or by its name where it needs more
+_CHECKS = {
+    "text": _text,
+    "int": lambda raw, f, mode, limits: _int(raw, f.name, *f.bounds(limits), default=f.default),
+    # strength's low bound is open: at 0 img2img would run no step
+    "float": lambda raw, f, mode, limits: _float(raw, f.name, *f.bounds(limits), default=f.default,
+                                                 low_open=f.name == "strength"),
+    "choice": lambda raw, f, mode, limits: _choice(raw, f.name, getattr(limits, f.choices), default=f.default),
+    "seed": _seed, "width": _side, "height": _side, "scheduler": _scheduler,
+}
 
 
 def _decode(value, name: str, notes: list[str]) -> Image.Image:

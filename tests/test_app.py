@@ -14,6 +14,7 @@ from PIL import Image
 
 import app as app_module
 from pipelines import ModelCache, validate_request
+from ui.events import API_OUTPUTS as OUT  # a run's API results by name
 
 from .conftest import pixels
 from .test_generate import bare_call, bare_pipeline
@@ -73,18 +74,18 @@ def test_each_endpoint_streams_one_frame_per_step_and_a_final_image(client, scen
     if api_name != "/txt2img":
         extra = dict(extra, image=handle_file(scene_file))
     updates = stream(client, api_name, **extra)
-    previews = [u[0] for u in updates[:-1]]
+    previews = [u[OUT["preview"]] for u in updates[:-1]]
     assert len(previews) == steps and len(set(previews)) == steps  # distinct step frames
     final = updates[-1]
-    gallery = final[1]
+    gallery = final[OUT["gallery"]]
     assert [item["caption"].split(" · ")[0] for item in gallery] == [f"step {i}/{steps}" for i in range(1, steps + 1)]
-    assert Image.open(final[2]).size == (64, 64)
-    assert f"seed `{COMMON['seed']}`" in final[4]
+    assert Image.open(final[OUT["final"]]).size == (64, 64)
+    assert f"seed `{COMMON['seed']}`" in final[OUT["info"]]
 
 
 def test_same_seed_twice_gives_identical_pixels_equal_to_bare_diffusers(client, tiny_dir):
-    a = Image.open(stream(client, "/txt2img")[-1][2])
-    b = Image.open(stream(client, "/txt2img")[-1][2])
+    a = Image.open(stream(client, "/txt2img")[-1][OUT["final"]])
+    b = Image.open(stream(client, "/txt2img")[-1][OUT["final"]])
     assert np.array_equal(pixels(a), pixels(b))
     from pipelines import validate_request
 
@@ -93,7 +94,7 @@ def test_same_seed_twice_gives_identical_pixels_equal_to_bare_diffusers(client, 
 
 
 def test_final_png_carries_a1111_parameters(client):
-    final = Image.open(stream(client, "/txt2img")[-1][2])
+    final = Image.open(stream(client, "/txt2img")[-1][OUT["final"]])
     params = final.info["parameters"]
     assert params.startswith("a red square\n") and "Steps: 6, Sampler: Euler, CFG scale: 5.0, Seed: 21" in params
 
@@ -115,7 +116,7 @@ def test_stop_ends_only_the_callers_run(server):
             mine.predict(api_name="/stop")
             break
     updates = list(job) if not job.done() else job.outputs()
-    assert "Stopped at step" in updates[-1][4]
+    assert "Stopped at step" in updates[-1][OUT["info"]]
     assert len(stream(theirs, "/txt2img")) == STEPS + 1
 
 
@@ -166,8 +167,8 @@ def test_stop_withdraws_the_callers_queued_run(server, server_cache, tiny_dir, m
         queued.result()
     assert queued.outputs() == []  # not one frame, no final image
     final = running.result()
-    assert np.array_equal(pixels(Image.open(final[2])), pixels(reference))
-    assert not running.outputs()[-1][4].startswith("Stopped")
+    assert np.array_equal(pixels(Image.open(final[OUT["final"]])), pixels(reference))
+    assert not running.outputs()[-1][OUT["info"]].startswith("Stopped")
     assert len(stream(mine, "/txt2img")) == STEPS + 1  # Stop left nothing behind: the next run runs
 
 
@@ -185,8 +186,8 @@ def test_stop_ends_the_callers_running_run_and_withdraws_its_queued_one(server, 
         queued.result()
     running.result()
     last = running.outputs()[-1]
-    assert last[4].startswith("Stopped at step") and last[2] is None  # no final image
-    assert len(last[1]) == int(last[4].split("step ")[1].split("/")[0])  # the steps so far stay
+    assert last[OUT["info"]].startswith("Stopped at step") and last[OUT["final"]] is None  # no final image
+    assert len(last[OUT["gallery"]]) == int(last[OUT["info"]].split("step ")[1].split("/")[0])  # the steps so far stay
 
 
 def test_hundred_api_runs_leave_the_servers_memory_flat(server):

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 from gradio_client import Client
 
-from .test_app import free_port
+from .test_app import OUT, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,8 @@ def test_python_app_py_serves_the_default_model_and_streams(tmp_path):
             raise AssertionError("app.py did not start serving within 60 s")
         updates = list(Client(url, verbose=False).submit(prompt="a red circle", seed=1, steps=4, width=64, height=64,
                                                           api_name="/txt2img"))
-        assert len({u[0] for u in updates[:-1]}) == 4 and updates[-1][2].endswith("final.png")
+        assert len({u[OUT["preview"]] for u in updates[:-1]}) == 4
+        assert updates[-1][OUT["final"]].endswith("final.png")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

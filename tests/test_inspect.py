@@ -303,10 +303,10 @@ def test_png_round_trips_into_the_same_settings(recorded, make_request, tmp_path
 
 
 def test_load_png_fills_the_controls(recorded):
-    *values, note = Inspector(None).load_png(recorded.final)
+    values, note = Inspector(None).load_png(recorded.final)
     r = recorded.request
-    skip = gr.skip()
-    assert values == [r.prompt, skip, r.seed, 7, r.guidance_scale, 64, 64, "DDIM", skip, skip]
+    assert values == {"prompt": r.prompt, "seed": r.seed, "steps": 7, "guidance_scale": r.guidance_scale,
+                      "width": 64, "height": 64, "scheduler": "DDIM"}
     assert note == (f"**Loaded from AUTOMATIC1111 (made with model tiny): prompt, seed {r.seed}, steps 7, "
                     f"CFG {r.guidance_scale}, size 64x64, scheduler DDIM.**"
                     "\n- the file has no negative prompt: kept yours")

@@ -18,6 +18,7 @@ from PIL import Image, PngImagePlugin
 import app as app_module
 from pipelines import Limits, ModelCache
 from ui import AppSpec, build_app
+from ui.events import API_OUTPUTS
 
 from .conftest import CASES
 from .test_app import free_port
@@ -161,3 +162,17 @@ def test_loaded_size_is_checked_against_the_servers_limits(tmp_path, dynprompts)
     assert got["outputs"][5:7] == [{"__type__": "update"}] * 2
     assert ("size 512x768 does not fit the loaded model (width: must be between 64 and 256, got 512): kept yours"
             in got["toasts"][1][1])
+
+
+def test_run_endpoints_keep_their_positional_api(tmp_path):
+    """gradio_client callers pass and read these by position: FIELDS' and RunUpdate's order must not move."""
+    demo = build_app(AppSpec(generate=lambda request, token: iter(()), model_label="none", run_root=str(tmp_path)))
+    endpoints = demo.get_api_info()["named_endpoints"]
+    common = ["prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler", "preview",
+              "view"]
+    for name, extra, returns in [("txt2img", [], 5), ("img2img", ["image", "strength"], 5),
+                                 ("depth2img", ["image", "strength", "depth_map"], 6)]:
+        api = endpoints[f"/{name}"]
+        assert [p["parameter_name"] for p in api["parameters"]] == common + extra
+        assert len(api["returns"]) == returns
+    assert API_OUTPUTS == {"preview": 0, "gallery": 1, "final": 2, "status": 3, "info": 4, "depth": 5}

@@ -18,6 +18,7 @@ from PIL import Image
 
 import app as app_module
 from pipelines import GenerationError, Limits, ModelCache, generate, validate_request
+from ui.events import API_OUTPUTS as OUT  # a run's API results by name
 from ui.events import Runner
 from ui.stream import RunStore
 
@@ -134,8 +135,8 @@ def test_size_over_the_memory_budget(served):
 def test_odd_images_are_converted_and_run(served, images, name, note):
     updates = list(Client(served.url, verbose=False).submit(
         **BASE, image=handle_file(images[name]), strength=1.0, api_name="/img2img"))
-    assert Image.open(updates[-1][2]).size == (64, 64)
-    assert f"⚠ {note}" in updates[-1][4]  # the coercion is reported
+    assert Image.open(updates[-1][OUT["final"]]).size == (64, 64)
+    assert f"⚠ {note}" in updates[-1][OUT["info"]]  # the coercion is reported
 
 
 @pytest.mark.parametrize("name,needle", [
@@ -168,10 +169,10 @@ def test_16_bit_depth_map_case_reaches_the_pipeline_at_full_range(served, images
     updates = list(Client(served.url, verbose=False).submit(
         **BASE, image=handle_file(images["rgba.png"]), depth_map=handle_file(str(CASES / "depth16.png")),
         strength=1.0, api_name="/depth2img"))
-    shown = pixels(Image.open(updates[-1][5]))[..., 0].astype(int)
+    shown = pixels(Image.open(updates[-1][OUT["depth"]]))[..., 0].astype(int)
     row = shown[shown.shape[0] // 2]
     assert (np.diff(row) <= 0).all() and row[0] - row[-1] > 200  # 60000 (near, light) down to 1000, in order
-    assert "depth_map:" not in updates[-1][4]  # used as sent: nothing to say about it
+    assert "depth_map:" not in updates[-1][OUT["info"]]  # used as sent: nothing to say about it
 
 
 @pytest.mark.parametrize("name,note", [
@@ -181,7 +182,7 @@ def test_16_bit_depth_map_case_reaches_the_pipeline_at_full_range(served, images
 def test_case_images_run_with_their_note(served, name, note):
     final = list(Client(served.url, verbose=False).submit(
         **BASE, image=handle_file(str(CASES / name)), strength=1.0, api_name="/img2img"))[-1]
-    assert final[4].endswith(f"⚠ {note}")
+    assert final[OUT["info"]].endswith(f"⚠ {note}")
 
 
 def test_strength_that_runs_no_step_is_a_clear_error(served, images):
@@ -196,7 +197,7 @@ def test_info_line_counts_the_steps_that_run(served, images):
     updates = list(Client(served.url, verbose=False).submit(**BASE, image=handle_file(images["gray.png"]),
                                                             strength=0.5, api_name="/img2img"))
     assert len(updates) == STEPS // 2 + 1
-    assert f"· {STEPS // 2} of {STEPS} steps (strength 0.5) ·" in updates[-1][4]
+    assert f"· {STEPS // 2} of {STEPS} steps (strength 0.5) ·" in updates[-1][OUT["info"]]
 
 
 def test_depth_map_of_another_size_and_dtype_is_resized(served, images, tmp_path):
@@ -206,9 +207,9 @@ def test_depth_map_of_another_size_and_dtype_is_resized(served, images, tmp_path
     updates = list(Client(served.url, verbose=False).submit(
         **BASE, image=handle_file(images["rgba.png"]), depth_map=handle_file(str(tmp_path / "d.png")),
         strength=1.0, api_name="/depth2img"))
-    shown = pixels(Image.open(updates[-1][5]))[..., 0].astype(int)
+    shown = pixels(Image.open(updates[-1][OUT["depth"]]))[..., 0].astype(int)
     assert shown[:, -3:].mean() > shown[:, :3].mean() + 100  # right half raised, as uploaded
-    assert "⚠ depth_map: resized from 50x30 to 64x64" in updates[-1][4]
+    assert "⚠ depth_map: resized from 50x30 to 64x64" in updates[-1][OUT["info"]]
 
 
 def test_flat_depth_map_is_refused(served, images, tmp_path):
@@ -228,7 +229,7 @@ def test_empty_and_non_ascii_prompts_run(served, prompt):
 def test_long_prompt_is_truncated_and_says_so(served):
     prompt = "a very long prompt " * 30  # one token per character with this tokenizer
     final = list(Client(served.url, verbose=False).submit(**{**BASE, "prompt": prompt}, api_name="/txt2img"))[-1]
-    assert "prompt: " in final[4] and "CLIP reads 77; cut off" in final[4]
+    assert "prompt: " in final[OUT["info"]] and "CLIP reads 77; cut off" in final[OUT["info"]]
 
 
 def test_python_api_validates_the_same_way():
@@ -262,7 +263,7 @@ def test_eight_clients_three_runs_each_no_cross_talk(served):
         got = {}
         for r in range(3):
             final = list(client.submit(**{**BASE, "seed": seeds[(c, r)]}, api_name="/txt2img"))[-1]
-            got[(c, r)] = pixels(Image.open(final[2]))
+            got[(c, r)] = pixels(Image.open(final[OUT["final"]]))
         return got
 
     with futures.ThreadPoolExecutor(8) as pool:
@@ -288,7 +289,7 @@ def test_one_clients_stop_leaves_a_concurrent_run_alone(served, monkeypatch):
     with pytest.raises(Exception, match="Stopped before it started"):
         mine.result()
     final = theirs.result()
-    assert np.array_equal(pixels(Image.open(final[2])), reference)
+    assert np.array_equal(pixels(Image.open(final[OUT["final"]])), reference)
 
 
 def test_queue_full_is_a_clear_refusal(tiny_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import gradio as gr
 from gradio.server_messages import ProcessCompletedMessage
@@ -27,6 +28,22 @@ from .stream import RunStore, RunView, progress_html
 GenerateFn = Callable[[GenerationRequest, CancelToken], Iterator]
 KEEP_SESSION_RUNS = 4  # runs a session keeps for the timeline and comparisons
 WITHDRAWN = "Stopped before it started: Stop took this run out of the queue."
+
+
+class RunUpdate(NamedTuple):
+    """One update of a run event: its outputs, in order. API clients (gradio_client) get the
+    same values without `runs`, a gr.State: index their results with API_OUTPUTS."""
+
+    preview: str | None  # the newest step's frame (JPEG path)
+    gallery: Any  # [(path, caption)] one per step, or gr.skip() between refreshes
+    final: str | None  # the final PNG's path, once done
+    status: str  # progress HTML
+    info: str  # the run's settings and notes once done, or where it stopped
+    runs: list  # the session's run ids, newest last
+    depth: str | None = None  # depth2img only: the depth map used (PNG path)
+
+
+API_OUTPUTS = {name: i for i, name in enumerate(n for n in RunUpdate._fields if n != "runs")}
 
 
 class Runner:
@@ -104,7 +121,8 @@ class Runner:
 
     @staticmethod
     def _outputs(view: RunView, gallery, final, status: str, info: str, runs: list, with_depth: bool) -> tuple:
-        return (view.preview, gallery, final, status, info, runs, *((view.depth,) if with_depth else ()))
+        update = RunUpdate(view.preview, gallery, final, status, info, runs, view.depth)
+        return update if with_depth else update[:-1]
 
     def _run(self, mode: str, request: gr.Request, runs: list | None, fields: dict, with_depth: bool) -> Iterator[tuple]:
         try:
@@ -123,10 +141,9 @@ class Runner:
         # first update leaves the session's State as it was.
         before = list(runs or [])
         runs = [*before, view.id][-KEEP_SESSION_RUNS:]
-        # Outputs: live, gallery, final, status, info, runs[, depth used]. Outputs with
-        # nothing new get cheap values (None, "") rather than gr.skip(), for which Gradio
-        # rebuilds the component's config (milliseconds); only the gallery, whose resend
-        # grows with the run, is skipped between refreshes.
+        # Outputs (RunUpdate) with nothing new get cheap values (None, "") rather than gr.skip(),
+        # for which Gradio rebuilds the component's config (milliseconds); only the gallery,
+        # whose resend grows with the run, is skipped between refreshes.
         try:
             for item in self.generate(req, token):
                 if isinstance(item, Final):

@@ -34,11 +34,6 @@ def run_choices(runs: list[RunView] | None) -> list[tuple[str, str]]:
     return [(view.label, view.id) for view in runs or []]
 
 
-# What "Load settings" fills, in the order of its outputs; strength goes to the img2img and depth sliders.
-LOADED = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler", "strength",
-          "strength")
-
-
 class Inspector:
     """Handlers for the Inspect panel. They show what runs made and stored in their
     frames, and tokenize with `anatomy`'s tokenizers: no handler loads, evicts or
@@ -144,12 +139,12 @@ class Inspector:
         except (OSError, ValueError) as err:  # disk full, encoder refused
             raise gr.Error(f"Could not write the {kind.upper()}: {err}") from None
 
-    def load_png(self, path: str | None) -> list:
-        """Generation settings from an image's metadata into the controls named by `LOADED`, then
-        a note of what was loaded and what was not. Controls the file has no value for, or whose
-        value does not fit the loaded model, keep theirs (gr.skip()); nothing is set to empty text."""
+    def load_png(self, path: str | None) -> tuple[dict, str]:
+        """Generation settings from an image's metadata, by field name, and a note of what was
+        loaded and what was not. Fields the file has no value for, or whose value does not fit
+        the loaded model, are left out: their controls keep their values."""
         if not path:
-            return [gr.skip()] * (len(LOADED) + 1)
+            return {}, gr.skip()
         try:
             read = read_parameters(path, self.limits, self.schedulers)
         except ValueError as err:
@@ -162,13 +157,13 @@ class Inspector:
         if notes:
             gr.Warning("; ".join(notes), title="Some settings were not loaded")
         note = f"**{loaded}**" + "".join(f"\n- {n}" for n in notes)
-        return [read.fields.get(key, gr.skip()) for key in LOADED] + [note]
+        return read.fields, note
 
     @staticmethod
-    def _not_loaded(message: str) -> list:
+    def _not_loaded(message: str) -> tuple[dict, str]:
         # a warning, not gr.Error: the controls are untouched, and an error would mark each one red
         gr.Warning(html.escape(message), title="Load settings")
-        return [gr.skip()] * len(LOADED) + [html.escape(message)]
+        return {}, html.escape(message)
 
 
 def _loaded_summary(read) -> str:

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from pipelines import PREVIEW_MODES, VIEWS, Limits
+from pipelines import Limits
+from pipelines.request import FIELDS, fields_of
 from pipelines.presets import Preset
 
 from . import fields
-from .events import GenerateFn, Runner
+from .events import GenerateFn, Runner, RunUpdate
 from .inspect import Inspector
 from .stream import MB, RunStore
 
@@ -80,9 +81,9 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         runs = gr.State([], time_to_live=spec.session_ttl, delete_callback=store.forget)
         with gr.Row():
             with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt", lines=2, value=start.get("prompt", ""), elem_id="prompt")
+                prompt = _control(gr.Textbox, "prompt", lim, start, lines=2, elem_id="prompt")
                 tokens = gr.HTML(elem_id="tokens")
-                negative = gr.Textbox(label="Negative prompt", value=start.get("negative_prompt", ""))
+                negative = _control(gr.Textbox, "negative_prompt", lim, start)
                 with gr.Tabs(selected=start.get("mode", "txt2img")) as tabs:
                     with gr.Tab("txt2img", id="txt2img"):
                         go_txt = gr.Button("Generate", variant="primary", elem_id="generate-txt2img")
@@ -105,27 +106,23 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                                               elem_id="depth-used")
                 with gr.Group():
                     with gr.Row():
-                        seed = fields.Number(label="Seed (-1 = random)", value=start.get("seed", -1), precision=0,
-                                         minimum=-1, maximum=2**32 - 1, scale=4, elem_id="seed")
+                        seed = _control(fields.Number, "seed", lim, start, value=start.get("seed", -1), precision=0,
+                                        scale=4, elem_id="seed")
                         # text, not emoji: a stock Chromium without emoji fonts draws those as boxes
                         random_seed = gr.Button("Random", scale=0, min_width=80, size="sm", elem_id="seed-random")
                         reuse_seed = gr.Button("Last run's", scale=0, min_width=96, size="sm", elem_id="seed-reuse")
-                    steps = fields.Slider(lim.min_steps, lim.max_steps, value=start.get("steps", 20), step=1, label="Steps",
-                                          elem_id="steps")
-                    guidance = fields.Slider(0, lim.max_guidance, value=start.get("guidance_scale", 7.5), step=0.5,
-                                         label="Guidance scale (CFG)", elem_id="guidance")
+                    steps = _control(fields.Slider, "steps", lim, start, step=1, elem_id="steps")
+                    guidance = _control(fields.Slider, "guidance_scale", lim, start, step=0.5, elem_id="guidance")
                     with gr.Row():
-                        width = fields.Slider(lim.min_side, lim.max_side, value=start.get("width", lim.min_side), step=8,
-                                              label="Width")
-                        height = fields.Slider(lim.min_side, lim.max_side, value=start.get("height", lim.min_side), step=8,
-                                           label="Height")
-                    scheduler = fields.Dropdown(list(lim.schedulers), value=start.get("scheduler", lim.schedulers[0]),
-                                                label="Scheduler", info=_scheduler_note(lim) or None)
+                        width = _control(fields.Slider, "width", lim, start, value=start.get("width", lim.min_side),
+                                         step=8)
+                        height = _control(fields.Slider, "height", lim, start, value=start.get("height", lim.min_side),
+                                          step=8)
+                    scheduler = _control(fields.Dropdown, "scheduler", lim, start, value=start.get(
+                        "scheduler", lim.schedulers[0]), info=_scheduler_note(lim) or None)
                     with gr.Row():
-                        preview = fields.Radio([m for m in PREVIEW_MODES if m in lim.preview_modes],
-                                               value=start.get("preview", "latent-rgb"), label="Preview decoder",
-                                               info=PREVIEW_INFO)
-                        view = fields.Radio(list(VIEWS), value=start.get("view", "x0"), label="View", info=VIEW_INFO)
+                        preview = _control(fields.Radio, "preview", lim, start, info=PREVIEW_INFO)
+                        view = _control(fields.Radio, "view", lim, start, value=start.get("view", "x0"), info=VIEW_INFO)
                     preset = fields.Dropdown([(p.title, name) for name, p in spec.presets.items()],
                                          value=spec.initial_preset, label="Preset", visible=bool(spec.presets))
                     preset_note = gr.Markdown(_preset_note(spec, spec.initial_preset))
@@ -172,10 +169,20 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                                   (("gif", "GIF"), ("webp", "WebP"), ("mp4", "MP4"), ("zip", "PNGs (zip)"))}
                 download = gr.File(label="Download", elem_id="export-file", height=90)
 
-        common = dict(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
+        # each run field's control in each mode's tab (one shared by all tabs, or the tab's own)
+        shared = dict(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
                       width=width, height=height, scheduler=scheduler, preview=preview, view=view)
-        common_gpu = dict(common, runs=runs)
-        outputs = [live, gallery, final, status, info, runs]
+        controls = {"txt2img": shared, "img2img": dict(shared, image=img_in, strength=img_strength),
+                    "depth2img": dict(shared, image=depth_in, strength=depth_strength, depth_map=depth_map)}
+        # what a preset or an image's settings set: each field's control in every tab that has it, once
+        setters = list({id(c): (name, c) for f in FIELDS.values() if f.kind != "image"
+                        for name, c in ((f.name, controls[m][f.name]) for m in f.modes)}.values())
+
+        def inputs(mode: str) -> dict:  # the API parameters, in FIELDS' order (gr.State is not one)
+            return dict(runs=runs, **{f.name: controls[mode][f.name] for f in fields_of(mode)})
+
+        outputs = [dict(preview=live, gallery=gallery, final=final, status=status, info=info, runs=runs,
+                        depth=depth_used)[name] for name in RunUpdate._fields]
         gpu = dict(concurrency_limit=1, concurrency_id="gpu", show_progress="hidden")
         inspector = Inspector(spec.anatomy, lim, lim.schedulers)
         timeline = [pick, other, scrub]
@@ -183,13 +190,12 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                      inputs=[runs, pick, other, scrub],
                      outputs=[xt_view, x0_view, other_view, step_info, channels, schedule], **_private())
         events = [
-            go_txt.click(runner.handler("txt2img"), inputs_kwargs=common_gpu, outputs=outputs, api_name="txt2img",
-                         **gpu),
-            go_img.click(runner.handler("img2img"), inputs_kwargs=dict(common_gpu, image=img_in, strength=img_strength),
-                         outputs=outputs, api_name="img2img", **gpu),
-            go_depth.click(runner.handler("depth2img", with_depth=True),
-                           inputs_kwargs=dict(common_gpu, image=depth_in, strength=depth_strength, depth_map=depth_map),
-                           outputs=[*outputs, depth_used], api_name="depth2img", **gpu),
+            go_txt.click(runner.handler("txt2img"), inputs_kwargs=inputs("txt2img"), outputs=outputs[:-1],
+                         api_name="txt2img", **gpu),
+            go_img.click(runner.handler("img2img"), inputs_kwargs=inputs("img2img"), outputs=outputs[:-1],
+                         api_name="img2img", **gpu),
+            go_depth.click(runner.handler("depth2img", with_depth=True), inputs_kwargs=inputs("depth2img"),
+                           outputs=outputs, api_name="depth2img", **gpu),
         ]
         for event in events:
             event.then(lambda ids, o: inspector.refresh(store.views(ids), o), inputs=[runs, other], outputs=timeline,
@@ -203,9 +209,11 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                          outputs=[download], **_private())
         prompt.change(inspector.tokens, inputs=[prompt], outputs=[tokens], trigger_mode="always_last", **_private())
         demo.load(inspector.tokens, inputs=[prompt], outputs=[tokens], **_private())
-        load_png.upload(inspector.load_png, inputs=[load_png],  # in the order of ui.inspect.LOADED, then the note
-                        outputs=[prompt, negative, seed, steps, guidance, width, height, scheduler, img_strength,
-                                 depth_strength, load_note], **_private())
+        def load_settings(path: str | None) -> list:
+            values, note = inspector.load_png(path)
+            return [values.get(name, gr.skip()) for name, _ in setters] + [note]
+
+        load_png.upload(load_settings, inputs=[load_png], outputs=[c for _, c in setters] + [load_note], **_private())
         stop.click(runner.stop, api_name="stop", queue=False)
 
         private = _private()
@@ -214,19 +222,14 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         to_img2img.click(lambda p: _send(p, "img2img"), inputs=[final], outputs=[img_in, tabs], **private)
         to_depth.click(lambda p: _send(p, "depth2img"), inputs=[final], outputs=[depth_in, tabs], **private)
 
-        preset_targets = dict(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
-                              width=width, height=height, scheduler=scheduler, preview=preview, view=view)
-
         def apply_preset(name: str | None):
             if not name:
-                return [gr.skip()] * (len(preset_targets) + 4)
+                return [gr.skip()] * (len(setters) + 2)
             p = spec.presets[name]
-            values = [p.values.get(key, gr.skip()) for key in preset_targets]
-            strength = p.values.get("strength", gr.skip())
-            return [*values, strength, strength, gr.Tabs(selected=p.mode), _preset_note(spec, name)]
+            return [p.values.get(key, gr.skip()) for key, _ in setters] + [gr.Tabs(selected=p.mode),
+                                                                            _preset_note(spec, name)]
 
-        preset.change(apply_preset, inputs=[preset],
-                      outputs=[*preset_targets.values(), img_strength, depth_strength, tabs, preset_note], **private)
+        preset.change(apply_preset, inputs=[preset], outputs=[c for _, c in setters] + [tabs, preset_note], **private)
     runner.blocks = demo
     store.on_delete = lambda folder: _untrack(demo, folder)
     demo.run_store = store  # what the server keeps of runs: RunStore.usage() for tests and monitoring
@@ -263,6 +266,17 @@ def _send(final: str | None, tab: str):
         gr.Warning("No final image yet: generate one, then send it.")
         return gr.skip(), gr.skip()
     return final, gr.Tabs(selected=tab)
+
+
+def _control(cls, name: str, lim: Limits, start: dict, **kwargs):
+    """The control for run field `name`: its label, start value and bounds or choices from
+    pipelines.request.FIELDS and `lim`; `kwargs` add to them or override them."""
+    f = FIELDS[name]
+    if f.kind in ("int", "float"):
+        kwargs = dict(zip(("minimum", "maximum"), f.bounds(lim))) | kwargs
+    elif f.kind == "choice":
+        kwargs = {"choices": list(getattr(lim, f.choices))} | kwargs
+    return cls(**{"label": f.label, "value": start.get(name, f.default), **kwargs})
 
 
 def _scheduler_note(lim: Limits) -> str:
