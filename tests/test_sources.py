@@ -154,3 +154,30 @@ def test_a_closed_run_releases_its_checkpoint(tmp_path, tiny_dir, make_request):
     assert cache.checkpoint(str(tiny_dir)).runs == 1
     run.close()
     assert cache.checkpoint(str(tiny_dir)).runs == 0
+
+
+def test_models_dir_start_model_is_the_first_listed_and_a_switch_loads_through_the_cache(tmp_path, tiny_dir, tiny_file):
+    import app as app_module
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "a-file.safetensors").write_bytes(tiny_file.read_bytes())
+    save_tiny_checkpoint(models / "b-folder", seed=1)
+    (models / "broken.safetensors").write_text("not weights")
+    args = app_module.parse_args(["--models-dir", str(models), "--config", str(tiny_dir)])
+    choices, broken = app_module.model_menu(args)
+    assert choices == [("a-file.safetensors (SD 1.x/2.x)", str(models / "a-file.safetensors")),
+                       ("b-folder (SD 1.x/2.x)", str(models / "b-folder"))]
+    assert list(broken) == ["broken.safetensors"]
+    cache = ModelCache(device="cpu", single_file_config=str(tiny_dir))
+    view = app_module.model_view(cache, choices[1][1], choices[1][0])
+    assert view.untrained and view.limits.family == "SD 1.x/2.x" and view.defaults["width"] == 32
+    assert cache.loaded() == [str(models / "b-folder")]
+
+
+def test_models_dir_without_a_model_that_loads_exits_with_the_reasons(tmp_path):
+    import app as app_module
+
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"has no model that loads\n  empty.ckpt: .* is an empty file"):
+        app_module.model_menu(app_module.parse_args(["--models-dir", str(tmp_path)]))
