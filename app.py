@@ -1,7 +1,7 @@
 """Stepwise: watch Stable Diffusion work, one denoising step at a time.
 
-    python app.py [--model SRC] [--depth-model SRC] [--device cuda|mps|cpu] [--dtype fp16|bf16|fp32]
-                  [--offload model|sequential] [--compile]
+    python app.py [--model SRC] [--models-dir DIR] [--config SRC] [--depth-model SRC]
+                  [--device cuda|mps|cpu] [--dtype fp16|bf16|fp32] [--offload model|sequential] [--compile]
                   [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS] [--preset NAME]
 """
 
@@ -28,11 +28,12 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from pipelines import BUNDLED, ModelCache, ModelLoadError, generate, layout  # noqa: E402
+from pipelines import BUNDLED, GenerationError, ModelCache, ModelLoadError, generate, layout  # noqa: E402
 from pipelines.anatomy import Anatomy  # noqa: E402
 from pipelines.cache import OFFLOAD, bundled_folder  # noqa: E402
 from pipelines.devices import app_cpu_threads  # noqa: E402
 from pipelines.presets import Preset, PresetError, fitting_presets, load_presets  # noqa: E402
+from pipelines.sources import list_models  # noqa: E402
 from ui import CSS, AppSpec, build_app  # noqa: E402
 
 log = logging.getLogger("stepwise")
@@ -54,7 +55,14 @@ MAX_SESSIONS = 256
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=BUNDLED, help="diffusers folder or hub repo id (default: the bundled micro model)")
+    p.add_argument("--model", default=None,
+                   help="diffusers folder, hub repo id or single .safetensors/.ckpt checkpoint file "
+                        "(default: the first model of --models-dir, else the bundled micro model)")
+    p.add_argument("--models-dir", default=None,
+                   help="folder of models to pick from: diffusers folders and .safetensors/.ckpt files")
+    p.add_argument("--config", default=None,
+                   help="diffusers folder or hub repo id whose configs describe single-file checkpoints "
+                        "(default: the repo diffusers names for the file's architecture, from the HF cache)")
     p.add_argument("--depth-model", default=None,
                    help="depth checkpoint, e.g. stabilityai/stable-diffusion-2-depth (default: --model's depth UNet)")
     p.add_argument("--tiny-vae", default=None, help="AutoencoderTiny folder or repo id for the tiny-vae preview")
@@ -72,34 +80,82 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
-    """Build the app around `cache`, fitted to the checkpoint `args.model` names: it is
-    loaded here (so the first click is fast), and the size limits, preview decoders,
-    scheduler menu and presets offered come from it. Raises ModelLoadError or PresetError."""
-    checkpoint = cache.checkpoint(args.model)
+@dataclasses.dataclass(frozen=True)
+class ModelView:
+    """What the app shows for one checkpoint: the start model's, or one picked from --models-dir."""
+
+    source: str
+    label: str
+    untrained: bool
+    limits: object  # pipelines.Limits
+    defaults: dict
+    presets: dict[str, Preset]
+    card: dict
+
+
+def model_menu(args: argparse.Namespace) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """The checkpoint picker: (label, source) of --model and every model of --models-dir, the start
+    model first, and `{name: reason}` for the --models-dir entries that cannot load. Raises
+    ModelLoadError when --models-dir is not a folder or has no model and --model is not given."""
+    if not args.models_dir:
+        return [(args.model or BUNDLED, args.model or BUNDLED)], {}
+    entries, broken = list_models(args.models_dir, args.config)
+    for name, reason in broken.items():
+        log.warning("--models-dir: %s cannot load: %s", name, reason)
+    choices = [(e.label, e.source) for e in entries]
+    if args.model is None and not choices:
+        raise ModelLoadError(f"--models-dir {args.models_dir!r} has no model that loads"
+                             + "".join(f"\n  {name}: {reason}" for name, reason in broken.items()))
+    if args.model is not None and args.model not in (src for _, src in choices):
+        choices.insert(0, (args.model, args.model))
+    return choices, broken
+
+
+def model_view(cache: ModelCache, source: str, label: str | None = None, depth_model: str | None = None) -> ModelView:
+    """Load `source` (through `cache`: under its budget, least recently used out) and say what the
+    app offers for it. Raises ModelLoadError."""
+    checkpoint = cache.checkpoint(source)
     limits = checkpoint.limits()
-    if args.depth_model:  # depth2img runs on its own checkpoint
+    if depth_model:  # depth2img runs on its own checkpoint
         limits = dataclasses.replace(limits, modes=(*(m for m in limits.modes if m != "depth2img"), "depth2img"))
-    folder = bundled_folder() if args.model == BUNDLED else Path(args.model)
-    card = _model_card(folder)
-    presets = fitting_presets(load_presets(), limits, checkpoint.native_side)
+    folder = bundled_folder() if source == BUNDLED else Path(source)
+    card = _model_card(folder) if folder.is_dir() else {}
+    return ModelView(source=source, label=card.get("label") or label or source,
+                     untrained=folder.is_dir() and layout.is_untrained(folder),
+                     limits=limits, defaults=_model_defaults(checkpoint, card),
+                     presets=fitting_presets(load_presets(), limits, checkpoint.native_side), card=card)
+
+
+def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
+    """Build the app around `cache`, fitted to the start checkpoint (`--model`, else the first of
+    `--models-dir`): it is loaded here (so the first click is fast), and the size limits, preview
+    decoders, scheduler menu and presets offered come from it. Raises ModelLoadError or PresetError."""
+    choices, _broken = model_menu(args)
+    label, start = choices[0]
+    view = model_view(cache, start, label, args.depth_model)
+    limits, card, presets = view.limits, view.card, view.presets
     preset = args.preset or _default_preset(presets)
     if preset is not None and preset not in presets:
-        raise PresetError(f"--preset {preset!r} is unknown or does not fit {args.model!r}; "
+        raise PresetError(f"--preset {preset!r} is unknown or does not fit {start!r}; "
                           f"choose one of {', '.join(presets) or '(none fit this model)'}")
-    depth_source = args.depth_model or args.model
+    depth_source = args.depth_model or start
+    sources = {src for _, src in choices}
 
-    def run(request, token):
-        source = depth_source if request.mode == "depth2img" else args.model
+    def run(request, token, model: str | None = None):
+        """One run on `model` (a source of the picker; default: the start model)."""
+        model = model or start
+        if model not in sources:
+            raise GenerationError(f"model {model!r} is not in the model list; pick one of the list")
+        source = depth_source if request.mode == "depth2img" and args.depth_model else model
         return generate(request, cache, token, source=source)
 
     spec = AppSpec(
         generate=run,
-        model_label=card.get("label") or args.model,
-        untrained=layout.is_untrained(folder),
+        model_label=view.label,
+        untrained=view.untrained,
         run_root=str(Path(gr.utils.get_upload_folder()) / "stepwise-runs"),
         limits=limits,
-        defaults=_model_defaults(checkpoint, card),
+        defaults=view.defaults,
         presets=presets,
         initial_preset=preset,
         examples=card.get("example_prompts", []),
@@ -107,7 +163,7 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
         keep_runs=KEEP_RUNS,
         run_memory=RUN_MEMORY,
         session_ttl=SESSION_TTL,
-        anatomy=Anatomy(args.model, depth_source),
+        anatomy=Anatomy(start, depth_source, config=args.config),
         delete_cache=CACHE_SWEEP,
     )
     return build_app(spec).queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
@@ -175,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         cache = ModelCache(device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae, compile_unet=args.compile,
-                           offload=args.offload)
+                           offload=args.offload, single_file_config=args.config)
         if cache.device.type == "cpu":
             torch.set_num_threads(app_cpu_threads())
         demo = create_demo(args, cache)

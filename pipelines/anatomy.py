@@ -25,9 +25,11 @@ class Token:
 class Anatomy:
     """Token views for the app's sources: `model` runs txt2img and img2img,
     `depth_model` (default: `model`) runs depth2img. Each source's tokenizer is
-    loaded once, on its own (no weights), and kept by source."""
+    loaded once, on its own (no weights), and kept by source; a single checkpoint
+    file's from its configs (`config`, as --config)."""
 
-    def __init__(self, model: str = BUNDLED, depth_model: str | None = None):
+    def __init__(self, model: str = BUNDLED, depth_model: str | None = None, config: str | None = None):
+        self.config = config
         self.sources = {"txt2img": model, "img2img": model, "depth2img": depth_model or model}
         self._tokenizers: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -38,7 +40,7 @@ class Anatomy:
             if source not in self._tokenizers:
                 from .cache import load_tokenizer  # torch and transformers: only once a prompt is inspected
 
-                self._tokenizers[source] = load_tokenizer(source)
+                self._tokenizers[source] = load_tokenizer(source, self.config)
             return self._tokenizers[source]
 
     def tokens(self, prompt: str, source: str | None = None) -> list[Token]:

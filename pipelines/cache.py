@@ -7,20 +7,25 @@ Sources (`--model` / `--depth-model`):
 - a local diffusers folder;
 - a Hugging Face hub repo id, loaded through the HF cache. `HF_HUB_OFFLINE=1` is
   honoured; a model that is neither cached nor downloadable gives `ModelLoadError`
-  naming the model and how to provide it.
+  naming the model and how to provide it;
+- a single `.safetensors` / `.ckpt` checkpoint file, loaded with diffusers'
+  `from_single_file` and the configs `pipelines.sources.single_file_source` finds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import diffusers
 import torch
 import transformers
 from diffusers import (
@@ -41,6 +46,7 @@ from .previews import LatentRGB, VAEDecoder, latent_rgb_for
 from .protocol import ModelLoadError
 from .request import MODES, Limits
 from .schedulers import scheduler_menu
+from .sources import SINGLE_FILE_SUFFIXES, is_single_file, single_file_source
 from .tiny import save_tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -73,6 +79,10 @@ def resolve_local(source: str) -> Path | None:
     if source == BUNDLED:
         return bundled_folder()
     path = Path(source).expanduser()
+    if path.is_file() or is_single_file(source):
+        why = "no such file" if not path.exists() else f"not a {' or '.join(SINGLE_FILE_SUFFIXES)} checkpoint"
+        raise ModelLoadError(f"model {source!r}: {why}; --model takes a diffusers folder, a hub repo id or a "
+                             f"single {' / '.join(SINGLE_FILE_SUFFIXES)} checkpoint file")
     if path.is_dir():
         if not is_pipeline(path):
             raise ModelLoadError(f"{source!r} is a folder but not a diffusers pipeline (it has no model_index.json)")
@@ -95,12 +105,16 @@ def _family(source: str, where: str) -> Family:
         raise ModelLoadError(f"{source!r} is {err}") from None
 
 
-def load_tokenizer(source: str = BUNDLED):
-    """The tokenizer of `source` on its own: a few small files, no weights, no device.
+def load_tokenizer(source: str = BUNDLED, config: str | None = None):
+    """The tokenizer of `source` on its own: a few small files, no weights, no device. A single
+    checkpoint file's comes from its configs (`config`, as `ModelCache(single_file_config=)`).
 
     Raises `ModelLoadError` (what to do) when the source cannot be read.
     """
-    folder = resolve_local(source)
+    if is_single_file(source) and Path(source).expanduser().is_file():
+        folder = single_file_source(Path(source).expanduser(), config)[1]
+    else:
+        folder = resolve_local(source)
     where = str(folder) if folder else source
     try:
         library, name = DiffusionPipeline.load_config(where).get("tokenizer") or (None, None)
@@ -142,6 +156,7 @@ class Checkpoint:
     attention: str = "sdpa"
     extra_modules: list[torch.nn.Module] = field(default_factory=list)
     offloaded: bool = False  # --offload: weights move to the GPU per model or layer
+    runs: int = 0  # runs using it now (`ModelCache.running`); never evicted while > 0
 
     @property
     def base(self) -> DiffusionPipeline:
@@ -218,8 +233,12 @@ class ModelCache:
       serializes GPU events in one Gradio concurrency group).
     - Eviction: least recently used first, once the parameter bytes of all
       entries pass `budget_bytes` (default: half the device's memory). The entry
-      just asked for always stays. A run that still holds an evicted pipeline
-      keeps it alive until it ends.
+      just asked for always stays, and so does every checkpoint a run is using
+      (`running`): the cache may pass its budget until that run ends, then the
+      checkpoint is evicted if it is still over.
+    - Single files: `single_file_config` (`--config`) is the diffusers folder or
+      hub id whose configs describe every single-file checkpoint; without it,
+      each file's default config repo from the HF cache.
     - Device: cuda, then mps, then cpu; dtype fp16 on CUDA, else fp32; SDPA
       attention, xformers only where it is installed and runs on the device.
       Previews decode on their own thread, overlapping the next UNet step (on
@@ -229,7 +248,7 @@ class ModelCache:
 
     def __init__(self, device: str | None = None, dtype: str | None = None, budget_bytes: int | None = None,
                  tiny_vae: str | None = None, compile_unet: bool = False, overlap_decode: bool = True,
-                 offload: str | None = None):
+                 offload: str | None = None, single_file_config: str | None = None):
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
         self._dtype_asked = dtype is not None
@@ -241,6 +260,7 @@ class ModelCache:
         self.offload = offload
         self.budget_bytes = budget_bytes if budget_bytes is not None else memory_bytes(self.device) // 2
         self.tiny_vae_source = tiny_vae
+        self.single_file_config = single_file_config
         self.compile_unet = compile_unet
         # decode previews on a thread (a side stream on CUDA) that overlaps the next step
         self.overlap_decode = overlap_decode
@@ -269,6 +289,21 @@ class ModelCache:
             self._entries.move_to_end(key)
             return entry
 
+    @contextlib.contextmanager
+    def running(self, source: str = BUNDLED) -> Iterator[Checkpoint]:
+        """Hold `source`'s checkpoint (loading it) for the length of a run: it is not evicted
+        until the block ends; then the budget is enforced again."""
+        with self._lock:
+            entry = self.checkpoint(source)
+            entry.runs += 1
+        try:
+            yield entry
+        finally:
+            with self._lock:
+                entry.runs -= 1
+                if self._entries:
+                    self._evict(keep=next(reversed(self._entries)))
+
     def loaded(self) -> list[str]:
         with self._lock:
             return [key[0] for key in self._entries]
@@ -279,6 +314,8 @@ class ModelCache:
 
     # -- loading ------------------------------------------------------------
     def _load(self, source: str) -> Checkpoint:
+        if is_single_file(source) and Path(source).expanduser().is_file():
+            return self._load_single_file(source)
         folder = resolve_local(source)
         where = str(folder) if folder else source
         try:
@@ -292,6 +329,26 @@ class ModelCache:
                 mode, pipe = "txt2img", AutoPipelineForText2Image.from_pretrained(where, dtype=dtype, **kwargs)
         except (OSError, ValueError) as err:
             raise ModelLoadError(self._load_hint(source, err, local=folder is not None)) from err
+        return self._checkpoint(source, folder, family, mode, pipe)
+
+    def _load_single_file(self, source: str) -> Checkpoint:
+        path = Path(source).expanduser()
+        family, configs = single_file_source(path, self.single_file_config)
+        if family.modes == ("depth2img",):
+            raise ModelLoadError(f"{source!r}: single-file {family.label} checkpoints are not supported; "
+                                 "pass a diffusers folder or hub id with --depth-model")
+        kwargs = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
+        pipeline_class = getattr(diffusers, family.class_names[0])  # the family's text-to-image class
+        try:
+            pipe = pipeline_class.from_single_file(str(path), config=str(configs), dtype=self.dtype_for(family),
+                                                   local_files_only=True, **kwargs)
+        except Exception as err:  # noqa: BLE001 - conversion raises ValueError, RuntimeError (shapes), its own errors
+            raise ModelLoadError(f"could not load {source!r} as {family.label} with the configs in {configs}: {err}; "
+                                 "pass --config with a diffusers folder of the checkpoint's architecture") from err
+        return self._checkpoint(source, None, family, "txt2img", pipe)
+
+    def _checkpoint(self, source: str, folder: Path | None, family: Family, mode: str,
+                    pipe: DiffusionPipeline) -> Checkpoint:
         pipe.set_progress_bar_config(disable=True)
         pipe = self._place(pipe)
         attention = use_fastest_attention(pipe, self.device)
@@ -306,7 +363,7 @@ class ModelCache:
             attention=attention,
             offloaded=self.offload is not None,
         )
-        entry.tiny_vae = self._load_tiny_vae(folder, dtype)
+        entry.tiny_vae = self._load_tiny_vae(folder, pipe.dtype)
         if entry.tiny_vae is not None:
             entry.extra_modules.append(entry.tiny_vae.vae)
         return entry
@@ -382,8 +439,10 @@ class ModelCache:
 
     def _evict(self, keep: tuple) -> None:
         evicted = False
-        while self.total_bytes() > self.budget_bytes and len(self._entries) > 1:
-            oldest = next(k for k in self._entries if k != keep)
+        while self.total_bytes() > self.budget_bytes:
+            oldest = next((k for k, e in self._entries.items() if k != keep and e.runs == 0), None)
+            if oldest is None:  # the rest are running: over budget until their runs end
+                break
             log.info("evicting %s to stay under the %d-byte budget", oldest[0], self.budget_bytes)
             del self._entries[oldest]
             evicted = True

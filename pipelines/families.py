@@ -75,6 +75,9 @@ class Family:
     default_steps: int = 20
     default_guidance: float = 7.5
     default_scheduler: str = "Euler a"
+    # what diffusers' `infer_diffusers_model_type` calls its single-file checkpoints
+    # (diffusers/loaders/single_file_utils.py, `DIFFUSERS_DEFAULT_PIPELINE_PATHS` keys)
+    single_file_types: tuple[str, ...] = ()
 
     def size_multiple(self, pipe) -> int:
         """Width and height must be multiples of this many pixels: the VAE's downscale times the
@@ -99,23 +102,26 @@ class Family:
 _CLIP = {"tokenizer": 77}
 FAMILIES: tuple[Family, ...] = (
     Family("sd", "SD 1.x/2.x", ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
-           LatentFormat(4, 0.18215, rgb=SD_LATENT_RGB), text_tokens=_CLIP),
+           LatentFormat(4, 0.18215, rgb=SD_LATENT_RGB), text_tokens=_CLIP, single_file_types=("v1", "v2")),
     Family("sd-depth", "SD 2-depth", ("StableDiffusionDepth2ImgPipeline",),
            LatentFormat(4, 0.18215, rgb=SD_LATENT_RGB), modes=("depth2img",), text_tokens=_CLIP),
     Family("sdxl", "SDXL", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
            LatentFormat(4, 0.13025, rgb=SDXL_LATENT_RGB, rgb_bias=SDXL_LATENT_RGB_BIAS),
            text_tokens={"tokenizer": 77, "tokenizer_2": 77}, default_steps=30, default_guidance=5.0,
-           default_scheduler="Euler"),
+           default_scheduler="Euler", single_file_types=("xl_base",)),
     Family("sd3", "SD 3", ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
            LatentFormat(16, 1.5305, 0.0609, rgb=SD3_LATENT_RGB, rgb_bias=SD3_LATENT_RGB_BIAS),
            flow_matching=True, cuda_dtype=torch.bfloat16, default_steps=28, default_guidance=7.0,
-           default_scheduler="Euler", text_tokens={"tokenizer": 77, "tokenizer_2": 77, "tokenizer_3": 256}),
+           default_scheduler="Euler", text_tokens={"tokenizer": 77, "tokenizer_2": 77, "tokenizer_3": 256},
+           single_file_types=("sd3", "sd35_medium", "sd35_large")),
     Family("flux", "Flux.1", ("FluxPipeline", "FluxImg2ImgPipeline"),
            LatentFormat(16, 0.3611, 0.1159, packed=True, rgb=FLUX_LATENT_RGB, rgb_bias=FLUX_LATENT_RGB_BIAS),
            flow_matching=True, negative_prompt=False, distilled_guidance=True, cuda_dtype=torch.bfloat16,
            default_steps=28, default_guidance=3.5, default_scheduler="Euler",
-           text_tokens={"tokenizer": 77, "tokenizer_2": 512}),
+           text_tokens={"tokenizer": 77, "tokenizer_2": 512}, single_file_types=("flux-dev", "flux-schnell")),
 )
+# for messages: "SD 1.x/2.x (v1, v2); SDXL (xl_base); ..."
+SINGLE_FILE_KINDS = "; ".join(f"{f.label} ({', '.join(f.single_file_types)})" for f in FAMILIES if f.single_file_types)
 
 
 class UnknownFamily(ValueError):
@@ -132,5 +138,16 @@ def family_of(class_name: str) -> Family:
     raise UnknownFamily(f"a {class_name} checkpoint; Stepwise runs {known} checkpoints")
 
 
+def family_of_single_file(model_type: str) -> Family:
+    """The family whose single files diffusers calls `model_type`. Raises `UnknownFamily` naming
+    the types Stepwise runs."""
+    for family in FAMILIES:
+        if model_type in family.single_file_types:
+            return family
+    raise UnknownFamily(f"a {model_type!r} checkpoint (diffusers' name for it); Stepwise runs single files of "
+                        f"{SINGLE_FILE_KINDS}")
+
+
 def family_named(name: str) -> Family:
     return next(f for f in FAMILIES if f.name == name)
+

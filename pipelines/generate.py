@@ -127,9 +127,13 @@ def generate(
     (a callback cannot yield). Each frame keeps both views as pictures (and the
     first frame the run's starting latents), so the timeline shows what the run
     made without touching a model. Closing this iterator early (a client went
-    away) cancels the run.
+    away) cancels the run. The run holds its checkpoint in `cache` (never evicted) until it ends.
     """
-    cancel = cancel or CancelToken()
+    with cache.running(source):
+        yield from _run(request, cache, cancel or CancelToken(), source)
+
+
+def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, source: str) -> Iterator[Frame | Final]:
     # 1. The shared pipeline, and a per-run one with its own scheduler and interrupt flag
     shared = cache.pipeline(request.mode, source)
     checkpoint = cache.checkpoint(source)
