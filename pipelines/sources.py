@@ -27,6 +27,7 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
 from .families import SINGLE_FILE_KINDS, Family, UnknownFamily, family_of, family_of_single_file
+from . import layout
 from .protocol import ModelLoadError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -164,7 +165,7 @@ def list_models(folder: str | Path, config: str | None = None) -> tuple[list[Mod
         if path.name.startswith("."):
             continue
         try:
-            if path.is_dir() and (path / "model_index.json").is_file():
+            if path.is_dir() and (path / layout.MODEL_INDEX).is_file():
                 entries.append(ModelEntry(path.name, str(path), _folder_family(path)))
             elif path.is_file() and is_single_file(path.name):
                 entries.append(ModelEntry(path.name, str(path), _file_family(path, config)))
@@ -175,7 +176,7 @@ def list_models(folder: str | Path, config: str | None = None) -> tuple[list[Mod
 
 def _folder_family(path: Path) -> Family:
     try:
-        class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+        class_name = json.loads((path / layout.MODEL_INDEX).read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError) as err:
         raise ModelLoadError(f"{path}: model_index.json is not a readable JSON object ({err})") from None
     try:

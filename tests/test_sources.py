@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import torch
 
-from pipelines import ModelCache, ModelLoadError, generate
+from pipelines import ModelCache, ModelLoadError, generate, layout
 from pipelines.generate import Final, Frame
 from pipelines.sources import list_models, single_file_source, single_file_type
 from pipelines.tiny import save_tiny_checkpoint
@@ -110,9 +110,9 @@ def test_models_dir_lists_folders_and_files_and_explains_broken_ones(tmp_path, t
     (models / "a-file.safetensors").write_bytes(tiny_file.read_bytes())
     (models / "empty.ckpt").write_bytes(b"")
     (models / "bad-index").mkdir()
-    (models / "bad-index" / "model_index.json").write_text("{not json")
+    (models / "bad-index" / layout.MODEL_INDEX).write_text("{not json")
     (models / "video").mkdir()
-    (models / "video" / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    (models / "video" / layout.MODEL_INDEX).write_text(json.dumps({"_class_name": "WanPipeline"}))
     (models / "notes.txt").write_text("not a model")
     (models / "loras").mkdir()
 
