@@ -325,8 +325,8 @@ class ModelCache:
                 mode, pipe = "depth2img", StableDiffusionDepth2ImgPipeline.from_pretrained(where, dtype=dtype)
             else:
                 # the family's text-to-image class, whichever variant the folder records
-                kwargs = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
-                mode, pipe = "txt2img", AutoPipelineForText2Image.from_pretrained(where, dtype=dtype, **kwargs)
+                mode, pipe = "txt2img", AutoPipelineForText2Image.from_pretrained(where, dtype=dtype,
+                                                                                   **family.load_options)
         except (OSError, ValueError) as err:
             raise ModelLoadError(self._load_hint(source, err, local=folder is not None)) from err
         return self._checkpoint(source, folder, family, mode, pipe)
@@ -337,11 +337,10 @@ class ModelCache:
         if family.modes == ("depth2img",):
             raise ModelLoadError(f"{source!r}: single-file {family.label} checkpoints are not supported; "
                                  "pass a diffusers folder or hub id with --depth-model")
-        kwargs = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
         pipeline_class = getattr(diffusers, family.class_names[0])  # the family's text-to-image class
         try:
             pipe = pipeline_class.from_single_file(str(path), config=str(configs), dtype=self.dtype_for(family),
-                                                   local_files_only=True, **kwargs)
+                                                   local_files_only=True, **family.load_options)
         except Exception as err:  # noqa: BLE001 - conversion raises ValueError, RuntimeError (shapes), its own errors
             raise ModelLoadError(f"could not load {source!r} as {family.label} with the configs in {configs}: {err}; "
                                  "pass --config with a diffusers folder of the checkpoint's architecture") from err

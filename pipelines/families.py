@@ -72,6 +72,8 @@ class Family:
     distilled_guidance: bool = False  # Flux: guidance_scale is an input of the transformer, not CFG
     cuda_dtype: torch.dtype = torch.float16  # what it is trained and shipped in
     text_tokens: dict[str, int] = field(default_factory=dict)  # tokenizer attribute -> tokens the model reads
+    t5_tokenizer: str | None = None  # which of them is T5's (the others are CLIP's)
+    load_options: dict = field(default_factory=dict)  # from_pretrained / from_single_file keywords
     default_steps: int = 20
     default_guidance: float = 7.5
     default_scheduler: str = "Euler a"
@@ -102,7 +104,8 @@ class Family:
 _CLIP = {"tokenizer": 77}
 FAMILIES: tuple[Family, ...] = (
     Family("sd", "SD 1.x/2.x", ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
-           LatentFormat(4, 0.18215, rgb=SD_LATENT_RGB), text_tokens=_CLIP, single_file_types=("v1", "v2")),
+           LatentFormat(4, 0.18215, rgb=SD_LATENT_RGB), text_tokens=_CLIP, single_file_types=("v1", "v2"),
+           load_options={"safety_checker": None, "requires_safety_checker": False}),  # watching, not filtering
     Family("sd-depth", "SD 2-depth", ("StableDiffusionDepth2ImgPipeline",),
            LatentFormat(4, 0.18215, rgb=SD_LATENT_RGB), modes=("depth2img",), text_tokens=_CLIP),
     Family("sdxl", "SDXL", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
@@ -113,12 +116,13 @@ FAMILIES: tuple[Family, ...] = (
            LatentFormat(16, 1.5305, 0.0609, rgb=SD3_LATENT_RGB, rgb_bias=SD3_LATENT_RGB_BIAS),
            flow_matching=True, cuda_dtype=torch.bfloat16, default_steps=28, default_guidance=7.0,
            default_scheduler="Euler", text_tokens={"tokenizer": 77, "tokenizer_2": 77, "tokenizer_3": 256},
+           t5_tokenizer="tokenizer_3",
            single_file_types=("sd3", "sd35_medium", "sd35_large")),
     Family("flux", "Flux.1", ("FluxPipeline", "FluxImg2ImgPipeline"),
            LatentFormat(16, 0.3611, 0.1159, packed=True, rgb=FLUX_LATENT_RGB, rgb_bias=FLUX_LATENT_RGB_BIAS),
            flow_matching=True, negative_prompt=False, distilled_guidance=True, cuda_dtype=torch.bfloat16,
            default_steps=28, default_guidance=3.5, default_scheduler="Euler",
-           text_tokens={"tokenizer": 77, "tokenizer_2": 512}, single_file_types=("flux-dev", "flux-schnell")),
+           text_tokens={"tokenizer": 77, "tokenizer_2": 512}, t5_tokenizer="tokenizer_2", single_file_types=("flux-dev", "flux-schnell")),
 )
 # for messages: "SD 1.x/2.x (v1, v2); SDXL (xl_base); ..."
 SINGLE_FILE_KINDS = "; ".join(f"{f.label} ({', '.join(f.single_file_types)})" for f in FAMILIES if f.single_file_types)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .cache import BUNDLED, ModelCache
+from .families import Family
 from .previews import HostCopy, NoiseSchedule, X0Recorder, to_pixels
 from .protocol import CancelToken, Final, GenerationError
 from .request import GenerationRequest
@@ -142,7 +143,7 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
     pipe = _per_run(shared, scheduler)
     # x0 and the starting latents: the timeline shows both views and step 0
     recorder = X0Recorder(scheduler, family.flow_matching)
-    notes = request.notes + _truncation_notes(pipe, family.text_tokens, request)
+    notes = request.notes + _truncation_notes(pipe, family, request)
 
     # 2. The preview decoder
     decode = checkpoint.decoder(request.preview)
@@ -295,20 +296,19 @@ class _Decoder:
                 return
 
 
-def _truncation_notes(pipe, text_tokens: dict[str, int], request: GenerationRequest) -> tuple[str, ...]:
-    """Say what each text encoder cut off, as diffusers only logs it. text_tokens: tokenizer attribute
-    -> tokens its encoder reads (`Family.text_tokens`: CLIP 77, T5 256 for SD3, 512 for Flux), the
-    end-of-text token included."""
+def _truncation_notes(pipe, family: Family, request: GenerationRequest) -> tuple[str, ...]:
+    """Say what each text encoder cut off, as diffusers only logs it (`Family.text_tokens`:
+    CLIP reads 77 tokens, T5 256 for SD3 and 512 for Flux, the end-of-text token included)."""
     notes = []
     for field in ("prompt", "negative_prompt"):
-        for name, limit in text_tokens.items():
+        for name, limit in family.text_tokens.items():
             tokenizer = getattr(pipe, name, None)
             if tokenizer is None:
                 continue
             ids = tokenizer(getattr(request, field), truncation=False).input_ids
             if len(ids) > limit:
                 cut = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True)
-                encoder = "T5" if "T5" in type(tokenizer).__name__ else "CLIP"
+                encoder = "T5" if name == family.t5_tokenizer else "CLIP"
                 note = f"{field}: {len(ids)} tokens, {encoder} reads {limit}; cut off: “{cut}”"
                 if note not in notes:  # SDXL's two CLIP tokenizers cut alike
                     notes.append(note)
