@@ -27,3 +27,28 @@ def test_threads_benchmark_prints_bare_and_app_path(capsys):
         torch.set_num_threads(before)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"threads 1: bare \d+\.\d{3} s, app path \d+\.\d{3} s \(x\d+\.\d{2}\)", line), line
+
+
+def test_families_benchmark_prints_one_row_per_family_and_preview(tmp_path, capsys):
+    import json
+    import re
+
+    import torch
+
+    from benchmarks.families import main
+    before = torch.get_num_threads()
+    try:
+        main(["--side", "32", "--steps", "1", "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "r.json")])
+    finally:
+        torch.set_num_threads(before)
+    rows = [re.fullmatch(r"  (SD 1\.x/2\.x|SDXL|SD 3|Flux\.1) +(latent-rgb|tiny-vae|full-vae) +(Euler a?) +"
+                         r"(\d+\.\d\d) +(\d+\.\d\d) +(\d+\.\d{3})", line)
+            for line in capsys.readouterr().out.splitlines()]
+    printed = [(m[1], m[2]) for m in rows if m]
+    assert printed == [(label, preview) for label in ("SD 1.x/2.x", "SDXL", "SD 3", "Flux.1")
+                       for preview in ("latent-rgb", "tiny-vae", "full-vae")]
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["family"], r["preview"]) for r in saved["rows"]] == [
+        (family, preview) for family in ("sd", "sdxl", "sd3", "flux") for preview in ("latent-rgb", "tiny-vae", "full-vae")]
+    assert all(r["bare_ms_per_step"] > 0 and r["app_ms_per_step"] > 0 for r in saved["rows"])
+    assert saved["machine"]["threads"] == 1
