@@ -27,3 +27,60 @@ def test_threads_benchmark_prints_bare_and_app_path(capsys):
         torch.set_num_threads(before)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"threads 1: bare \d+\.\d{3} s, app path \d+\.\d{3} s \(x\d+\.\d{2}\)", line), line
+
+
+def test_families_benchmark_prints_one_row_per_family_and_preview(tmp_path, capsys):
+    import json
+    import re
+
+    import torch
+
+    from benchmarks.families import main
+    before = torch.get_num_threads()
+    try:
+        main(["--side", "32", "--steps", "1", "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "r.json")])
+    finally:
+        torch.set_num_threads(before)
+    rows = [re.fullmatch(r"  (SD 1\.x/2\.x|SDXL|SD 3|Flux\.1) +(latent-rgb|tiny-vae|full-vae) +(Euler a?) +"
+                         r"(\d+\.\d\d) +(\d+\.\d\d) +(\d+\.\d{3})", line)
+            for line in capsys.readouterr().out.splitlines()]
+    printed = [(m[1], m[2]) for m in rows if m]
+    assert printed == [(label, preview) for label in ("SD 1.x/2.x", "SDXL", "SD 3", "Flux.1")
+                       for preview in ("latent-rgb", "tiny-vae", "full-vae")]
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["family"], r["preview"]) for r in saved["rows"]] == [
+        (family, preview) for family in ("sd", "sdxl", "sd3", "flux") for preview in ("latent-rgb", "tiny-vae", "full-vae")]
+    assert all(r["bare_ms_per_step"] > 0 and r["app_ms_per_step"] > 0 for r in saved["rows"])
+    assert saved["machine"]["threads"] == 1
+
+
+def test_gpu_families_benchmark_runs_tiny_on_cpu():
+    import pytest
+    import torch
+
+    from benchmarks.gpu_families import gpu_families_section
+    result = gpu_families_section(full=False, repeats=1)
+    assert [(r["variant"], r["side"], r["steps"]) for r in result["rows"]] == [
+        (f"{label}: {variant}", 64, 2) for label in ("SDXL", "FLUX.1 schnell")
+        for variant in ("bare diffusers (SDPA)", "app, latent-rgb every step", "app, tiny-vae every step")]
+    assert all(r["seconds"] > 0 for r in result["rows"]) and "tiny configs" in result["note"]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="full-size SDXL and Flux need a CUDA GPU; pass --tiny"):
+            gpu_families_section(full=True)
+
+
+def test_gpu_families_full_configs_have_the_published_parameter_counts():
+    """Built on the meta device (no memory): millions of parameters as the real checkpoints' safetensors hold."""
+    import torch
+
+    from benchmarks.gpu_families import _made_on, full_flux_schnell, full_sdxl, schnell_scheduler, sdxl_scheduler
+    counts = {}
+    for build, scheduler in ((full_sdxl, sdxl_scheduler), (full_flux_schnell, schnell_scheduler)):
+        with _made_on("meta", torch.bfloat16):
+            pipe, _ = build(scheduler())
+        counts[build.__name__] = {k: round(sum(p.numel() for p in m.parameters()) / 1e6, 1)
+                                  for k, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    assert counts == {
+        "full_sdxl": {"vae": 83.7, "text_encoder": 123.1, "text_encoder_2": 694.7, "unet": 2567.5},
+        "full_flux_schnell": {"vae": 83.8, "text_encoder": 123.1, "text_encoder_2": 4762.3, "transformer": 11891.2},
+    }
