@@ -63,7 +63,16 @@ def test_default_view_shows_the_picture_forming():
 def test_a_model_with_no_preset_starts_at_its_own_size_with_its_tiny_vae(tiny_dir):
     # the tiny model is 32 px: the micro presets (64 px) still fit; take the model's own start values
     defaults = app_module._model_defaults(ModelCache(device="cpu").checkpoint(str(tiny_dir)), {})
-    assert defaults == {"width": 32, "height": 32, "view": "x0", "preview": "tiny-vae"}
+    assert defaults == {"width": 32, "height": 32, "view": "x0", "preview": "tiny-vae", "steps": 20,
+                        "guidance_scale": 7.5, "scheduler": "Euler a"}  # the SD family's start values
+
+
+def test_each_family_starts_with_its_own_steps_guidance_and_euler(tiny_families):
+    cache = ModelCache(device="cpu")
+    starts = {family: app_module._model_defaults(cache.checkpoint(str(tiny_families(family))), {})
+              for family in ("sdxl", "sd3", "flux")}
+    assert {f: (d["steps"], d["guidance_scale"], d["scheduler"]) for f, d in starts.items()} == {
+        "sdxl": (30, 5.0, "Euler"), "sd3": (28, 7.0, "Euler"), "flux": (28, 3.5, "Euler")}
 
 
 def test_tiny_vae_is_offered_only_when_configured(tiny_dir, no_tiny_vae_dir):
