@@ -29,22 +29,11 @@ import torch
 
 from pipelines import ModelCache, validate_request
 from pipelines.devices import app_cpu_threads
-from pipelines.generate import _per_run, pipeline_inputs
-from pipelines.schedulers import make_scheduler
 from pipelines.tiny import FAMILIES, save_tiny_family
 
-from .run import app_run
+from .run import app_run, bare_run
 
 PROMPT = "a red circle on the left, blue background"
-
-
-def bare_run(cache: ModelCache, req, source: str):
-    """The family's diffusers pipeline called as its docs show: no callback, the request's sampler
-    (flow-matching Euler for SD 3 and Flux), seed and inputs."""
-    shared, family = cache.pipeline(req.mode, source), cache.checkpoint(source).family
-    pipe = _per_run(shared, make_scheduler(req.scheduler, shared.scheduler.config, family.flow_matching))
-    return pipe(req.prompt, num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
-                generator=torch.Generator().manual_seed(req.seed), **pipeline_inputs(pipe, req)).images[0]
 
 
 def family_rows(family: str, side: int, steps: int, repeats: int) -> list[dict]:

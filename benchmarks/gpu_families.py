@@ -41,8 +41,8 @@ from pipelines import ModelCache, generate, layout, validate_request
 from pipelines.families import family_named
 from pipelines.tiny import tiny_flux, tiny_sdxl, tiny_t5_tokenizer, tiny_tokenizer
 
-from .families import bare_run
 from .gpu import timed
+from .run import bare_run
 
 # (family, label, side, steps, guidance): SDXL at its usual 30 steps; schnell at its distilled 4, guidance 0
 RUNS = (("sdxl", "SDXL", 1024, 30, 5.0), ("flux", "FLUX.1 schnell", 1024, 4, 0.0))
@@ -194,7 +194,7 @@ def gpu_families_section(full: bool | None = None, repeats: int = 3, on_row=None
                          "ms_per_step": 1000 * seconds / steps, "ratio": seconds / t_bare})
             if on_row is not None:
                 on_row(rows[-1])
-        del cache
+        cache = None  # let this family's weights go before the next one loads
         if cuda:
             torch.cuda.empty_cache()
     scale = "full size" if full else "tiny configs (proves the code runs, not GPU speed)"

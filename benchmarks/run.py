@@ -34,7 +34,7 @@ import torch
 
 from pipelines import Limits, ModelCache, generate, layout, validate_request
 from pipelines.cache import BUNDLED, bundled_folder
-from pipelines.generate import _per_run
+from pipelines.generate import _per_run, pipeline_inputs
 from pipelines.schedulers import make_scheduler
 from pipelines.tiny import save_tiny_checkpoint
 from ui.layout import AppSpec, build_app
@@ -53,12 +53,12 @@ def median_time(fn, repeats: int) -> float:
 
 
 def bare_run(cache: ModelCache, req, source: str):
-    """The plain diffusers call the app wraps: no callback, same scheduler and seed."""
-    shared = cache.pipeline(req.mode, source)
-    pipe = _per_run(shared, make_scheduler(req.scheduler, shared.scheduler.config))
-    size = dict(width=req.width, height=req.height) if req.mode == "txt2img" else dict(image=req.image)
+    """The family's diffusers pipeline called as its docs show: no callback, the request's sampler
+    (flow-matching Euler for SD 3 and Flux), seed and inputs."""
+    shared, family = cache.pipeline(req.mode, source), cache.checkpoint(source).family
+    pipe = _per_run(shared, make_scheduler(req.scheduler, shared.scheduler.config, family.flow_matching))
     return pipe(req.prompt, num_inference_steps=req.steps, guidance_scale=req.guidance_scale,
-                generator=torch.Generator().manual_seed(req.seed), **size).images[0]
+                generator=torch.Generator().manual_seed(req.seed), **pipeline_inputs(pipe, req)).images[0]
 
 
 def app_run(cache: ModelCache, req, source: str, folder: Path):
