@@ -78,6 +78,10 @@ class DepthRoute:
     fits: tuple[str, ...] = ()
     flag: str = "--controlnet"
     example: str = ""
+    # the pipeline samples the control image's latents from torch's global generator, not the run's
+    # (diffusers' StableDiffusion3ControlNetPipeline: `vae.encode(control_image).latent_dist.sample()`);
+    # the run seeds it from the request's seed, or the same seed would not give the same image
+    global_rng: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ SDXL_DEPTH = DepthRoute("StableDiffusionXLControlNetImg2ImgPipeline", "ControlNe
                         example="diffusers/controlnet-depth-sdxl-1.0")
 # diffusers has no SD 3 ControlNet img2img pipeline: the run starts from noise
 SD3_DEPTH = DepthRoute("StableDiffusion3ControlNetPipeline", "SD3ControlNetModel",
-                       ("patch_size", "num_attention_heads", "attention_head_dim"),
+                       ("patch_size", "num_attention_heads", "attention_head_dim"), global_rng=True,
                        example="stabilityai/stable-diffusion-3.5-large-controlnet-depth")
 FLUX_DEPTH = "black-forest-labs/FLUX.1-Depth-dev"
 FAMILIES: tuple[Family, ...] = (

@@ -220,10 +220,12 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
         **pipeline_inputs(pipe, request, control),
     )
 
+    global_rng = request.mode == "depth2img" and family.depth.global_rng
+
     def work():
         # what ends the run goes through the decode thread, behind the last frames
         try:
-            with cache.run_lock:
+            with cache.run_lock, _global_rng(request.seed if global_rng else None):
                 decoder.finish(pipe(**call).images[0])
         except Cancelled:
             decoder.finish(None)
@@ -347,6 +349,18 @@ def _unused_notes(pipe, request: GenerationRequest) -> tuple[str, ...]:
         return ()
     image = "only the depth map is used" if request.depth_map is not None else "only its estimated depth is used"
     return (f"strength: not used: {type(pipe).__name__} starts from noise; of the input image {image}",)
+
+
+@contextlib.contextmanager
+def _global_rng(seed: int | None):
+    """torch's global generator seeded with `seed` for the block, and put back after (None: left alone).
+    Runs hold `run_lock`, so no other run draws from it meanwhile."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
 
 
 def _per_run(shared, scheduler):

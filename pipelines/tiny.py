@@ -310,7 +310,7 @@ def tiny_sd3(seed: int = 0) -> tuple[StableDiffusion3Pipeline, AutoencoderTiny]:
         patch_size=2,
         in_channels=16,
         out_channels=16,
-        num_layers=1,
+        num_layers=2,  # SD 3's last block reads no context and takes no ControlNet residual (context_pre_only)
         attention_head_dim=8,
         num_attention_heads=4,
         caption_projection_dim=32,
@@ -398,7 +398,7 @@ def tiny_controlnet(family: str, seed: int = 1) -> ControlNetModel | SD3ControlN
     with torch.no_grad():
         for param in model.parameters():
             if not param.any():
-                param.normal_(std=0.5)
+                param.normal_(std=1.0)
     return model
 
 
