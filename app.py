@@ -1,6 +1,7 @@
 """Stepwise: watch Stable Diffusion work, one denoising step at a time.
 
-    python app.py [--model SRC] [--models-dir DIR] [--config SRC] [--depth-model SRC]
+    python app.py [--model SRC] [--models-dir DIR] [--config SRC] [--depth-model SRC] [--controlnet SRC]
+                  [--depth-estimator SRC]
                   [--device cuda|mps|cpu] [--dtype fp16|bf16|fp32] [--offload model|sequential] [--compile]
                   [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS] [--preset NAME]
 """
@@ -65,6 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: the repo diffusers names for the file's architecture, from the HF cache)")
     p.add_argument("--depth-model", default=None,
                    help="depth checkpoint, e.g. stabilityai/stable-diffusion-2-depth (default: --model's depth UNet)")
+    p.add_argument("--controlnet", default=None,
+                   help="depth ControlNet folder or hub id for the depth tab of SD 1.x, SDXL and SD 3 models, e.g. "
+                        "lllyasviel/control_v11f1p_sd15_depth, diffusers/controlnet-depth-sdxl-1.0, "
+                        "stabilityai/stable-diffusion-3.5-large-controlnet-depth")
+    p.add_argument("--depth-estimator", default=None,
+                   help="transformers depth estimator (DPT, Depth Anything) folder or hub id that makes the depth "
+                        "map when none is uploaded, e.g. depth-anything/Depth-Anything-V2-Small-hf "
+                        "(default: the model folder's depth_estimator/)")
     p.add_argument("--tiny-vae", default=None, help="AutoencoderTiny folder or repo id for the tiny-vae preview")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, else fp32)")
@@ -231,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         cache = ModelCache(device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae, compile_unet=args.compile,
-                           offload=args.offload, single_file_config=args.config)
+                           offload=args.offload, single_file_config=args.config, controlnet=args.controlnet,
+                           depth_estimator=args.depth_estimator)
         if cache.device.type == "cpu":
             torch.set_num_threads(app_cpu_threads())
         demo = create_demo(args, cache)

@@ -1,6 +1,6 @@
 """Every loaded model lives here, once.
 
-Sources (`--model` / `--depth-model`):
+Sources (`--model` / `--depth-model` / `--controlnet` / `--depth-estimator`):
 - `bundled` (the default): `models/micro` when it is present; before that, a tiny
   random-weight checkpoint built from configs into the Stepwise cache folder and
   labelled untrained.
@@ -10,6 +10,11 @@ Sources (`--model` / `--depth-model`):
   naming the model and how to provide it;
 - a single `.safetensors` / `.ckpt` checkpoint file, loaded with diffusers'
   `from_single_file` and the configs `pipelines.sources.single_file_source` finds.
+
+The depth tab runs the family's `DepthRoute` (pipelines/families.py): the checkpoint itself
+(SD 2-depth, FLUX.1-Depth-dev), the bundled layout's depth UNet, or the checkpoint plus the
+`--controlnet` ControlNet; its depth estimator is `--depth-estimator` or the layout's
+`depth_estimator/`.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ from diffusers import (
 from transformers import DPTForDepthEstimation, DPTImageProcessor
 
 from .choices import PREVIEW_MODES
+from .depth import DepthEstimator
 from .devices import memory_bytes, pick_device, pick_dtype, use_fastest_attention
-from .families import Family, UnknownFamily, family_of
+from .families import DepthRoute, Family, UnknownFamily, family_of
 from .layout import BUNDLED, BUNDLED_FOLDER, DEPTH_ESTIMATOR, DEPTH_UNET, has_depth, is_pipeline, tiny_vae_folder
 from .previews import LatentRGB, VAEDecoder, latent_rgb_for
 from .protocol import ModelLoadError
@@ -156,6 +162,8 @@ class Checkpoint:
     attention: str = "sdpa"
     extra_modules: list[torch.nn.Module] = field(default_factory=list)
     offloaded: bool = False  # --offload: weights move to the GPU per model or layer
+    controlnet: str | None = None  # --controlnet: the depth ControlNet source, for families whose route takes one
+    depth_estimator: DepthEstimator | None = None  # loaded on the first run that estimates depth
     runs: int = 0  # runs using it now (`ModelCache.running`); never evicted while > 0
 
     @property
@@ -184,8 +192,10 @@ class Checkpoint:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        """The modes this checkpoint runs: its family's, and depth2img where the bundled layout has a depth UNet."""
-        depth = self.folder is not None and has_depth(self.folder)
+        """The modes this checkpoint runs: its family's, and depth2img where the bundled layout has a depth UNet
+        or a `--controlnet` is given for a family whose depth route takes one."""
+        depth = (self.folder is not None and has_depth(self.folder)) or bool(self.controlnet
+                                                                            and self.family.depth.controlnet)
         return tuple(m for m in MODES if m in self.family.modes or (m == "depth2img" and depth))
 
     def limits(self) -> Limits:
@@ -248,7 +258,8 @@ class ModelCache:
 
     def __init__(self, device: str | None = None, dtype: str | None = None, budget_bytes: int | None = None,
                  tiny_vae: str | None = None, compile_unet: bool = False, overlap_decode: bool = True,
-                 offload: str | None = None, single_file_config: str | None = None):
+                 offload: str | None = None, single_file_config: str | None = None, controlnet: str | None = None,
+                 depth_estimator: str | None = None):
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
         self._dtype_asked = dtype is not None
@@ -261,6 +272,8 @@ class ModelCache:
         self.budget_bytes = budget_bytes if budget_bytes is not None else memory_bytes(self.device) // 2
         self.tiny_vae_source = tiny_vae
         self.single_file_config = single_file_config
+        self.controlnet_source = controlnet
+        self.depth_estimator_source = depth_estimator
         self.compile_unet = compile_unet
         # decode previews on a thread (a side stream on CUDA) that overlaps the next step
         self.overlap_decode = overlap_decode
@@ -304,6 +317,28 @@ class ModelCache:
                 if self._entries:
                     self._evict(keep=next(reversed(self._entries)))
 
+    def estimator(self, source: str = BUNDLED) -> DepthEstimator:
+        """The depth estimator for depth runs on `source`: `--depth-estimator`, else the checkpoint
+        folder's `depth_estimator/`; loaded once per checkpoint. Raises ModelLoadError naming the
+        flag when there is none."""
+        with self._lock:
+            entry = self.checkpoint(source)
+            if entry.depth_estimator is None:
+                where = self.depth_estimator_source
+                if where is None and entry.folder is not None and (entry.folder / DEPTH_ESTIMATOR).is_dir():
+                    where = str(entry.folder / DEPTH_ESTIMATOR)
+                if where is None:
+                    raise ModelLoadError(
+                        f"depth_map: {source!r} has no depth estimator; upload a depth map, or start Stepwise with "
+                        "--depth-estimator (a DPT or Depth Anything folder or hub id, e.g. "
+                        "depth-anything/Depth-Anything-V2-Small-hf)")
+                try:
+                    entry.depth_estimator = DepthEstimator.load(where, entry.base.dtype, self.device)
+                except (OSError, ValueError) as err:
+                    raise ModelLoadError(self._load_hint(where, err, local=Path(where).is_dir())) from err
+                entry.extra_modules += entry.depth_estimator.modules
+            return entry.depth_estimator
+
     def loaded(self) -> list[str]:
         with self._lock:
             return [key[0] for key in self._entries]
@@ -321,8 +356,8 @@ class ModelCache:
         try:
             family = _family(source, where)
             dtype = self.dtype_for(family)
-            if family.modes == ("depth2img",):
-                mode, pipe = "depth2img", StableDiffusionDepth2ImgPipeline.from_pretrained(where, dtype=dtype)
+            if family.modes == ("depth2img",):  # a depth checkpoint: its route's pipeline class
+                mode, pipe = "depth2img", getattr(diffusers, family.depth.pipeline).from_pretrained(where, dtype=dtype)
             else:
                 # the family's text-to-image class, whichever variant the folder records
                 mode, pipe = "txt2img", AutoPipelineForText2Image.from_pretrained(where, dtype=dtype,
@@ -361,6 +396,7 @@ class ModelCache:
             latent_rgb=latent_rgb_for(folder, pipe.vae, family.latents),
             attention=attention,
             offloaded=self.offload is not None,
+            controlnet=self.controlnet_source,
         )
         entry.tiny_vae = self._load_tiny_vae(folder, pipe.dtype)
         if entry.tiny_vae is not None:
@@ -405,13 +441,15 @@ class ModelCache:
                 )
             auto = AutoPipelineForText2Image if mode == "txt2img" else AutoPipelineForImage2Image
             pipe = auto.from_pipe(base)
+        elif entry.controlnet and entry.family.depth.controlnet:
+            route = entry.family.depth
+            pipe = getattr(diffusers, route.pipeline).from_pipe(base, controlnet=self._controlnet(entry, route))
+            pipe = self._place(pipe)
+            use_fastest_attention(pipe, self.device)
         else:
             folder = entry.folder
             if "depth2img" not in entry.modes:
-                raise ModelLoadError(
-                    f"{entry.source!r} ({entry.family.label}) has no depth UNet; pass a depth checkpoint such as "
-                    "stabilityai/stable-diffusion-2-depth with --depth-model"
-                )
+                raise ModelLoadError(_no_depth_route(entry))
             unet = UNet2DConditionModel.from_pretrained(folder / DEPTH_UNET, dtype=base.dtype)
             estimator = DPTForDepthEstimation.from_pretrained(folder / DEPTH_ESTIMATOR, dtype=base.dtype)
             pipe = StableDiffusionDepth2ImgPipeline(
@@ -429,6 +467,32 @@ class ModelCache:
                 _compile(pipe)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def _controlnet(self, entry: Checkpoint, route: DepthRoute) -> torch.nn.Module:
+        """`--controlnet`, checked against the base denoiser's config before its weights load.
+        Raises ModelLoadError naming both models and what differs."""
+        source, label = entry.controlnet, entry.family.label
+        model_class = getattr(diffusers, route.controlnet)
+        local = Path(source).expanduser().is_dir()
+        try:
+            config = model_class.load_config(source)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(self._load_hint(source, err, local)) from err
+        advice = f"pass a depth ControlNet made for {label} with --controlnet, e.g. {route.example}"
+        if config.get("_class_name") != route.controlnet:
+            raise ModelLoadError(f"--controlnet {source!r} is a {config.get('_class_name')}, which does not fit "
+                                 f"{entry.source!r} ({label} takes a {route.controlnet}); {advice}")
+        denoiser = entry.base.unet if hasattr(entry.base, "unet") else entry.base.transformer
+        differ = [(key, _plain(config.get(key)), _plain(denoiser.config.get(key))) for key in route.fits
+                  if _plain(config.get(key)) != _plain(denoiser.config.get(key))]
+        if differ:
+            what = "; ".join(f"{key} {mine} vs {theirs}" for key, mine, theirs in differ)
+            raise ModelLoadError(f"--controlnet {source!r} does not fit {entry.source!r} ({label}): ControlNet vs "
+                                 f"{type(denoiser).__name__}: {what}; {advice}")
+        try:
+            return model_class.from_pretrained(source, dtype=entry.base.dtype)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(self._load_hint(source, err, local)) from err
 
     def free_memory(self) -> None:
         """Hand cached, unused device memory back (after an eviction or an OOM)."""
@@ -459,3 +523,19 @@ class ModelCache:
             f"On a connected machine run `hf download {source}` and copy the HF cache "
             f"(~/.cache/huggingface) here, or pass a local diffusers folder with --model PATH. ({err})"
         )
+
+
+def _plain(value):
+    """A config value as JSON gives it back (tuples as lists), for comparing a saved config with a live one."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _no_depth_route(entry: Checkpoint) -> str:
+    """What to pass for depth runs on a checkpoint that has no depth route."""
+    route, label = entry.family.depth, entry.family.label
+    if route.controlnet is None:  # the family's depth model is a checkpoint of its own
+        ignored = f" (--controlnet {entry.controlnet!r} does not apply to {label})" if entry.controlnet else ""
+        return (f"{entry.source!r} ({label}) has no depth model{ignored}; pass a depth checkpoint such as "
+                f"{route.example} with {route.flag}")
+    return (f"{entry.source!r} ({label}) has no depth model; pass a depth ControlNet for {label} with "
+            f"{route.flag}, e.g. {route.example}")

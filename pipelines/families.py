@@ -59,10 +59,36 @@ class LatentFormat:
 
 
 @dataclass(frozen=True)
+class DepthRoute:
+    """How a family runs the depth tab (input image + optional depth map + strength).
+
+    Three kinds: the checkpoint is itself a depth model (SD 2-depth, FLUX.1-Depth-dev: `controlnet`
+    None); the base checkpoint plus a depth ControlNet from `--controlnet` (SD 1.x, SDXL, SD 3); or
+    none on this checkpoint (`pipeline` None: Flux.1 takes FLUX.1-Depth-dev with `--depth-model`).
+    `flag` and `example` say what to pass when the route is missing. The pipeline's own call says how
+    the depth goes in: `depth_map=` (SD 2-depth scales it itself) or `control_image=` (an RGB depth
+    picture, pipelines/depth.py), and whether the run starts from the input image (`strength`) or
+    from noise (SD 3: diffusers has no SD 3 ControlNet img2img pipeline).
+    """
+
+    pipeline: str | None  # diffusers class of the depth run
+    controlnet: str | None = None  # diffusers class of the ControlNet it takes; None: no ControlNet
+    # config keys the ControlNet must share with the base denoiser (UNet or transformer): its residuals are
+    # added to the denoiser's blocks, and it reads the same text embeddings
+    fits: tuple[str, ...] = ()
+    flag: str = "--controlnet"
+    example: str = ""
+    # the pipeline samples the control image's latents from torch's global generator, not the run's
+    # (diffusers' StableDiffusion3ControlNetPipeline: `vae.encode(control_image).latent_dist.sample()`);
+    # the run seeds it from the request's seed, or the same seed would not give the same image
+    global_rng: bool = False
+
+
+@dataclass(frozen=True)
 class Family:
     """What one model family needs from the rest of Stepwise."""
 
-    name: str  # "sd", "sd-depth", "sdxl", "sd3", "flux"
+    name: str  # "sd", "sd-depth", "sdxl", "sd3", "flux", "flux-depth"
     label: str  # for messages: "SDXL"
     class_names: tuple[str, ...]  # model_index.json `_class_name`s that belong to it
     latents: LatentFormat
@@ -80,6 +106,7 @@ class Family:
     # what diffusers' `infer_diffusers_model_type` calls its single-file checkpoints
     # (diffusers/loaders/single_file_utils.py, `DIFFUSERS_DEFAULT_PIPELINE_PATHS` keys)
     single_file_types: tuple[str, ...] = ()
+    depth: DepthRoute = DepthRoute(None)
 
     def size_multiple(self, pipe) -> int:
         """Width and height must be multiples of this many pixels: the VAE's downscale times the
@@ -102,27 +129,50 @@ class Family:
 
 
 _CLIP = {"tokenizer": 77}
+# img2img ControlNet pipelines where diffusers has them, so strength means what it means for SD 2-depth
+_UNET_CONTROLNET = ("cross_attention_dim", "block_out_channels", "addition_embed_type")
+SD_DEPTH = DepthRoute("StableDiffusionControlNetImg2ImgPipeline", "ControlNetModel", _UNET_CONTROLNET,
+                      example="lllyasviel/control_v11f1p_sd15_depth (SD 1.5), or an SD 2-depth checkpoint such as "
+                              "stabilityai/stable-diffusion-2-depth with --depth-model")
+SDXL_DEPTH = DepthRoute("StableDiffusionXLControlNetImg2ImgPipeline", "ControlNetModel", _UNET_CONTROLNET,
+                        example="diffusers/controlnet-depth-sdxl-1.0")
+# diffusers has no SD 3 ControlNet img2img pipeline: the run starts from noise
+SD3_DEPTH = DepthRoute("StableDiffusion3ControlNetPipeline", "SD3ControlNetModel",
+                       ("patch_size", "num_attention_heads", "attention_head_dim"), global_rng=True,
+                       example="stabilityai/stable-diffusion-3.5-large-controlnet-depth")
+FLUX_DEPTH = "black-forest-labs/FLUX.1-Depth-dev"
 FAMILIES: tuple[Family, ...] = (
     Family("sd", "SD 1.x/2.x", ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
            LatentFormat(4, 0.18215, rgb=SD_LATENT_RGB), text_tokens=_CLIP, single_file_types=("v1", "v2"),
-           load_options={"safety_checker": None, "requires_safety_checker": False}),  # watching, not filtering
+           load_options={"safety_checker": None, "requires_safety_checker": False},  # watching, not filtering
+           depth=SD_DEPTH),
     Family("sd-depth", "SD 2-depth", ("StableDiffusionDepth2ImgPipeline",),
-           LatentFormat(4, 0.18215, rgb=SD_LATENT_RGB), modes=("depth2img",), text_tokens=_CLIP),
+           LatentFormat(4, 0.18215, rgb=SD_LATENT_RGB), modes=("depth2img",), text_tokens=_CLIP,
+           depth=DepthRoute("StableDiffusionDepth2ImgPipeline")),
     Family("sdxl", "SDXL", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
            LatentFormat(4, 0.13025, rgb=SDXL_LATENT_RGB, rgb_bias=SDXL_LATENT_RGB_BIAS),
            text_tokens={"tokenizer": 77, "tokenizer_2": 77}, default_steps=30, default_guidance=5.0,
-           default_scheduler="Euler", single_file_types=("xl_base",)),
+           default_scheduler="Euler", single_file_types=("xl_base",), depth=SDXL_DEPTH),
     Family("sd3", "SD 3", ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
            LatentFormat(16, 1.5305, 0.0609, rgb=SD3_LATENT_RGB, rgb_bias=SD3_LATENT_RGB_BIAS),
            flow_matching=True, cuda_dtype=torch.bfloat16, default_steps=28, default_guidance=7.0,
            default_scheduler="Euler", text_tokens={"tokenizer": 77, "tokenizer_2": 77, "tokenizer_3": 256},
            t5_tokenizer="tokenizer_3",
-           single_file_types=("sd3", "sd35_medium", "sd35_large")),
+           single_file_types=("sd3", "sd35_medium", "sd35_large"), depth=SD3_DEPTH),
     Family("flux", "Flux.1", ("FluxPipeline", "FluxImg2ImgPipeline"),
            LatentFormat(16, 0.3611, 0.1159, packed=True, rgb=FLUX_LATENT_RGB, rgb_bias=FLUX_LATENT_RGB_BIAS),
            flow_matching=True, negative_prompt=False, distilled_guidance=True, cuda_dtype=torch.bfloat16,
            default_steps=28, default_guidance=3.5, default_scheduler="Euler",
-           text_tokens={"tokenizer": 77, "tokenizer_2": 512}, t5_tokenizer="tokenizer_2", single_file_types=("flux-dev", "flux-schnell")),
+           text_tokens={"tokenizer": 77, "tokenizer_2": 512}, t5_tokenizer="tokenizer_2",
+           single_file_types=("flux-dev", "flux-schnell"),
+           depth=DepthRoute(None, flag="--depth-model", example=FLUX_DEPTH)),
+    # FLUX.1-Depth-dev: Flux with the depth picture's latents concatenated to its input (in_channels doubled)
+    Family("flux-depth", "Flux.1 Depth", ("FluxControlPipeline", "FluxControlImg2ImgPipeline"),
+           LatentFormat(16, 0.3611, 0.1159, packed=True, rgb=FLUX_LATENT_RGB, rgb_bias=FLUX_LATENT_RGB_BIAS),
+           flow_matching=True, modes=("depth2img",), negative_prompt=False, distilled_guidance=True,
+           cuda_dtype=torch.bfloat16, default_steps=28, default_guidance=10.0, default_scheduler="Euler",
+           text_tokens={"tokenizer": 77, "tokenizer_2": 512}, t5_tokenizer="tokenizer_2",
+           depth=DepthRoute("FluxControlImg2ImgPipeline")),
 )
 # for messages: "SD 1.x/2.x (v1, v2); SDXL (xl_base); ..."
 SINGLE_FILE_KINDS = "; ".join(f"{f.label} ({', '.join(f.single_file_types)})" for f in FAMILIES if f.single_file_types)

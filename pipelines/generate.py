@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .cache import BUNDLED, ModelCache
+from .depth import control_image
 from .families import Family
 from .previews import HostCopy, NoiseSchedule, X0Recorder, to_pixels
 from .protocol import CancelToken, Final, GenerationError
@@ -45,7 +46,7 @@ class Frame:
     x0_pixels: HostCopy  # uint8 (H, W, 3): this step's clean-image estimate x0
     latents: HostCopy  # (1, C, h, w): the x_t that `xt_pixels` was decoded from, for the channel views
     schedule: NoiseSchedule  # the run's noise levels, shared by its frames
-    depth_pixels: HostCopy | None = None  # depth2img: the depth map the UNet sees (first frame only)
+    depth_pixels: HostCopy | None = None  # depth2img: the depth the denoiser sees (first frame only)
     start_pixels: HostCopy | None = None  # first frame: the latents the run started from, as x_t is shown
     start_latents: HostCopy | None = None  # first frame: those latents, as decoded into `start_pixels`
 
@@ -99,20 +100,38 @@ class Frame:
         return f"step {self.step}/{self.total} · t={self.timestep:.0f}"
 
 
-def pipeline_inputs(pipe, request: GenerationRequest) -> dict:
+def pipeline_inputs(pipe, request: GenerationRequest, control: torch.Tensor | None = None) -> dict:
     """The request fields this pipeline's call takes besides prompt, steps, guidance and generator:
     size (img2img takes it from the image, and SD3's and Flux's need it said), the input image and
-    strength, the negative prompt where the model has one. Shared with the tests' bare calls."""
+    strength (a depth ControlNet pipeline without them starts from noise), the negative prompt where
+    the model has one, the uploaded depth map (SD 2-depth) or `control` (a ControlNet or Flux depth
+    run's (1, 3, H, W) depth picture, `control_image`). Shared with the tests' bare calls."""
     takes = inspect.signature(pipe.__call__).parameters
     names = ["width", "height"] if request.mode == "txt2img" or "width" in takes else []
     if request.mode != "txt2img":
-        names += ["image", "strength"]
+        names += [name for name in ("image", "strength") if name in takes]
     inputs = {name: getattr(request, name) for name in names}
     if request.negative_prompt:
         inputs["negative_prompt"] = request.negative_prompt
-    if request.depth_map is not None:
+    if request.depth_map is not None and "depth_map" in takes:
         inputs["depth_map"] = torch.from_numpy(request.depth_map)[None]
+    if control is not None:
+        inputs["control_image"] = control
     return inputs
+
+
+def depth_control(pipe, request: GenerationRequest, cache: ModelCache, source: str) -> torch.Tensor | None:
+    """The depth picture a depth run's pipeline takes as `control_image`, (1, 3, H, W) float32 in [0, 1]:
+    from the uploaded depth map, else estimated from the input image (`ModelCache.estimator`). None for
+    other modes and for SD 2-depth, which takes the map itself. Raises ModelLoadError when it must
+    estimate and has no estimator."""
+    if request.mode != "depth2img" or "control_image" not in inspect.signature(pipe.__call__).parameters:
+        return None
+    if request.depth_map is not None:
+        depth = torch.from_numpy(request.depth_map)
+    else:
+        depth = cache.estimator(source)(request.image)
+    return control_image(depth, request.width, request.height)
 
 
 def generate(
@@ -143,7 +162,8 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
     pipe = _per_run(shared, scheduler)
     # x0 and the starting latents: the timeline shows both views and step 0
     recorder = X0Recorder(scheduler, family.flow_matching)
-    notes = request.notes + _truncation_notes(pipe, family, request)
+    control = depth_control(pipe, request, cache, source)
+    notes = request.notes + _truncation_notes(pipe, family, request) + _unused_notes(pipe, request)
 
     # 2. The preview decoder
     decode = checkpoint.decoder(request.preview)
@@ -169,7 +189,11 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
         views = {"x_t": schedule.shown(unpack(tensors["latents"]), i + 1), "x0": unpack(recorder.x0)}
         if i == 0:
             views["start"] = schedule.shown(unpack(recorder.start), 0)
-        depth = HostCopy(_depth_pixels(tensors["depth_mask"])) if i == 0 and "depth_mask" in tensors else None
+        depth = None
+        if i == 0 and "depth_mask" in tensors:
+            depth = HostCopy(_depth_pixels(tensors["depth_mask"]))
+        elif i == 0 and control is not None:  # the picture the ControlNet (or Flux's VAE) is given
+            depth = HostCopy(to_pixels(control * 2 - 1))
         fields = dict(step=i + 1, total=p._num_timesteps, t=HostCopy(torch.as_tensor(t)), view=request.view,
                       seconds=time.perf_counter() - started, depth_pixels=depth, schedule=schedule,
                       latents=HostCopy(views["x_t"]),
@@ -192,14 +216,17 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
         guidance_scale=request.guidance_scale,
         generator=torch.Generator("cpu").manual_seed(request.seed),
         callback_on_step_end=on_step_end,
-        callback_on_step_end_tensor_inputs=["latents", "depth_mask"] if request.mode == "depth2img" else ["latents"],
-        **pipeline_inputs(pipe, request),
+        callback_on_step_end_tensor_inputs=[name for name in ("latents", "depth_mask")
+                                            if name in pipe._callback_tensor_inputs],
+        **pipeline_inputs(pipe, request, control),
     )
+
+    global_rng = request.mode == "depth2img" and family.depth.global_rng
 
     def work():
         # what ends the run goes through the decode thread, behind the last frames
         try:
-            with cache.run_lock:
+            with cache.run_lock, _global_rng(request.seed if global_rng else None):
                 decoder.finish(pipe(**call).images[0])
         except Cancelled:
             decoder.finish(None)
@@ -313,6 +340,27 @@ def _truncation_notes(pipe, family: Family, request: GenerationRequest) -> tuple
                 if note not in notes:  # SDXL's two CLIP tokenizers cut alike
                     notes.append(note)
     return tuple(notes)
+
+
+def _unused_notes(pipe, request: GenerationRequest) -> tuple[str, ...]:
+    """Say which depth-tab inputs a depth pipeline that starts from noise leaves unused (SD 3's
+    ControlNet pipeline takes no image or strength)."""
+    if request.mode != "depth2img" or "strength" in inspect.signature(pipe.__call__).parameters:
+        return ()
+    image = "only the depth map is used" if request.depth_map is not None else "only its estimated depth is used"
+    return (f"strength: not used: {type(pipe).__name__} starts from noise; of the input image {image}",)
+
+
+@contextlib.contextmanager
+def _global_rng(seed: int | None):
+    """torch's global generator seeded with `seed` for the block, and put back after (None: left alone).
+    Runs hold `run_lock`, so no other run draws from it meanwhile."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
 
 
 def _per_run(shared, scheduler):

@@ -14,11 +14,14 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderTiny,
+    ControlNetModel,
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    SD3ControlNetModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -102,7 +105,30 @@ def tiny_components(seed: int = 0) -> dict:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    depth_estimator = DPTForDepthEstimation(
+    depth_estimator = tiny_depth_estimator()
+    return {
+        "unet": tiny_unet(),
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "depth_unet": tiny_unet(in_channels=5),
+        "depth_estimator": depth_estimator,
+        "feature_extractor": tiny_depth_processor(),
+        # same 2x upsampling as the VAE above, for the tiny-vae preview
+        "tiny_vae": AutoencoderTiny(
+            encoder_block_out_channels=(8, 8),
+            decoder_block_out_channels=(8, 8),
+            num_encoder_blocks=(1, 1),
+            num_decoder_blocks=(1, 1),
+            latent_channels=4,
+        ),
+    }
+
+
+def tiny_depth_estimator() -> DPTForDepthEstimation:
+    """A tiny DPT (random weights from torch's current seed) reading 32x32 inputs."""
+    return DPTForDepthEstimation(
         DPTConfig(
             image_size=32,
             patch_size=8,
@@ -117,24 +143,19 @@ def tiny_components(seed: int = 0) -> dict:
             is_hybrid=False,
         )
     )
-    return {
-        "unet": tiny_unet(),
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-        "depth_unet": tiny_unet(in_channels=5),
-        "depth_estimator": depth_estimator,
-        "feature_extractor": DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False),
-        # same 2x upsampling as the VAE above, for the tiny-vae preview
-        "tiny_vae": AutoencoderTiny(
-            encoder_block_out_channels=(8, 8),
-            decoder_block_out_channels=(8, 8),
-            num_encoder_blocks=(1, 1),
-            num_decoder_blocks=(1, 1),
-            latent_channels=4,
-        ),
-    }
+
+
+def tiny_depth_processor() -> DPTImageProcessor:
+    return DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
+
+
+def save_tiny_depth_estimator(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny DPT and its processor (what `--depth-estimator` loads) to `folder`."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tiny_depth_estimator().save_pretrained(folder)
+    tiny_depth_processor().save_pretrained(folder)
+    return folder
 
 
 def save_tiny_checkpoint(folder: str | Path, seed: int = 0) -> Path:
@@ -289,7 +310,7 @@ def tiny_sd3(seed: int = 0) -> tuple[StableDiffusion3Pipeline, AutoencoderTiny]:
         patch_size=2,
         in_channels=16,
         out_channels=16,
-        num_layers=1,
+        num_layers=2,  # SD 3's last block reads no context and takes no ControlNet residual (context_pre_only)
         attention_head_dim=8,
         num_attention_heads=4,
         caption_projection_dim=32,
@@ -312,14 +333,16 @@ def tiny_sd3(seed: int = 0) -> tuple[StableDiffusion3Pipeline, AutoencoderTiny]:
     return pipe, _tiny_vae(16)
 
 
-def tiny_flux(seed: int = 0) -> tuple[FluxPipeline, AutoencoderTiny]:
+def tiny_flux(seed: int = 0, control: bool = False) -> tuple[FluxPipeline, AutoencoderTiny]:
     """FLUX.1-dev layout: CLIP (pooled output) + T5 (hidden states), both TEXT_WIDTH wide; 16-channel latents
     packed in 2x2 patches (transformer in_channels 64); distilled guidance (guidance_embeds). Scheduler and VAE
-    constants from black-forest-labs/FLUX.1-dev."""
+    constants from black-forest-labs/FLUX.1-dev. `control`: FLUX.1-Depth-dev's layout, a FluxControlPipeline whose
+    transformer reads the packed latents and the depth picture's packed latents side by side (in_channels 128)."""
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=64,
+        in_channels=128 if control else 64,
+        out_channels=64,
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
@@ -330,7 +353,7 @@ def tiny_flux(seed: int = 0) -> tuple[FluxPipeline, AutoencoderTiny]:
         axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
     )
     tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_t5_tokenizer()
-    pipe = FluxPipeline(
+    pipe = (FluxControlPipeline if control else FluxPipeline)(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(
             shift=3.0,
@@ -349,15 +372,49 @@ def tiny_flux(seed: int = 0) -> tuple[FluxPipeline, AutoencoderTiny]:
     return pipe, _tiny_vae(16)
 
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux")
-_BUILDERS = {"sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "flux-depth")
+_BUILDERS = {"sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux,
+             "flux-depth": lambda seed: tiny_flux(seed, control=True)}
+
+
+def tiny_controlnet(family: str, seed: int = 1) -> ControlNetModel | SD3ControlNetModel:
+    """A depth ControlNet that fits the tiny `family` ("sd", "sdxl", "sd3") denoiser, random weights from `seed`.
+    A real ControlNet starts with zero convolutions (no effect until trained); here those are random too, so that
+    the control changes the image. Raises ValueError for another family."""
+    if family in ("sd", "sdxl"):
+        unet = tiny_unet() if family == "sd" else tiny_sdxl(seed)[0].unet
+        torch.manual_seed(seed)
+        # one stride-2 step in the conditioning embedding: the tiny VAEs downsample 2x, not 8x
+        model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8),
+                                          load_weights_from_unet=False)
+    elif family == "sd3":
+        torch.manual_seed(seed)
+        model = SD3ControlNetModel(sample_size=32, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8,
+                                   num_attention_heads=4, joint_attention_dim=2 * TEXT_WIDTH,
+                                   caption_projection_dim=32, pooled_projection_dim=2 * TEXT_WIDTH, out_channels=16,
+                                   pos_embed_max_size=64)
+    else:
+        raise ValueError(f"tiny ControlNets exist for sd, sdxl and sd3, not {family!r}")
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(std=1.0)
+    return model
+
+
+def save_tiny_controlnet(folder: str | Path, family: str, seed: int = 1) -> Path:
+    """Write `tiny_controlnet(family, seed)` to `folder` (what `--controlnet` loads)."""
+    folder = Path(folder)
+    tiny_controlnet(family, seed).save_pretrained(folder)
+    return folder
 
 
 def save_tiny_family(folder: str | Path, family: str, seed: int = 0) -> Path:
     """Write a tiny random pipeline of `family` (one of FAMILIES) to `folder` and mark it untrained.
 
     "sd" is `save_tiny_checkpoint` (with depth parts); the others are plain `save_pretrained` folders of
-    StableDiffusionXLPipeline / StableDiffusion3Pipeline / FluxPipeline plus `tiny_vae/`. The same seed gives
+    StableDiffusionXLPipeline / StableDiffusion3Pipeline / FluxPipeline / FluxControlPipeline ("flux-depth")
+    plus `tiny_vae/`. The same seed gives
     the same weights. Raises ValueError for an unknown family.
     """
     if family == "sd":

@@ -174,8 +174,9 @@ def classes_asked_in_order(source, modes):
     return got
 
 
-NOT_A_DEPTH_MODEL = ("{!r} (SD 1.x/2.x) has no depth UNet; pass a depth checkpoint such as stabilityai/stable-diffusion-2-depth "
-                     "with --depth-model")
+NOT_A_DEPTH_MODEL = ("{!r} (SD 1.x/2.x) has no depth model; pass a depth ControlNet for SD 1.x/2.x with --controlnet, "
+                     "e.g. lllyasviel/control_v11f1p_sd15_depth (SD 1.5), or an SD 2-depth checkpoint such as "
+                     "stabilityai/stable-diffusion-2-depth with --depth-model")
 ONLY_DEPTH = ("{!r} is a depth model (StableDiffusionDepth2ImgPipeline); it runs only depth2img: pass it with "
               "--depth-model, and a text-to-image checkpoint with --model")
 
@@ -205,7 +206,8 @@ def test_a_checkpoint_of_another_pipeline_class_is_refused_by_name(tmp_path):
     assert str(err.value) == (f"{str(folder)!r} is a KandinskyV22Pipeline checkpoint; Stepwise runs "
                               "StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionDepth2ImgPipeline, "
                               "StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusion3Pipeline, "
-                              "StableDiffusion3Img2ImgPipeline, FluxPipeline, FluxImg2ImgPipeline checkpoints")
+                              "StableDiffusion3Img2ImgPipeline, FluxPipeline, FluxImg2ImgPipeline, "
+                              "FluxControlPipeline, FluxControlImg2ImgPipeline checkpoints")
 
 
 def test_tokenizer_loads_on_its_own_from_a_folder_or_the_hf_cache(hub, tiny_dir, cache):

@@ -167,7 +167,7 @@ def test_a_mode_the_family_cannot_run_is_a_clear_refusal(cache, tiny_families):
     with pytest.raises(RequestError, match="mode: depth2img is not available with this SDXL model; it runs "
                                            "txt2img, img2img"):
         validate_request(settings("sdxl", mode="depth2img", image=SCENE), limits)
-    with pytest.raises(Exception, match=r"\(SDXL\) has no depth UNet"):
+    with pytest.raises(Exception, match=r"\(SDXL\) has no depth model; pass a depth ControlNet for SDXL with --controlnet"):
         cache.pipeline("depth2img", folder)
 
 

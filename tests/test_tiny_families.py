@@ -85,7 +85,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path, tiny_families
 
 
 def test_unknown_family_is_named():
-    with pytest.raises(ValueError, match="family must be one of sd, sdxl, sd3, flux, not 'sd4'"):
+    with pytest.raises(ValueError, match="family must be one of sd, sdxl, sd3, flux, flux-depth, not 'sd4'"):
         save_tiny_family("unused", "sd4")
 
 
