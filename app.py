@@ -35,7 +35,7 @@ from pipelines.cache import OFFLOAD, bundled_folder  # noqa: E402
 from pipelines.devices import app_cpu_threads  # noqa: E402
 from pipelines.presets import Preset, PresetError, fitting_presets, load_presets  # noqa: E402
 from pipelines.sources import list_models  # noqa: E402
-from ui import CSS, AppSpec, build_app  # noqa: E402
+from ui import CSS, AppSpec, ModelView, build_app  # noqa: E402
 
 log = logging.getLogger("stepwise")
 
@@ -89,19 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelView:
-    """What the app shows for one checkpoint: the start model's, or one picked from --models-dir."""
-
-    source: str
-    label: str
-    untrained: bool
-    limits: object  # pipelines.Limits
-    defaults: dict
-    presets: dict[str, Preset]
-    card: dict
-
-
 def model_menu(args: argparse.Namespace) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """The checkpoint picker: (label, source) of --model and every model of --models-dir, the start
     model first, and `{name: reason}` for the --models-dir entries that cannot load. Raises
@@ -129,17 +116,18 @@ def model_view(cache: ModelCache, source: str, label: str | None = None, depth_m
         limits = dataclasses.replace(limits, modes=(*(m for m in limits.modes if m != "depth2img"), "depth2img"))
     folder = bundled_folder() if source == BUNDLED else Path(source)
     card = _model_card(folder) if folder.is_dir() else {}
+    presets = fitting_presets(load_presets(), limits, checkpoint.native_side)
     return ModelView(source=source, label=card.get("label") or label or source,
                      untrained=folder.is_dir() and layout.is_untrained(folder),
                      limits=limits, defaults=_model_defaults(checkpoint, card),
-                     presets=fitting_presets(load_presets(), limits, checkpoint.native_side), card=card)
+                     presets=presets, card=card, preset=_default_preset(presets))
 
 
 def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
     """Build the app around `cache`, fitted to the start checkpoint (`--model`, else the first of
     `--models-dir`): it is loaded here (so the first click is fast), and the size limits, preview
     decoders, scheduler menu and presets offered come from it. Raises ModelLoadError or PresetError."""
-    choices, _broken = model_menu(args)
+    choices, broken = model_menu(args)
     label, start = choices[0]
     view = model_view(cache, start, label, args.depth_model)
     limits, card, presets = view.limits, view.card, view.presets
@@ -172,8 +160,14 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
         keep_runs=KEEP_RUNS,
         run_memory=RUN_MEMORY,
         session_ttl=SESSION_TTL,
-        anatomy=Anatomy(start, depth_source, config=args.config),
+        anatomy=Anatomy(start, args.depth_model, config=args.config),
         delete_cache=CACHE_SWEEP,
+        source=start,
+        # the checkpoint picker: only with --models-dir (A1111's); each pick loads through `cache`
+        models=choices if args.models_dir else [],
+        broken=broken,
+        load_model=lambda source: model_view(cache, source, dict((s, l) for l, s in choices).get(source),
+                                             args.depth_model),
     )
     return build_app(spec).queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
 

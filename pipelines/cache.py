@@ -213,6 +213,7 @@ class Checkpoint:
             size_multiple=multiple,
             modes=self.modes,
             negative_prompt=self.family.negative_prompt,
+            distilled_guidance=self.family.distilled_guidance,
             family=self.family.label,
             # offloaded, a full-VAE preview would move the denoiser off the GPU at every step
             preview_modes=tuple(m for m in PREVIEW_MODES if (m != "tiny-vae" or self.tiny_vae is not None)

@@ -57,6 +57,7 @@ class Limits:
     size_multiple: int = 8  # width and height in blocks of this many pixels
     modes: tuple[str, ...] = ("txt2img", "img2img", "depth2img")  # what it runs
     negative_prompt: bool = True  # False: the model has no negative conditioning (Flux)
+    distilled_guidance: bool = False  # True: guidance_scale is an input of the model, not CFG (Flux)
     family: str = "SD 1.x/2.x"  # its label, for messages
 
 

@@ -215,3 +215,56 @@ def test_hundred_api_runs_leave_the_servers_memory_flat(server):
     assert len(served) <= app_module.KEEP_RUNS * 13
     # RSS is noisy (allocator arenas), so the bound is loose; 60 runs kept would add 79 MB
     assert rss_after - rss_before < 40 * 2**20, f"RSS grew {(rss_after - rss_before) / 2**20:.0f} MB in 60 runs"
+
+
+def test_controls_fit_each_familys_limits(tiny_families, server_cache):
+    """What a model switch sets (and the page starts with): Flux hides the negative prompt, labels its
+    guidance distilled and explains the depth tab; sizes step by the model's multiple."""
+    from ui.layout import _fitted
+
+    flux = app_module.model_view(server_cache, str(tiny_families("flux")), "flux")
+    fit = _fitted(flux)
+    assert flux.limits.distilled_guidance and not flux.limits.negative_prompt
+    assert fit["negative_prompt"] == {"visible": False}
+    assert fit["guidance_scale"]["label"].startswith("Distilled guidance") and fit["guidance_scale"]["value"] == 3.5
+    assert fit["width"]["step"] == fit["height"]["step"] == flux.limits.size_multiple
+    assert fit["mode:depth2img"] == {"visible": False} and fit["send:depth2img"] == {"visible": False}
+    assert fit["note:depth2img"]["value"].startswith(f"**{flux.label}** (Flux.1) runs txt2img, img2img, not depth2img")
+    assert fit["scheduler"]["choices"] == list(flux.limits.schedulers) and fit["steps"]["value"] == 28
+    sd = _fitted(app_module.model_view(server_cache, str(tiny_families("sd")), "sd"))
+    assert sd["negative_prompt"] == {"visible": True} and sd["guidance_scale"]["label"] == "Guidance scale (CFG)"
+    assert sd["mode:depth2img"] == {"visible": True} and sd["note:depth2img"]["visible"] is False
+
+
+@pytest.fixture(scope="module")
+def models_server(tiny_families, tmp_path_factory, server_cache):
+    """--models-dir with the tiny SD, the tiny Flux and a Flux folder without weights (listed, fails to load)."""
+    folder = tmp_path_factory.mktemp("models")
+    (folder / "1-sd").symlink_to(tiny_families("sd"))
+    (folder / "2-flux").symlink_to(tiny_families("flux"))
+    empty = folder / "3-empty"
+    empty.mkdir()
+    (empty / "model_index.json").write_text((tiny_families("flux") / "model_index.json").read_text())
+    demo = app_module.create_demo(app_module.parse_args(["--models-dir", str(folder)]), server_cache)
+    demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
+    yield demo, folder
+    demo.close()
+
+
+def test_a_picked_model_runs_for_its_session_only_and_a_failed_load_keeps_the_last(models_server):
+    from .test_messages import fire
+
+    demo, folder = models_server
+    url, session = demo.local_url, "picker-session"
+    flux = str(folder / "2-flux")
+    picked = fire(url, "model-picker", "input", [flux], session)
+    assert picked["error"] is None
+    failed = fire(url, "model-picker", "input", [str(folder / "3-empty")], session)
+    assert failed["error"].startswith("Could not load model '3-empty (Flux.1)': ")
+    assert failed["error"].endswith("This page stays on '2-flux (Flux.1)'.")
+    data = [None, None, *COMMON.values(), "x_t"]  # runs and model (gr.State: the server fills them), then the fields
+    run = fire(url, "generate-txt2img", "click", data, session)  # the session's model: Flux
+    info = run["outputs"][4]  # the page's outputs: RunUpdate's, runs included
+    assert run["error"] is None and "distilled guidance 5.0" in info and "CFG" not in info
+    other = fire(url, "generate-txt2img", "click", data)  # a new session: the start model, SD
+    assert "CFG 5.0" in other["outputs"][4]

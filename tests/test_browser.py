@@ -167,3 +167,54 @@ def test_page_events_say_what_happened(page, tmp_path):
     assert "No settings loaded: this image carries no generation settings" in page.inner_text("#load-png-note")
     toasts = page.locator(".toast-body").all_inner_texts()
     assert any("No settings loaded" in text for text in toasts)
+
+
+@pytest.fixture(scope="module")
+def models_url(tiny_families, tmp_path_factory):
+    """The app on a --models-dir of the tiny SD (first, the start model) and the tiny Flux."""
+    folder = tmp_path_factory.mktemp("models")
+    (folder / "1-sd").symlink_to(tiny_families("sd"))
+    (folder / "2-flux").symlink_to(tiny_families("flux"))
+    demo = app_module.create_demo(app_module.parse_args(["--models-dir", str(folder)]), ModelCache(device="cpu"))
+    demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
+    yield demo.local_url
+    demo.close()
+
+
+def pick_model(page, label: str) -> None:
+    page.locator("#model-picker input").click()
+    page.get_by_role("option", name=label).click()
+
+
+def test_switch_checkpoints_from_the_models_folder(browser, models_url, request):
+    """SD -> Flux: the negative prompt box goes, guidance is labelled distilled, the depth tab explains
+    itself; a Flux run streams every step; back to SD, the negative prompt box returns."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.set_default_timeout(30_000)
+    try:
+        page.goto(models_url)
+        page.wait_for_selector("#generate-txt2img")
+        assert page.locator("#negative-prompt").is_visible()
+        pick_model(page, "2-flux (Flux.1)")
+        page.wait_for_selector("#negative-prompt", state="hidden")
+        assert "Distilled guidance" in page.inner_text("#guidance")
+        set_number(page, "steps", 3)
+        page.click("#generate-txt2img")
+        page.wait_for_selector("#final-image img")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('step 3/3')")
+        assert gallery_count(page) == 3
+        assert "distilled guidance 3.5" in page.inner_text("body")
+        page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('noise level σ=')")
+        assert page.locator("#timeline-channels img").count() == 16
+        page.get_by_role("tab", name="depth").click()
+        page.wait_for_function("document.body.innerText.includes('runs txt2img, img2img, not depth2img')")
+        assert not page.locator("#generate-depth2img").is_visible()
+        pick_model(page, "1-sd (SD 1.x/2.x)")
+        page.wait_for_selector("#negative-prompt", state="visible")
+        assert "Guidance scale (CFG)" in page.inner_text("#guidance")
+    finally:
+        report = getattr(request.node, "rep_call", None)
+        if report is None or report.failed:
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=SHOTS / f"{request.node.name}.png", full_page=True)
+        page.close()

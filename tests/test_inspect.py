@@ -164,18 +164,22 @@ def test_scrubbing_touches_no_model_during_and_after_a_run(cache, tiny_dir, make
 
     req = make_request(steps=6, preview="full-vae", scheduler="Euler")
     view, other = RunView(tmp_path, request=req), record(make_request(seed=8), cache, tiny_dir, tmp_path / "o")
+    inspector.tokens("a red square")  # the tokenizers load once, on first use (no weights)
     for item in generate(req, cache, source=str(tiny_dir)):
         if isinstance(item, Frame):
             view.add_frame(item)
-            if item.step == 1:  # the run has its pipeline; from here on the cache is off limits
+            with monkeypatch.context() as m:
                 for name in ("checkpoint", "pipeline", "_load", "_derive", "_evict", "free_memory"):
-                    monkeypatch.setattr(ModelCache, name, refuse(name))
-            for step in range(item.step + 1):
-                assert inspector.show([view, other], 0, 1, step)[0] is not None
-            inspector.tokens("a red square")
-    for step in range(7):
-        inspector.show([view, other], 0, 1, step)
-        inspector.show([view, other], 1, 0, step)
+                    m.setattr(ModelCache, name, refuse(name))
+                for step in range(item.step + 1):
+                    assert inspector.show([view, other], 0, 1, step)[0] is not None
+                inspector.tokens("a red square")
+    with monkeypatch.context() as m:
+        for name in ("checkpoint", "pipeline", "_load", "_derive", "_evict", "free_memory"):
+            m.setattr(ModelCache, name, refuse(name))
+        for step in range(7):
+            inspector.show([view, other], 0, 1, step)
+            inspector.show([view, other], 1, 0, step)
     assert calls == []
 
 
@@ -201,9 +205,10 @@ def test_a_depth_run_from_another_source_is_shown_and_tokenized_with_that_source
     prompt = "a red circle " * 2  # one token per letter here: 20, and the two markers
     html = inspector.tokens(prompt)
     assert html.count("sw-tokens") == 2
-    assert f"depth2img ({second_source}): 22 tokens · <b>6 cut off</b> (the encoder reads 16)" in html
-    assert f"txt2img and img2img ({tiny_dir}): 22 tokens<" in html
-    assert [t.id for t in inspector.anatomy.tokens(prompt, str(second_source)) if t.kept] == \
+    assert f"depth2img ({second_source}) · CLIP (tokenizer): 22 tokens · <b>6 cut off</b> (the encoder reads 16)" in html
+    assert f"txt2img and img2img ({tiny_dir}) · CLIP (tokenizer): 22 tokens (reads 77)<" in html
+    [encoded] = inspector.anatomy.tokens(prompt, str(second_source))
+    assert [t.id for t in encoded.tokens if t.kept] == \
         cache.pipeline("depth2img", str(second_source)).tokenizer(prompt, truncation=True).input_ids
 
 
@@ -224,7 +229,9 @@ def test_pndm_second_evaluation_of_a_timestep_is_said(cache, tiny_dir, make_requ
 def test_tokens_view_matches_the_tokenizer(inspector, cache, tiny_dir):
     tokenizer = cache.pipeline("txt2img", str(tiny_dir)).tokenizer
     prompt = "a red circle " * 10  # one token per letter with this tokenizer: 100, and the two markers
-    tokens = inspector.anatomy.tokens(prompt)
+    [encoded] = inspector.anatomy.tokens(prompt)
+    tokens = encoded.tokens
+    assert encoded.encoder == "CLIP (tokenizer)" and encoded.limit == 77
     assert [t.id for t in tokens] == tokenizer(prompt, truncation=False).input_ids
     kept = [t.id for t in tokens if t.kept]
     assert kept == tokenizer(prompt, truncation=True, max_length=77).input_ids
@@ -451,3 +458,47 @@ def test_timeline_and_export_say_when_a_runs_steps_were_dropped(frames, inspecto
     with pytest.raises(gr.Error, match="dropped from memory"):
         inspector.export_run(runs, old.id, "gif")
     assert "steps dropped" in run_choices(runs)[0][0] and run_choices(runs)[1][1] == new.id
+
+
+@pytest.mark.parametrize("family, readings", [
+    ("sd3", [("CLIP (tokenizer, tokenizer_2)", 77), ("T5 (tokenizer_3)", 256)]),
+    ("flux", [("CLIP (tokenizer)", 77), ("T5 (tokenizer_2)", 512)]),
+])
+def test_tokens_of_each_text_encoder_with_its_own_limit(cache, tiny_families, family, readings):
+    """Each encoder's tokens and what it cuts off, as the pipeline encodes the prompt: CLIP at
+    77, T5 at max_sequence_length (256 for SD 3, 512 for Flux)."""
+    source = str(tiny_families(family))
+    prompt = "a red square " * 30  # one token per letter: 300 in CLIP, 390 in the tiny T5
+    encoded = Anatomy(source).tokens(prompt)
+    assert [(e.encoder, e.limit) for e in encoded] == readings
+    pipe = cache.pipeline("txt2img", source)
+    for e in encoded:
+        tokenizer = getattr(pipe, e.encoder.split("(")[1].split(",")[0].rstrip(")"))
+        assert [t.id for t in e.tokens] == tokenizer(prompt, truncation=False).input_ids
+        assert [t.id for t in e.tokens if t.kept] == tokenizer(prompt, truncation=True, max_length=e.limit).input_ids
+        assert e.cut == max(len(e.tokens) - e.limit, 0)
+    html = Inspector(Anatomy(source)).tokens(prompt)
+    assert html.count("sw-tokens") == 2
+    for e in encoded:
+        said = f"<b>{e.cut} cut off</b> (the encoder reads {e.limit})" if e.cut else f"(reads {e.limit})"
+        assert f"{e.encoder}: {len(e.tokens)} tokens{' · ' if e.cut else ' '}{said}" in html
+    assert [e.cut for e in encoded] == ([225, 135] if family == "sd3" else [225, 0])
+
+
+def test_flow_matching_runs_show_sigma_and_sixteen_channels(cache, tiny_families, make_request, tmp_path):
+    """Flux: x_t = (1 - sigma) x0 + sigma noise, so the noise level is sigma, said as such (not
+    sqrt(1 - alpha_bar)); its latents have 16 channels, the gallery says so."""
+    source = tiny_families("flux")
+    view = record(make_request(steps=3, negative_prompt=""), cache, source, tmp_path / "flux")
+    inspector = Inspector(Anatomy(str(source)))
+    for step in range(4):
+        _, _, _, info, channels, plot = inspector.show([view], 0, None, step)
+        level = view.frames[0].schedule.levels[step]
+        assert f"noise level σ={level:.3f}" in info and "√(1−ᾱ)" not in info
+        assert len(channels) == 16 and "noise level σ<" in plot
+    gallery = inspector.timeline([view], None, None, 3)[4]
+    assert gallery.label == "The 16 latent channels of x_t"
+    assert view.levels[0] == pytest.approx(1.0) and view.levels[-1] == 0.0  # pure noise to clean, in sigma
+    sd = record(make_request(steps=3), cache, tiny_families("sd"), tmp_path / "sd")
+    assert inspector.timeline([sd], None, None, 3)[4].label == "The 4 latent channels of x_t"
+    assert "noise level √(1−ᾱ)=" in inspector.show([sd], 0, None, 3)[3]

@@ -52,6 +52,7 @@ def fire(url: str, elem_id: str, trigger: str, data: list, session: str | None =
     config = httpx.get(f"{url}config").json()
     target = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id)
     dep = next(d for d in config["dependencies"] if [target, trigger] in d["targets"])
+    data = data + [None] * (len(dep["inputs"]) - len(data))  # gr.State inputs: the page sends null, the server fills
     body = {"data": data, "fn_index": dep["id"], "trigger_id": target, "event_data": None,
             "session_hash": session or uuid.uuid4().hex}
     if not dep["queue"]:  # the page shows no toast and no error text for these (seen in Chromium): only "Error"

@@ -51,14 +51,17 @@ class Runner:
 
     Each run has its own `CancelToken`, registered under the session that started it,
     so Stop reaches that session's run and no other. A session's runs live in `store`
-    under stable ids; the session's `gr.State` holds only the ids.
+    under stable ids; the session's `gr.State` holds only the ids. A session that picked
+    a model (its `model` State: a source) runs on it, checked against that model's limits:
+    `models(source)` gives its view (`.limits`, `.label`) and `generate` takes `model=source`.
     """
 
-    def __init__(self, generate: GenerateFn, store: RunStore, limits: Limits, model_label: str):
+    def __init__(self, generate: GenerateFn, store: RunStore, limits: Limits, model_label: str, models=None):
         self.generate = generate
         self.store = store
         self.limits = limits
         self.model_label = model_label
+        self.models = models
         self.blocks: gr.Blocks | None = None  # set once built: Stop withdraws runs from its queue
         self._tokens: dict[str, CancelToken] = {}
         self._handlers: set = set()  # this Runner's event functions, to find their events in the queue
@@ -67,13 +70,14 @@ class Runner:
     def handler(self, mode: str, with_depth: bool = False):
         """The event function for one tab; keyword inputs are the API parameters."""
 
-        def run(request: gr.Request, runs: list | None = None, **fields) -> Iterator[tuple]:
-            yield from self._run(mode, request, runs, fields, with_depth)
+        def run(request: gr.Request, runs: list | None = None, model: str | None = None,
+                **fields) -> Iterator[tuple]:
+            yield from self._run(mode, request, runs, fields, with_depth, model)
 
-        def run_depth(request: gr.Request, runs: list | None = None, depth_map: str | None = None,
-                      **fields) -> Iterator[tuple]:
+        def run_depth(request: gr.Request, runs: list | None = None, model: str | None = None,
+                      depth_map: str | None = None, **fields) -> Iterator[tuple]:
             # the explicit `= None` makes depth_map optional for API clients
-            yield from self._run(mode, request, runs, dict(fields, depth_map=depth_map), with_depth)
+            yield from self._run(mode, request, runs, dict(fields, depth_map=depth_map), with_depth, model)
 
         fn = run_depth if with_depth else run
         fn.__name__ = mode
@@ -124,9 +128,17 @@ class Runner:
         update = RunUpdate(view.preview, gallery, final, status, info, runs, view.depth)
         return update if with_depth else update[:-1]
 
-    def _run(self, mode: str, request: gr.Request, runs: list | None, fields: dict, with_depth: bool) -> Iterator[tuple]:
+    def _run(self, mode: str, request: gr.Request, runs: list | None, fields: dict, with_depth: bool,
+             model: str | None = None) -> Iterator[tuple]:
+        limits, label, kwargs = self.limits, self.model_label, {}
+        if model is not None and self.models is not None:
+            try:
+                view = self.models(model)
+            except ModelLoadError as err:
+                raise gr.Error(str(err), title="Pick a model") from None
+            limits, label, kwargs = view.limits, view.label, {"model": model}
         try:
-            req = validate_request({"mode": mode, **fields}, self.limits)
+            req = validate_request({"mode": mode, **fields}, limits)
         except RequestError as err:
             raise gr.Error(str(err), title="Check the settings") from None
         session = request.session_hash or "api"
@@ -145,23 +157,25 @@ class Runner:
         # for which Gradio rebuilds the component's config (milliseconds); only the gallery,
         # whose resend grows with the run, is skipped between refreshes.
         try:
-            for item in self.generate(req, token):
+            for item in self.generate(req, token, **kwargs):
                 if isinstance(item, Final):
-                    final = view.final = save_png(item, view.folder / "final.png", self.model_label)
+                    final = view.final = save_png(item, view.folder / "final.png", label)
                     view.disk_bytes += Path(final).stat().st_size
-                    status = progress_html(view.step, view.total, f"done in {item.seconds:.2f} s", view.levels)
+                    status = progress_html(view.step, view.total, f"done in {item.seconds:.2f} s", view.levels,
+                                           view.flow_matching)
                     for note in item.notes:
                         gr.Warning(note)
-                    yield self._outputs(view, view.gallery, final, status, _info(req, self.model_label, item),
+                    yield self._outputs(view, view.gallery, final, status, _info(req, label, item, limits.distilled_guidance),
                                         runs, with_depth)
                     return
                 self.store.add_frame(view, item)
                 gallery = view.gallery if view.gallery_due() else gr.skip()
-                status = progress_html(view.step, view.total, f"t={item.timestep:.0f}", view.levels)
+                status = progress_html(view.step, view.total, f"t={item.timestep:.0f}", view.levels, view.flow_matching)
                 yield self._outputs(view, gallery, None, status, "", runs, with_depth)
             # the frames ended without a final image: the run was stopped
             note = f"Stopped at step {view.step}/{view.total}; the steps so far stay in the gallery."
-            yield self._outputs(view, view.gallery, None, progress_html(view.step, view.total, "stopped", view.levels),
+            yield self._outputs(view, view.gallery, None, progress_html(view.step, view.total, "stopped", view.levels,
+                                                                         view.flow_matching),
                                 note, runs if view.step else before, with_depth)
         except (ModelLoadError, GenerationError, ValueError) as err:
             raise gr.Error(str(err)) from None
@@ -176,12 +190,15 @@ class Runner:
                 self.store.forget([view.id])
 
 
-def _info(req: GenerationRequest, model: str, final: Final) -> str:
+def _info(req: GenerationRequest, model: str, final: Final, distilled_guidance: bool = False) -> str:
     if req.mode == "txt2img":
         steps = f"{req.steps} steps"
     else:  # img2img and depth2img start part-way: strength sets how far
         steps = f"{req.denoising_steps} of {req.steps} steps (strength {req.strength})"
-    cfg = f"CFG {req.guidance_scale}" + ("" if req.classifier_free_guidance else " (off: 1 or below)")
+    if distilled_guidance:  # an input of the model (Flux dev), not classifier-free guidance
+        cfg = f"distilled guidance {req.guidance_scale}"
+    else:
+        cfg = f"CFG {req.guidance_scale}" + ("" if req.classifier_free_guidance else " (off: 1 or below)")
     notes = "".join(f"\n\n⚠ {note}" for note in final.notes)
     return (
         f"**{req.mode}** · seed `{req.seed}` · {steps} · {req.scheduler} · {cfg}"

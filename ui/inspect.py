@@ -13,20 +13,22 @@ from pipelines.anatomy import channels
 from pipelines.export import export
 from pipelines.metadata import read_parameters
 
-from .stream import RunView, schedule_svg
+from .stream import RunView, noise_level_name, schedule_svg
 
 
-def tokens_html(tokens, label: str | None = None) -> str:
-    """Each token as a chip with its id; tokens past the encoder's limit struck through."""
-    if not tokens:
-        return ""
-    cut = sum(not t.kept for t in tokens)
-    chips = "".join(
-        f'<span class="sw-token{"" if t.kept else " cut"}" title="id {t.id}">{html.escape(t.text)}'
-        f"<sub>{t.id}</sub></span>" for t in tokens)
-    note = f" · <b>{cut} cut off</b> (the encoder reads {len(tokens) - cut})" if cut else ""
-    head = f"{html.escape(label)}: " if label else ""
-    return f'<div class="sw-tokens"><small>{head}{len(tokens)} tokens{note}</small><div>{chips}</div></div>'
+def tokens_html(encoded, label: str | None = None) -> str:
+    """Each text encoder's reading of the prompt (`pipelines.anatomy.Encoded`): each token as a chip
+    with its id, tokens past the encoder's limit struck through."""
+    blocks = []
+    for e in encoded:
+        chips = "".join(
+            f'<span class="sw-token{"" if t.kept else " cut"}" title="id {t.id}">{html.escape(t.text)}'
+            f"<sub>{t.id}</sub></span>" for t in e.tokens)
+        note = f" · <b>{e.cut} cut off</b> (the encoder reads {e.limit})" if e.cut else f" (reads {e.limit})"
+        head = html.escape(f"{label} · {e.encoder}" if label else e.encoder)
+        blocks.append(f'<div class="sw-tokens"><small>{head}: {len(e.tokens)} tokens{note}</small>'
+                      f"<div>{chips}</div></div>")
+    return "".join(blocks)
 
 
 def run_choices(runs: list[RunView] | None) -> list[tuple[str, str]]:
@@ -38,17 +40,22 @@ class Inspector:
     """Handlers for the Inspect panel. They show what runs made and stored in their
     frames, and tokenize with `anatomy`'s tokenizers: no handler loads, evicts or
     runs a model, so they answer while a run holds the GPU. Loaded settings are checked
-    against the loaded model's `limits` and the `schedulers` it offers."""
+    against the loaded model's `limits` and the `schedulers` it offers, or those of the session's
+    picked model (`models(source)` gives its view, with `.limits`)."""
 
-    def __init__(self, anatomy, limits: Limits = Limits(), schedulers: tuple[str, ...] = SCHEDULER_NAMES):
+    def __init__(self, anatomy, limits: Limits = Limits(), schedulers: tuple[str, ...] = SCHEDULER_NAMES,
+                 models=None):
         self.anatomy = anatomy
         self.limits = limits
         self.schedulers = tuple(schedulers)
+        self.models = models
 
-    def tokens(self, prompt: str) -> str:
-        """The prompt's tokens as each mode's model reads them; one block per model source."""
+    def tokens(self, prompt: str, model: str | None = None) -> str:
+        """The prompt's tokens as each text encoder of each mode's model reads them (the session's
+        picked `model`, default the start one); one block per source and encoder."""
+        sources = self.anatomy.sources_for(model) if model else self.anatomy.sources
         modes_of: dict[str, list[str]] = {}
-        for mode, source in self.anatomy.sources.items():
+        for mode, source in sources.items():
             modes_of.setdefault(source, []).append(mode)
         blocks = []
         for source, modes in modes_of.items():
@@ -71,11 +78,14 @@ class Inspector:
                 gr.Slider(maximum=max(steps, 1), value=steps))
 
     def timeline(self, runs: list[RunView] | None, pick: str | None, other: str | None, step: int):
-        """`show`, or why the picked run's steps are gone from memory."""
+        """`show` (its channel gallery labelled with their count), or why the picked run's steps are
+        gone from memory."""
         view = _pick(runs, pick if pick is not None else -1)
         if view is not None and view.dropped:
             return None, None, None, view.dropped, [], ""
-        return self.show(runs, pick, other, step)
+        *shown, gallery, plot = self.show(runs, pick, other, step)
+        # 4 channels for SD and SDXL, 16 for SD 3 and Flux: the frame's own count
+        return (*shown, gr.Gallery(gallery, label=channels_label(len(gallery))) if gallery else [], plot)
 
     def export_run(self, runs: list[RunView] | None, pick: str | None, kind: str) -> str:
         """`export`, or why the picked run's steps are gone from memory."""
@@ -97,19 +107,19 @@ class Inspector:
             return None, None, None, "No step of this run has finished (yet).", [], ""
         step = min(int(step), len(view.frames))  # the run may still be going
         first = view.frames[0]
-        levels = first.schedule_levels()
-        plot = schedule_svg(levels, step)
+        levels, flow = first.schedule_levels(), first.schedule.flow_matching
+        plot = schedule_svg(levels, step, flow)
         beside, beside_note = self._beside(runs, other, step)
         if step == 0:
             start = "the seed's starting noise" if view.request.mode == "txt2img" else (
                 f"the input image's latents, noised to strength {view.request.strength}")
-            info = (f"**step 0**: the latents the run started from, {start} · "
-                    f"noise level √(1−ᾱ)={levels[0]:.3f} · σ={first.schedule.sigma(0):.3f}")
+            info = f"**step 0**: the latents the run started from, {start} · " + _noise(flow, levels[0],
+                                                                                           first.schedule.sigma(0))
             return (first.start_pixels.pil(), None, beside, info + beside_note,
                     _gallery(first.start_latents.tensor()), plot)
         frame = view.frames[step - 1]
-        info = (f"**step {frame.step}/{frame.total}** · the UNet at timestep t={frame.timestep:.0f} · "
-                f"x_t after it: noise level √(1−ᾱ)={frame.noise_level:.3f} · σ={frame.sigma:.3f}")
+        info = (f"**step {frame.step}/{frame.total}** · the denoiser at timestep t={frame.timestep:.0f} · "
+                f"x_t after it: {_noise(flow, frame.noise_level, frame.sigma)}")
         if step > 1 and view.frames[step - 2].timestep == frame.timestep:
             info += f" · same timestep as step {step - 1}: this scheduler evaluates it a second time"
         return (frame.xt_pixels.pil(), frame.x0_pixels.pil(), beside, info + beside_note,
@@ -139,14 +149,18 @@ class Inspector:
         except (OSError, ValueError) as err:  # disk full, encoder refused
             raise gr.Error(f"Could not write the {kind.upper()}: {err}") from None
 
-    def load_png(self, path: str | None) -> tuple[dict, str]:
+    def load_png(self, path: str | None, model: str | None = None) -> tuple[dict, str]:
         """Generation settings from an image's metadata, by field name, and a note of what was
         loaded and what was not. Fields the file has no value for, or whose value does not fit
-        the loaded model, are left out: their controls keep their values."""
+        the loaded model (the session's picked `model`), are left out: their controls keep their values."""
         if not path:
             return {}, gr.skip()
+        limits, schedulers = self.limits, self.schedulers
+        if model and self.models is not None:
+            limits = self.models(model).limits
+            schedulers = limits.schedulers
         try:
-            read = read_parameters(path, self.limits, self.schedulers)
+            read = read_parameters(path, limits, schedulers)
         except ValueError as err:
             return self._not_loaded(f"No settings loaded: {err}.")
         except (OSError, SyntaxError, Image.DecompressionBombError):
@@ -179,6 +193,16 @@ def _loaded_summary(read) -> str:
     if not parts:
         return f"Nothing loaded from the {read.generator} settings{made}: see the notes."
     return f"Loaded from {read.generator}{made}: {', '.join(parts)}."
+
+
+def _noise(flow_matching: bool, level: float, sigma: float) -> str:
+    """The noise level of x_t in the family's own terms: flow matching's sigma is its share of noise."""
+    name = noise_level_name(flow_matching)
+    return f"noise level {name}={level:.3f}" if flow_matching else f"noise level {name}={level:.3f} · σ={sigma:.3f}"
+
+
+def channels_label(count: int) -> str:
+    return f"The {count} latent channels of x_t"
 
 
 def _gallery(latents) -> list[tuple]:

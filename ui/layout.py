@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gradio as gr
 
-from pipelines import Limits
-from pipelines.request import FIELDS, fields_of
+from pipelines import Limits, ModelLoadError
+from pipelines.request import FIELDS, MODES, fields_of
 from pipelines.presets import Preset
 
 from . import fields
@@ -40,6 +41,20 @@ VIEW_INFO = "x_t: the noisy latent the sampler holds at this step · x0: the cle
 IDLE_STATUS = '<div class="sw-progress"><span>Ready: press Generate to watch every step.</span></div>'
 
 
+@dataclass(frozen=True)
+class ModelView:
+    """What the app shows for one checkpoint: the start model's, or one picked in the checkpoint picker."""
+
+    source: str
+    label: str
+    untrained: bool
+    limits: Limits  # from the loaded model: sizes, schedulers, previews, modes, negative prompt, guidance kind
+    defaults: dict  # start values where no preset applies (the model's own)
+    presets: dict[str, Preset]  # those that fit it
+    card: dict = field(default_factory=dict)
+    preset: str | None = None  # the preset it starts with
+
+
 @dataclass
 class AppSpec:
     """Everything the layout needs to know about the server it fronts."""
@@ -59,23 +74,50 @@ class AppSpec:
     session_ttl: float = 3600  # a session's runs are let go this long after its last run
     anatomy: object = None  # pipelines.anatomy.Anatomy: each source's tokens (loads no model)
     delete_cache: tuple[int, int] | None = (3600, 3600)  # Gradio's cache sweep: (every s, older than s)
+    # the checkpoint picker (--models-dir): (label, source) of each model, none without it
+    source: str | None = None  # the start model's source: each session's model until it picks another
+    models: list[tuple[str, str]] = field(default_factory=list)
+    broken: dict[str, str] = field(default_factory=dict)  # entries that cannot load: name -> why
+    load_model: Callable[[str], ModelView] | None = None  # loads a source; raises ModelLoadError
 
 
 def build_app(spec: AppSpec) -> gr.Blocks:
     memory_runs, memory_bytes = spec.run_memory
     store = RunStore(spec.run_root, keep=spec.keep_runs, memory_runs=memory_runs, memory_bytes=memory_bytes)
-    runner = Runner(spec.generate, store, spec.limits, spec.model_label)
-    start = {**spec.defaults, **(spec.presets[spec.initial_preset].values if spec.initial_preset else {})}
+    first = ModelView(spec.source or "", spec.model_label, spec.untrained, spec.limits, spec.defaults, spec.presets,
+                      preset=spec.initial_preset)
+    # each model a session may be on, by source: the start one and those picked since (this app's, not global)
+    views = {first.source: first}
+
+    def view_of(source: str) -> ModelView:
+        if source not in views:
+            raise ModelLoadError(f"model {source!r} is not loaded: pick it in the checkpoint list")
+        return views[source]
+
+    runner = Runner(spec.generate, store, spec.limits, spec.model_label, models=view_of)
+    start = _start(first)
     lim = spec.limits
+    fit = _fitted(first)
+    fitted: list[tuple[str, gr.components.Component]] = []  # what a model switch re-fits, by `_fitted` key
+
+    def fits(key: str, component):
+        fitted.append((key, component))
+        return component
 
     with gr.Blocks(title="Stepwise: watch Stable Diffusion work", delete_cache=spec.delete_cache) as demo:
-        gr.Markdown(f"# Stepwise\nEvery denoising step, as it happens. Model: **{spec.model_label}**")
-        if spec.untrained:
-            gr.Markdown(
-                "> **Untrained model.** This checkpoint has random weights built from configs, so its "
-                "pictures are noise. Use the bundled micro model or pass `--model`.",
-                elem_id="untrained-banner",
-            )
+        fits("header", gr.Markdown(**fit["header"]))
+        # the session's model (a source); None where the app has no start source (tests' bare specs)
+        model = gr.State(spec.source)
+        if spec.models:  # A1111's checkpoint picker
+            picker = fields.Dropdown(spec.models, value=spec.source, label="Checkpoint", elem_id="model-picker",
+                                     info="Loading a model waits for runs in progress")
+            if spec.broken:
+                gr.Markdown("Not loadable: " + " · ".join(f"**{name}**: {why}" for name, why in spec.broken.items()),
+                            elem_id="model-broken")
+        fits("untrained", gr.Markdown(
+            "> **Untrained model.** This checkpoint has random weights built from configs, so its "
+            "pictures are noise. Use the bundled micro model or pass `--model`.",
+            elem_id="untrained-banner", **fit["untrained"]))
         # this session's run ids (keys of `store`), newest last; API sessions never close,
         # so the runs are let go `session_ttl` after the last one
         runs = gr.State([], time_to_live=spec.session_ttl, delete_callback=store.forget)
@@ -83,27 +125,34 @@ def build_app(spec: AppSpec) -> gr.Blocks:
             with gr.Column(scale=2):
                 prompt = _control(gr.Textbox, "prompt", lim, start, lines=2, elem_id="prompt")
                 tokens = gr.HTML(elem_id="tokens")
-                negative = _control(gr.Textbox, "negative_prompt", lim, start)
-                with gr.Tabs(selected=start.get("mode", "txt2img")) as tabs:
+                negative = fits("negative_prompt", _control(gr.Textbox, "negative_prompt", lim, start,
+                                                            elem_id="negative-prompt", **fit["negative_prompt"]))
+                with fits("tabs", gr.Tabs(**fit["tabs"])) as tabs:
                     with gr.Tab("txt2img", id="txt2img"):
-                        go_txt = gr.Button("Generate", variant="primary", elem_id="generate-txt2img")
+                        fits("note:txt2img", gr.Markdown(**fit["note:txt2img"]))
+                        with fits("mode:txt2img", gr.Column(**fit["mode:txt2img"])):
+                            go_txt = gr.Button("Generate", variant="primary", elem_id="generate-txt2img")
                     with gr.Tab("img2img", id="img2img"):
-                        img_in = fields.ImageFile(label="Input image", type="filepath", sources=["upload", "clipboard"],
-                                                 elem_id="img2img-input")
-                        img_strength = fields.Slider(0.01, 1.0, value=start.get("strength", 0.75), step=0.01,
-                                                 label="Strength (how much to change)")
-                        go_img = gr.Button("Generate", variant="primary", elem_id="generate-img2img")
+                        fits("note:img2img", gr.Markdown(**fit["note:img2img"]))
+                        with fits("mode:img2img", gr.Column(**fit["mode:img2img"])):
+                            img_in = fields.ImageFile(label="Input image", type="filepath",
+                                                      sources=["upload", "clipboard"], elem_id="img2img-input")
+                            img_strength = fields.Slider(0.01, 1.0, value=start.get("strength", 0.75), step=0.01,
+                                                         label="Strength (how much to change)")
+                            go_img = gr.Button("Generate", variant="primary", elem_id="generate-img2img")
                     with gr.Tab("depth", id="depth2img"):
-                        with gr.Row():
-                            depth_in = fields.ImageFile(label="Input image", type="filepath",
-                                                       sources=["upload", "clipboard"], elem_id="depth-input")
-                            depth_map = fields.ImageFile(label="Depth map (optional; estimated when empty)",
-                                                         type="filepath", sources=["upload"])
-                        depth_strength = fields.Slider(0.01, 1.0, value=start.get("strength", 0.8), step=0.01,
-                                                   label="Strength")
-                        go_depth = gr.Button("Generate", variant="primary", elem_id="generate-depth2img")
-                        depth_used = gr.Image(label="Depth map used (near = light)", interactive=False, height=160,
-                                              elem_id="depth-used")
+                        fits("note:depth2img", gr.Markdown(**fit["note:depth2img"]))
+                        with fits("mode:depth2img", gr.Column(**fit["mode:depth2img"])):
+                            with gr.Row():
+                                depth_in = fields.ImageFile(label="Input image", type="filepath",
+                                                            sources=["upload", "clipboard"], elem_id="depth-input")
+                                depth_map = fields.ImageFile(label="Depth map (optional; estimated when empty)",
+                                                             type="filepath", sources=["upload"])
+                            depth_strength = fields.Slider(0.01, 1.0, value=start.get("strength", 0.8), step=0.01,
+                                                           label="Strength")
+                            go_depth = gr.Button("Generate", variant="primary", elem_id="generate-depth2img")
+                            depth_used = gr.Image(label="Depth map used (near = light)", interactive=False,
+                                                  height=160, elem_id="depth-used")
                 with gr.Group():
                     with gr.Row():
                         seed = _control(fields.Number, "seed", lim, start, value=start.get("seed", -1), precision=0,
@@ -111,21 +160,17 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                         # text, not emoji: a stock Chromium without emoji fonts draws those as boxes
                         random_seed = gr.Button("Random", scale=0, min_width=80, size="sm", elem_id="seed-random")
                         reuse_seed = gr.Button("Last run's", scale=0, min_width=96, size="sm", elem_id="seed-reuse")
-                    steps = _control(fields.Slider, "steps", lim, start, step=1, elem_id="steps")
-                    guidance = _control(fields.Slider, "guidance_scale", lim, start, step=0.5, elem_id="guidance")
+                    steps = fits("steps", fields.Slider(**fit["steps"], elem_id="steps"))
+                    guidance = fits("guidance_scale", fields.Slider(**fit["guidance_scale"], elem_id="guidance"))
                     with gr.Row():
-                        width = _control(fields.Slider, "width", lim, start, value=start.get("width", lim.min_side),
-                                         step=8)
-                        height = _control(fields.Slider, "height", lim, start, value=start.get("height", lim.min_side),
-                                          step=8)
-                    scheduler = _control(fields.Dropdown, "scheduler", lim, start, value=start.get(
-                        "scheduler", lim.schedulers[0]), info=_scheduler_note(lim) or None)
+                        width = fits("width", fields.Slider(**fit["width"], elem_id="width"))
+                        height = fits("height", fields.Slider(**fit["height"], elem_id="height"))
+                    scheduler = fits("scheduler", fields.Dropdown(**fit["scheduler"], elem_id="scheduler"))
                     with gr.Row():
-                        preview = _control(fields.Radio, "preview", lim, start, info=PREVIEW_INFO)
-                        view = _control(fields.Radio, "view", lim, start, value=start.get("view", "x0"), info=VIEW_INFO)
-                    preset = fields.Dropdown([(p.title, name) for name, p in spec.presets.items()],
-                                         value=spec.initial_preset, label="Preset", visible=bool(spec.presets))
-                    preset_note = gr.Markdown(_preset_note(spec, spec.initial_preset))
+                        preview = fits("preview", fields.Radio(**fit["preview"], elem_id="preview"))
+                        view = fits("view", fields.Radio(**fit["view"], elem_id="view"))
+                    preset = fits("preset", fields.Dropdown(**fit["preset"], label="Preset", elem_id="preset"))
+                    preset_note = fits("preset_note", gr.Markdown(**fit["preset_note"]))
                     load_png = gr.File(label="Load settings from an image (A1111, ComfyUI, Fooocus, InvokeAI, NovelAI)",
                                        file_types=[".png", ".jpg", ".jpeg", ".webp"], elem_id="load-png", height=90)
                     load_note = gr.Markdown(elem_id="load-png-note")
@@ -143,8 +188,10 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                                  elem_id="final-image")
                 info = gr.Markdown()
                 with gr.Row():
-                    to_img2img = gr.Button("Send to img2img", elem_id="send-img2img")
-                    to_depth = gr.Button("Send to depth", elem_id="send-depth")
+                    to_img2img = fits("send:img2img", gr.Button("Send to img2img", elem_id="send-img2img",
+                                                                **fit["send:img2img"]))
+                    to_depth = fits("send:depth2img", gr.Button("Send to depth", elem_id="send-depth",
+                                                                **fit["send:depth2img"]))
                 gallery = gr.Gallery(label="Every step", columns=6, height="auto", object_fit="contain",
                                      elem_id="steps-gallery")
         with gr.Accordion("Inspect: scrub the steps, compare runs, export", open=True, elem_id="inspect"):
@@ -161,7 +208,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                 other_view = gr.Image(label="x0 of the compared run", interactive=False, height=256,
                                       elem_id="timeline-other")
             with gr.Row():
-                channels = gr.Gallery(label="The 4 latent channels of x_t", columns=4, height=160,
+                channels = gr.Gallery(label="The latent channels of x_t", columns=4, height=160,
                                       elem_id="timeline-channels")
                 schedule = gr.HTML(elem_id="timeline-schedule")
             with gr.Row():
@@ -179,12 +226,12 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                         for name, c in ((f.name, controls[m][f.name]) for m in f.modes)}.values())
 
         def inputs(mode: str) -> dict:  # the API parameters, in FIELDS' order (gr.State is not one)
-            return dict(runs=runs, **{f.name: controls[mode][f.name] for f in fields_of(mode)})
+            return dict(runs=runs, model=model, **{f.name: controls[mode][f.name] for f in fields_of(mode)})
 
         outputs = [dict(preview=live, gallery=gallery, final=final, status=status, info=info, runs=runs,
                         depth=depth_used)[name] for name in RunUpdate._fields]
         gpu = dict(concurrency_limit=1, concurrency_id="gpu", show_progress="hidden")
-        inspector = Inspector(spec.anatomy, lim, lim.schedulers)
+        inspector = Inspector(spec.anatomy, lim, lim.schedulers, models=view_of)
         timeline = [pick, other, scrub]
         shown = dict(fn=lambda ids, p, o, step: inspector.timeline(store.views(ids), p, o, step),
                      inputs=[runs, pick, other, scrub],
@@ -207,13 +254,16 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         for kind, button in export_buttons.items():
             button.click(lambda ids, p, kind=kind: inspector.export_run(store.views(ids), p, kind), inputs=[runs, pick],
                          outputs=[download], **_private())
-        prompt.change(inspector.tokens, inputs=[prompt], outputs=[tokens], trigger_mode="always_last", **_private())
-        demo.load(inspector.tokens, inputs=[prompt], outputs=[tokens], **_private())
-        def load_settings(path: str | None) -> list:
-            values, note = inspector.load_png(path)
+        prompt.change(inspector.tokens, inputs=[prompt, model], outputs=[tokens], trigger_mode="always_last",
+                      **_private())
+        demo.load(inspector.tokens, inputs=[prompt, model], outputs=[tokens], **_private())
+
+        def load_settings(path: str | None, source: str | None) -> list:
+            values, note = inspector.load_png(path, source)
             return [values.get(name, gr.skip()) for name, _ in setters] + [note]
 
-        load_png.upload(load_settings, inputs=[load_png], outputs=[c for _, c in setters] + [load_note], **_private())
+        load_png.upload(load_settings, inputs=[load_png, model], outputs=[c for _, c in setters] + [load_note],
+                        **_private())
         stop.click(runner.stop, api_name="stop", queue=False)
 
         private = _private()
@@ -222,14 +272,38 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         to_img2img.click(lambda p: _send(p, "img2img"), inputs=[final], outputs=[img_in, tabs], **private)
         to_depth.click(lambda p: _send(p, "depth2img"), inputs=[final], outputs=[depth_in, tabs], **private)
 
-        def apply_preset(name: str | None):
-            if not name:
+        def apply_preset(name: str | None, source: str | None):
+            presets = views[source].presets if source in views else spec.presets
+            if not name or name not in presets:
                 return [gr.skip()] * (len(setters) + 2)
-            p = spec.presets[name]
-            return [p.values.get(key, gr.skip()) for key, _ in setters] + [gr.Tabs(selected=p.mode),
-                                                                            _preset_note(spec, name)]
+            p = presets[name]
+            return [p.values.get(key, gr.skip()) for key, _ in setters] + [gr.Tabs(selected=p.mode), p.description]
 
-        preset.change(apply_preset, inputs=[preset], outputs=[c for _, c in setters] + [tabs, preset_note], **private)
+        preset.change(apply_preset, inputs=[preset, model], outputs=[c for _, c in setters] + [tabs, preset_note],
+                      **private)
+
+        if spec.models:
+            labels = {source: label for label, source in spec.models}
+
+            def pick_model(source: str, current: str | None) -> list:
+                """Load the picked checkpoint and fit every control to it; on a load error the session
+                stays on its model (the picker is set back to it after this event)."""
+                if source == current:
+                    return [gr.skip()] * (len(fitted) + 1)
+                try:
+                    picked = spec.load_model(source)
+                except (ModelLoadError, OSError, RuntimeError, ValueError) as err:
+                    raise gr.Error(f"Could not load model {labels.get(source, source)!r}: {err}. This page stays on "
+                                   f"{labels.get(current, current)!r}.", title="Model not loaded") from None
+                views[source] = picked
+                fit = _fitted(picked)
+                return [source] + [type(c)(**fit[key]) for key, c in fitted]
+
+            # in the "gpu" group: a load waits for the run in progress, and a run for the load
+            picker.input(pick_model, inputs=[picker, model], outputs=[model] + [c for _, c in fitted],
+                         api_visibility="private", concurrency_limit=1, concurrency_id="gpu").then(
+                lambda source: source, inputs=[model], outputs=[picker], **private).then(
+                inspector.tokens, inputs=[prompt, model], outputs=[tokens], **private)
     runner.blocks = demo
     store.on_delete = lambda folder: _untrack(demo, folder)
     demo.run_store = store  # what the server keeps of runs: RunStore.usage() for tests and monitoring
@@ -271,12 +345,65 @@ def _send(final: str | None, tab: str):
 def _control(cls, name: str, lim: Limits, start: dict, **kwargs):
     """The control for run field `name`: its label, start value and bounds or choices from
     pipelines.request.FIELDS and `lim`; `kwargs` add to them or override them."""
+    return cls(**_settings(name, lim, start, **kwargs))
+
+
+def _settings(name: str, lim: Limits, start: dict, **kwargs) -> dict:
+    """`_control`'s keyword arguments for run field `name`."""
     f = FIELDS[name]
     if f.kind in ("int", "float"):
         kwargs = dict(zip(("minimum", "maximum"), f.bounds(lim))) | kwargs
     elif f.kind == "choice":
         kwargs = {"choices": list(getattr(lim, f.choices))} | kwargs
-    return cls(**{"label": f.label, "value": start.get(name, f.default), **kwargs})
+    return {"label": f.label, "value": start.get(name, f.default), **kwargs}
+
+
+def _start(view: ModelView) -> dict:
+    """Start values for `view`'s model: its own defaults, and its start preset's over them."""
+    return {**view.defaults, **(view.presets[view.preset].values if view.preset in view.presets else {})}
+
+
+def _fitted(view: ModelView) -> dict[str, dict]:
+    """The settings of every control that depends on the model, for `view`'s: keyword arguments to
+    build it with, or to update it with when a session picks that model. Bounds, steps and choices
+    come from its `Limits`; start values from its defaults and start preset."""
+    lim, start = view.limits, _start(view)
+    mode = start.get("mode", "txt2img")
+    guidance = dict(label="Distilled guidance (an input of the model, not CFG)",
+                    info=f"{lim.family} has no classifier-free guidance: the model takes this value as an input"
+                    ) if lim.distilled_guidance else dict(info=None)
+    side = dict(step=lim.size_multiple, info=f"a multiple of {lim.size_multiple}")
+    return {
+        "header": dict(value=f"# Stepwise\nEvery denoising step, as it happens. Model: **{view.label}**"),
+        "untrained": dict(visible=view.untrained),
+        "negative_prompt": dict(visible=lim.negative_prompt),  # the user's text stays as it is
+        "tabs": dict(selected=mode if mode in lim.modes else lim.modes[0]),
+        **{f"mode:{m}": dict(visible=m in lim.modes) for m in MODES},
+        **{f"note:{m}": dict(value=_mode_note(view, m), visible=m not in lim.modes) for m in MODES},
+        **{f"send:{m}": dict(visible=m in lim.modes) for m in MODES[1:]},
+        "steps": _settings("steps", lim, start, step=1),
+        "guidance_scale": _settings("guidance_scale", lim, start, step=0.5, **guidance),
+        "width": _settings("width", lim, start, value=start.get("width", lim.min_side), **side),
+        "height": _settings("height", lim, start, value=start.get("height", lim.min_side), **side),
+        "scheduler": _settings("scheduler", lim, start, value=start.get("scheduler", lim.schedulers[0]),
+                               info=_scheduler_note(lim) or None),
+        "preview": _settings("preview", lim, start, info=PREVIEW_INFO),
+        "view": _settings("view", lim, start, value=start.get("view", "x0"), info=VIEW_INFO),
+        "preset": dict(choices=[(p.title, name) for name, p in view.presets.items()], value=view.preset,
+                       visible=bool(view.presets)),
+        "preset_note": dict(value=view.presets[view.preset].description if view.preset in view.presets else ""),
+    }
+
+
+def _mode_note(view: ModelView, mode: str) -> str:
+    """Why `mode`'s tab has no Generate button for this model, and what to do; empty where it runs."""
+    lim = view.limits
+    if mode in lim.modes:
+        return ""
+    need = (" A depth mode needs a depth model: a model folder with a depth UNet, or start the app with "
+            "`--depth-model`." if mode == "depth2img" else "")
+    return (f"**{view.label}** ({lim.family}) runs {', '.join(lim.modes)}, not {mode}: pick another model."
+            + need)
 
 
 def _scheduler_note(lim: Limits) -> str:
@@ -289,7 +416,3 @@ def _scheduler_note(lim: Limits) -> str:
     return "Not offered for this model: " + " · ".join(parts) if parts else ""
 
 
-def _preset_note(spec: AppSpec, name: str | None) -> str:
-    if not name:
-        return ""
-    return spec.presets[name].description

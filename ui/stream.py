@@ -159,6 +159,7 @@ class RunView:
     session: str | None = None  # the Gradio session that started it
     frames: list = field(default_factory=list, repr=False)
     levels: list[float] = field(default_factory=list)  # noise level of x_t at the start and after every step
+    flow_matching: bool = False  # the levels are sigma (flow matching), not sqrt(1 - alpha_bar)
     final: str | None = None
     gallery: list[tuple[str, str]] = field(default_factory=list, repr=False)  # (path, caption), one per step
     preview: str | None = None
@@ -191,6 +192,7 @@ class RunView:
         """Write the step's picture once and show it: preview, gallery, progress."""
         if frame.schedule_t is not None:
             self.levels = frame.schedule_levels()
+            self.flow_matching = frame.schedule.flow_matching
         path = self.save(frame.image, f"step_{frame.step:04d}.jpg")
         self.gallery.append((path, frame.caption))
         self.preview, self.step, self.total = path, frame.step, frame.total
@@ -243,17 +245,25 @@ def held_bytes(obj, seen: set[int], depth: int = 2) -> int:
     return 0
 
 
-def progress_html(step: int, total: int, note: str = "", levels: list[float] | None = None) -> str:
+def progress_html(step: int, total: int, note: str = "", levels: list[float] | None = None,
+                  flow_matching: bool = False) -> str:
     pct = 100 * step / total if total else 0
-    plot = schedule_svg(levels, step) if levels else ""
+    plot = schedule_svg(levels, step, flow_matching) if levels else ""
     return (
         f'<div class="sw-progress"><progress max="{total}" value="{step}"></progress>'
         f"<span>step {step}/{total} ({pct:.0f}%) {note}</span></div>{plot}"
     )
 
 
-def schedule_svg(levels: list[float], current: int, width: int = 480, height: int = 120) -> str:
-    """The noise level sqrt(1 - alpha_bar) of x_t at the start (levels[0]) and after each step
+def noise_level_name(flow_matching: bool) -> str:
+    """The noise level in the family's own terms: flow matching's x_t = (1 - sigma) x0 + sigma noise
+    has sigma as the share of noise; SD's x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise."""
+    return "σ" if flow_matching else "√(1−ᾱ)"
+
+
+def schedule_svg(levels: list[float], current: int, flow_matching: bool = False, width: int = 480,
+                 height: int = 120) -> str:
+    """The noise level of x_t (`noise_level_name`) at the start (levels[0]) and after each step
     as a line plot, step `current` marked."""
     pad, n = 28, len(levels) - 1
     x = [pad + (width - 2 * pad) * i / max(n, 1) for i in range(n + 1)]
@@ -268,7 +278,7 @@ def schedule_svg(levels: list[float], current: int, width: int = 480, height: in
         f'<svg class="sw-schedule" viewBox="0 0 {width} {height}" role="img" aria-label="noise schedule">'
         f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" class="axis"/>'
         f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" class="axis"/>'
-        f'<text x="{pad}" y="{pad - 8}">noise level √(1−ᾱ)</text><text x="{pad - 18}" y="{pad + 4}">1</text>'
+        f'<text x="{pad}" y="{pad - 8}">noise level {noise_level_name(flow_matching)}</text><text x="{pad - 18}" y="{pad + 4}">1</text>'
         f'<text x="{pad - 18}" y="{height - pad + 4}">0</text>'
         f'<text x="{width - pad}" y="{height - 8}" text-anchor="end">step {n}</text>'
         f'<polyline points="{line}" class="curve"/>{marker}</svg>'
