@@ -22,14 +22,18 @@ from .choices import SCHEDULER_NAMES
 from .request import FIELDS, MAX_INPUT_PIXELS, GenerationRequest, Limits, RequestError, validate_request
 
 
-def a1111_parameters(req: GenerationRequest, model: str) -> str:
+def a1111_parameters(req: GenerationRequest, model: str, distilled_guidance: bool = False) -> str:
     """The run's settings as AUTOMATIC1111's "parameters" text, true to what ran: without
     classifier-free guidance (guidance_scale <= 1) the negative prompt is not written, as
-    it did not act, and CFG scale is 1, which every value at or below 1 acts as."""
+    it did not act, and CFG scale is 1, which every value at or below 1 acts as.
+    distilled_guidance: guidance_scale was an input of the model (Flux), written as Forge
+    writes it: "CFG scale: 1, Distilled CFG Scale: 3.5"."""
+    cfg = req.guidance_scale if req.classifier_free_guidance and not distilled_guidance else 1.0
     fields = [
         ("Steps", req.steps),
         ("Sampler", req.scheduler),
-        ("CFG scale", req.guidance_scale if req.classifier_free_guidance else 1.0),
+        ("CFG scale", cfg),
+        *([("Distilled CFG Scale", req.guidance_scale)] if distilled_guidance else []),
         ("Seed", req.seed),
         ("Size", f"{req.width}x{req.height}"),
         ("Model", model),
@@ -37,16 +41,16 @@ def a1111_parameters(req: GenerationRequest, model: str) -> str:
     if req.mode != "txt2img":
         fields.append(("Denoising strength", req.strength))
     lines = [req.prompt]
-    if req.negative_prompt and req.classifier_free_guidance:
+    if req.negative_prompt and cfg > 1:
         lines.append(f"Negative prompt: {req.negative_prompt}")
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)
 
 
-def save_png(final, path: str | Path, model: str) -> str:
-    """Write the final image losslessly with its settings; return the path."""
+def save_png(final, path: str | Path, model: str, distilled_guidance: bool = False) -> str:
+    """Write the final image losslessly with its settings (`a1111_parameters`); return the path."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", a1111_parameters(final.request, model))
+    info.add_text("parameters", a1111_parameters(final.request, model, distilled_guidance))
     final.image.save(path, "PNG", pnginfo=info)
     return str(path)
 
@@ -190,6 +194,9 @@ def _found(info: PromptInfo) -> tuple[dict[str, Any], str | None, list[str], lis
         "steps": params.pop("steps", meta.pop("steps", None)),  # NovelAI keeps steps outside the sampler
         "guidance_scale": params.pop("cfg_scale", None),
     }
+    distilled = meta.pop("Distilled CFG Scale", None)  # Forge writes Flux's guidance here, with CFG scale 1
+    if distilled is not None:
+        found["guidance_scale"] = distilled
     schedule = params.pop("scheduler", meta.pop("noise_schedule", None))
     found["scheduler"] = _scheduler(sampler.name, schedule, notes)
     found["width"], found["height"] = _size(info, sampler, meta, notes)

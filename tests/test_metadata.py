@@ -365,3 +365,23 @@ def test_each_jpeg_gives_its_own_settings_never_a_previous_images(tmp_path):
         cache._image_id, cache._usercomment = id(image), Image.open(first).getexif().get_ifd(0x8769)[0x9286][8:] \
             .decode("utf-16-be")  # the state a freed first image at this address leaves
         assert read_parameters(image).fields["seed"] == 78
+
+
+def test_flux_guidance_is_written_and_read_as_forge_writes_it(tmp_path):
+    from pipelines import validate_request
+    from pipelines.generate import Final
+    from pipelines.metadata import a1111_parameters, save_png
+
+    flux = Limits(negative_prompt=False, distilled_guidance=True, family="Flux.1", size_multiple=16)
+    req = validate_request({"mode": "txt2img", "prompt": "a cat", "seed": 5, "steps": 28, "guidance_scale": 3.5,
+                            "width": 1024, "height": 1024, "scheduler": "Euler"}, flux)
+    assert a1111_parameters(req, "flux1-dev", distilled_guidance=True) == (
+        "a cat\nSteps: 28, Sampler: Euler, CFG scale: 1.0, Distilled CFG Scale: 3.5, Seed: 5, Size: 1024x1024, "
+        "Model: flux1-dev")
+    path = save_png(Final(Image.new("RGB", (16, 16)), req, "flux1-dev", 1.0), tmp_path / "f.png", "flux1-dev",
+                    distilled_guidance=True)
+    got = read_parameters(path, flux, schedulers=("Euler",))
+    assert got.fields["guidance_scale"] == 3.5  # Forge's key, not CFG scale 1
+    assert got.notes == ("the file has no negative prompt: kept yours",)
+    # an SD run keeps writing CFG scale only
+    assert "Distilled" not in a1111_parameters(validate_request({**req.settings(), "guidance_scale": 7.0}), "sd")

@@ -159,14 +159,14 @@ class Runner:
         try:
             for item in self.generate(req, token, **kwargs):
                 if isinstance(item, Final):
-                    final = view.final = save_png(item, view.folder / "final.png", label)
+                    final = view.final = save_png(item, view.folder / "final.png", label, limits.distilled_guidance)
                     view.disk_bytes += Path(final).stat().st_size
                     status = progress_html(view.step, view.total, f"done in {item.seconds:.2f} s", view.levels,
                                            view.flow_matching)
                     for note in item.notes:
                         gr.Warning(note)
-                    yield self._outputs(view, view.gallery, final, status, _info(req, label, item, limits.distilled_guidance),
-                                        runs, with_depth)
+                    info = _info(req, label, item, limits.distilled_guidance)
+                    yield self._outputs(view, view.gallery, final, status, info, runs, with_depth)
                     return
                 self.store.add_frame(view, item)
                 gallery = view.gallery if view.gallery_due() else gr.skip()
