@@ -32,7 +32,6 @@ from pathlib import Path
 
 import diffusers
 import torch
-import transformers
 from diffusers import (
     AutoencoderTiny,
     AutoPipelineForImage2Image,
@@ -109,27 +108,6 @@ def _family(source: str, where: str) -> Family:
         return family_of(name)
     except UnknownFamily as err:
         raise ModelLoadError(f"{source!r} is {err}") from None
-
-
-def load_tokenizer(source: str = BUNDLED, config: str | None = None):
-    """The tokenizer of `source` on its own: a few small files, no weights, no device. A single
-    checkpoint file's comes from its configs (`config`, as `ModelCache(single_file_config=)`).
-
-    Raises `ModelLoadError` (what to do) when the source cannot be read.
-    """
-    if is_single_file(source) and Path(source).expanduser().is_file():
-        folder = single_file_source(Path(source).expanduser(), config)[1]
-    else:
-        folder = resolve_local(source)
-    where = str(folder) if folder else source
-    try:
-        library, name = DiffusionPipeline.load_config(where).get("tokenizer") or (None, None)
-        if library != "transformers":
-            raise ModelLoadError(f"{source!r} names no transformers tokenizer in its model_index.json")
-        # the class model_index.json names, as the pipeline loads it
-        return getattr(transformers, name).from_pretrained(where, subfolder="tokenizer")
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(ModelCache._load_hint(source, err, local=folder is not None)) from err
 
 
 def _compile(pipe: DiffusionPipeline) -> None:

@@ -211,7 +211,12 @@ def test_a_checkpoint_of_another_pipeline_class_is_refused_by_name(tmp_path):
 
 
 def test_tokenizer_loads_on_its_own_from_a_folder_or_the_hf_cache(hub, tiny_dir, cache):
-    from pipelines.cache import load_tokenizer
+    from pipelines.anatomy import load_tokenizers
+
+    def load_tokenizer(source):
+        [(attr, tokenizer, limit)] = load_tokenizers(source)  # SD: one CLIP
+        assert (attr, limit) == ("tokenizer", 77)
+        return tokenizer
 
     depth = hub(save_depth_class_checkpoint, "stepwise/sd-depth")
     prompt = "a red circle " * 10
