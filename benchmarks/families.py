@@ -29,6 +29,7 @@ import torch
 
 from pipelines import ModelCache, validate_request
 from pipelines.devices import app_cpu_threads
+from pipelines.families import family_named
 from pipelines.tiny import FAMILIES, save_tiny_family
 
 from .run import app_run, bare_run
@@ -70,7 +71,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the app's, cores - 1)")
-    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    text_to_image = [f for f in FAMILIES if "txt2img" in family_named(f).modes]  # flux-depth runs only depth2img
+    p.add_argument("--families", nargs="+", default=text_to_image, choices=text_to_image)
     p.add_argument("--json", default="benchmarks/results-families.json", help="where to write the results ('' = nowhere)")
     args = p.parse_args(argv)
 

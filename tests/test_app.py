@@ -13,7 +13,7 @@ from gradio_client.utils import Status
 from PIL import Image
 
 import app as app_module
-from pipelines import ModelCache, validate_request
+from pipelines import ModelCache, layout, validate_request
 from ui.events import API_OUTPUTS as OUT  # a run's API results by name
 
 from .conftest import pixels
@@ -244,7 +244,7 @@ def models_server(tiny_families, tmp_path_factory, server_cache):
     (folder / "2-flux").symlink_to(tiny_families("flux"))
     empty = folder / "3-empty"
     empty.mkdir()
-    (empty / "model_index.json").write_text((tiny_families("flux") / "model_index.json").read_text())
+    (empty / layout.MODEL_INDEX).write_text((tiny_families("flux") / layout.MODEL_INDEX).read_text())
     demo = app_module.create_demo(app_module.parse_args(["--models-dir", str(folder)]), server_cache)
     demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
     yield demo, folder

@@ -81,7 +81,7 @@ def test_micro_presets_use_the_shipped_settings():
     ('name="x"\nfamily="sdxl"\nmode="txt2img"\nprompt="p"\nwidth=100\n', "bad.toml: field width: must be a multiple of 8"),
     ('name = "x\n', "bad.toml: not valid TOML"),
     ('name="x"\nfamily="flux2"\nmode="txt2img"\nprompt="p"\n',
-     "bad.toml: field 'family' must be one of sd, sd-depth, sdxl, sd3, flux, got 'flux2'"),
+     "bad.toml: field 'family' must be one of sd, sd-depth, sdxl, sd3, flux, flux-depth, got 'flux2'"),
     # a flow-matching family runs only flow-matching samplers
     ('name="x"\nfamily="sd3"\nmode="txt2img"\nprompt="p"\nscheduler="DPM++ 2M"\n',
      "bad.toml: field scheduler: DPM++ 2M is not offered for this model in txt2img: DPM++ 2M is a sampler for "
