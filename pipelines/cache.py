@@ -192,6 +192,8 @@ class Checkpoint:
             modes=self.modes,
             negative_prompt=self.family.negative_prompt,
             distilled_guidance=self.family.distilled_guidance,
+            # FLUX.1-schnell: distilled to run without guidance, its transformer has no guidance input
+            guidance_ignored=self.family.distilled_guidance and not self.base.transformer.config.guidance_embeds,
             family=self.family.label,
             # offloaded, a full-VAE preview would move the denoiser off the GPU at every step
             preview_modes=tuple(m for m in PREVIEW_MODES if (m != "tiny-vae" or self.tiny_vae is not None)
@@ -211,11 +213,11 @@ class ModelCache:
     - Sharing: img2img is `from_pipe` of txt2img, so both hold the very same
       UNet, VAE and text encoder. A bundled-layout depth model reuses its family's
       VAE, text encoder and tokenizer and adds only its depth UNet and estimator.
-    - Key: (source, device, dtype). A source's pipeline class is the one its
-      model_index.json records (`StableDiffusionPipeline`, a bundled-layout
-      folder's depth UNet included, or `StableDiffusionDepth2ImgPipeline`), so
-      the mode asked for first cannot pick it; asking a checkpoint for a mode it
-      cannot run is a `ModelLoadError` naming the flag to pass.
+    - Key: (source, device, dtype). A source's `Family` comes from the class its
+      model_index.json records (or, for a single file, its tensors), never from the
+      mode asked for first; txt2img loads through `AutoPipelineForText2Image`,
+      img2img and ControlNet depth runs are `from_pipe` of it. Asking a checkpoint for
+      a mode it cannot run is a `ModelLoadError` naming the flag to pass.
     - Lock: one re-entrant lock around lookups and loads, so two requests for a
       cold model load it once. Runs use the pipelines outside the lock.
     - Running: `run_lock` lets one run use the device at a time (the UI also
@@ -228,8 +230,11 @@ class ModelCache:
     - Single files: `single_file_config` (`--config`) is the diffusers folder or
       hub id whose configs describe every single-file checkpoint; without it,
       each file's default config repo from the HF cache.
-    - Device: cuda, then mps, then cpu; dtype fp16 on CUDA, else fp32; SDPA
-      attention, xformers only where it is installed and runs on the device.
+    - Device: cuda, then mps, then cpu; on CUDA the family's dtype (fp16 for SD and
+      SDXL, bf16 for SD 3 and Flux) unless `dtype` is given, else fp32; `offload`
+      ("model" or "sequential", CUDA only) hands placement to accelerate's CPU offload
+      instead (untested here: no GPU in CI); SDPA attention, xformers only where it is
+      installed and runs on the device.
       Previews decode on their own thread, overlapping the next UNet step (on
       CUDA on a side stream); `overlap_decode=False` decodes inline in the step
       callback. benchmarks/ compares the two.

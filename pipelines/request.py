@@ -58,6 +58,7 @@ class Limits:
     modes: tuple[str, ...] = ("txt2img", "img2img", "depth2img")  # what it runs
     negative_prompt: bool = True  # False: the model has no negative conditioning (Flux)
     distilled_guidance: bool = False  # True: guidance_scale is an input of the model, not CFG (Flux)
+    guidance_ignored: bool = False  # True: the model takes no guidance at all (FLUX.1-schnell)
     family: str = "SD 1.x/2.x"  # its label, for messages
 
 
@@ -172,6 +173,9 @@ def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> Generati
             notes.append(f"negative_prompt: not used: {limits.family} has no negative conditioning "
                          "(its guidance is distilled into the model)")
             req["negative_prompt"] = ""
+        if limits.guidance_ignored and req["guidance_scale"]:
+            notes.append(f"guidance_scale: not used: this {limits.family} model takes no guidance (FLUX.1-schnell "
+                         "is distilled to run without it)")
     elif req["guidance_scale"] <= 1 and req["negative_prompt"]:
         notes.append(f"negative_prompt: not used: guidance_scale {req['guidance_scale']} turns classifier-free "
                      "guidance off (diffusers guides only above 1); raise guidance_scale above 1 to use it")

@@ -201,3 +201,23 @@ def test_app_streams_every_step_for_each_family(tiny_families, family):
     finally:
         demo.close()
 
+
+
+def test_a_flux_model_without_a_guidance_input_says_guidance_is_not_used(tmp_path):
+    from benchmarks.gpu_families import save_checkpoint  # tiny FLUX.1-schnell: guidance_embeds False
+
+    folder = str(save_checkpoint(tmp_path / "schnell", "flux", full=False, device="cpu", dtype=torch.float32))
+    cache = ModelCache(device="cpu")
+    limits = cache.checkpoint(folder).limits()
+    assert limits.guidance_ignored and limits.distilled_guidance
+    req = validate_request(settings("flux", guidance_scale=3.5), limits)
+    assert req.notes == ("guidance_scale: not used: this Flux.1 model takes no guidance (FLUX.1-schnell is distilled "
+                         "to run without it)",)
+    assert validate_request(settings("flux", guidance_scale=0.0), limits).notes == ()
+    frames, final = run(cache, folder, settings("flux", guidance_scale=0.0))
+    assert len(frames) == STEPS and final.image.size == (64, 64)
+
+
+def test_flux_dev_takes_its_guidance(cache, tiny_families):
+    assert not cache.checkpoint(str(tiny_families("flux"))).limits().guidance_ignored
+    assert not cache.checkpoint(str(tiny_families("sdxl"))).limits().guidance_ignored
