@@ -186,10 +186,6 @@ def _folder_family(path: Path) -> Family:
 
 
 def _file_family(path: Path, config: str | None) -> Family:
-    if config is not None:  # the --config folder's family wins, as on load
-        return single_file_source(path, config)[0]
-    model_type, _ = single_file_type(path)
-    try:
-        return family_of_single_file(model_type)
-    except UnknownFamily as err:
-        raise ModelLoadError(f"{path} is {err}") from None
+    # the configs are found now, as on load: a file whose configs are not in the HF cache is listed
+    # as broken with the download command, not offered and then refused when picked
+    return single_file_source(path, config)[0]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import app as app_module
-from pipelines import ModelCache
+from pipelines import ModelCache, layout
 
 from .test_app import free_port
 
@@ -171,10 +171,13 @@ def test_page_events_say_what_happened(page, tmp_path):
 
 @pytest.fixture(scope="module")
 def models_url(tiny_families, tmp_path_factory):
-    """The app on a --models-dir of the tiny SD (first, the start model) and the tiny Flux."""
+    """The app on a --models-dir of the tiny SD (first, the start model), the tiny Flux, and a Flux folder
+    without weights (listed, fails when picked)."""
     folder = tmp_path_factory.mktemp("models")
     (folder / "1-sd").symlink_to(tiny_families("sd"))
     (folder / "2-flux").symlink_to(tiny_families("flux"))
+    (folder / "3-empty").mkdir()
+    (folder / "3-empty" / layout.MODEL_INDEX).write_text((tiny_families("flux") / layout.MODEL_INDEX).read_text())
     demo = app_module.create_demo(app_module.parse_args(["--models-dir", str(folder)]), ModelCache(device="cpu"))
     demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
     yield demo.local_url
@@ -209,6 +212,15 @@ def test_switch_checkpoints_from_the_models_folder(browser, models_url, request)
         page.get_by_role("tab", name="depth").click()
         page.wait_for_function("document.body.innerText.includes('runs txt2img, img2img, not depth2img')")
         assert not page.locator("#generate-depth2img").is_visible()
+        # a model that fails to load: the page says why, the picker goes back, no control shows an error
+        pick_model(page, "3-empty (Flux.1)")
+        page.wait_for_function("document.body.innerText.includes(\"This page stays on '2-flux (Flux.1)'\")")
+        page.wait_for_function("document.querySelector('#model-picker input').value === '2-flux (Flux.1)'")
+        assert page.locator("#negative-prompt").is_hidden() and "Distilled guidance" in page.inner_text("#guidance")
+        # Gradio marks an event's outputs that failed with an "Error" label in their status tracker
+        errors = page.evaluate("[...document.querySelectorAll('span.error')].filter(e => !e.closest('.toast-wrap'))"
+                               ".map(e => e.innerText)")
+        assert errors == [], errors
         pick_model(page, "1-sd (SD 1.x/2.x)")
         page.wait_for_selector("#negative-prompt", state="visible")
         assert "Guidance scale (CFG)" in page.inner_text("#guidance")

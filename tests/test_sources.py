@@ -54,6 +54,14 @@ def test_without_config_the_default_repo_is_named_with_the_download_command(tiny
     assert "--config" in message
 
 
+def test_a_file_whose_configs_are_missing_is_listed_as_broken_with_the_fix(tmp_path, tiny_file):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "sd15.safetensors").write_bytes(tiny_file.read_bytes())
+    entries, broken = list_models(tmp_path / "models")  # offline, no --config: not offered, then refused
+    assert entries == [] and list(broken) == ["sd15.safetensors"]
+    assert '`hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --include "*.json"' in broken["sd15.safetensors"]
+
+
 @pytest.mark.parametrize("content, expected", [
     (b"", "is an empty file, not a checkpoint"),
     (bytes(range(256)) * 64, "is not a .safetensors checkpoint"),

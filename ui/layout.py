@@ -285,25 +285,29 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         if spec.models:
             labels = {source: label for label, source in spec.models}
 
-            def pick_model(source: str, current: str | None) -> list:
-                """Load the picked checkpoint and fit every control to it; on a load error the session
-                stays on its model (the picker is set back to it after this event)."""
+            def pick_model(source: str, current: str | None) -> str:
+                """Load the picked checkpoint; the session's model becomes it. On a load error the
+                session stays on its model and the picker is set back to it (`.failure` below); only
+                the invisible State is this event's output, so no control shows an error."""
                 if source == current:
-                    return [gr.skip()] * (len(fitted) + 1)
+                    return gr.skip()
                 try:
-                    picked = spec.load_model(source)
+                    views[source] = spec.load_model(source)
                 except (ModelLoadError, OSError, RuntimeError, ValueError) as err:
                     raise gr.Error(f"Could not load model {labels.get(source, source)!r}: {err}. This page stays on "
                                    f"{labels.get(current, current)!r}.", title="Model not loaded") from None
-                views[source] = picked
-                fit = _fitted(picked)
-                return [source] + [type(c)(**fit[key]) for key, c in fitted]
+                return source
+
+            def fit_controls(source: str) -> list:
+                fit = _fitted(views[source])
+                return [type(c)(**fit[key]) for key, c in fitted]
 
             # in the "gpu" group: a load waits for the run in progress, and a run for the load
-            picker.input(pick_model, inputs=[picker, model], outputs=[model] + [c for _, c in fitted],
-                         api_visibility="private", concurrency_limit=1, concurrency_id="gpu").then(
-                lambda source: source, inputs=[model], outputs=[picker], **private).then(
+            picked = picker.input(pick_model, inputs=[picker, model], outputs=[model], api_visibility="private",
+                                  concurrency_limit=1, concurrency_id="gpu")
+            picked.success(fit_controls, inputs=[model], outputs=[c for _, c in fitted], **private).then(
                 inspector.tokens, inputs=[prompt, model], outputs=[tokens], **private)
+            picked.failure(lambda source: source, inputs=[model], outputs=[picker], **private)
     runner.blocks = demo
     store.on_delete = lambda folder: _untrack(demo, folder)
     demo.run_store = store  # what the server keeps of runs: RunStore.usage() for tests and monitoring
