@@ -113,7 +113,9 @@ def model_view(cache: ModelCache, source: str, label: str | None = None, depth_m
     checkpoint = cache.checkpoint(source)
     limits = checkpoint.limits()
     if depth_model:  # depth2img runs on its own checkpoint
-        limits = dataclasses.replace(limits, modes=(*(m for m in limits.modes if m != "depth2img"), "depth2img"))
+        limits = dataclasses.replace(limits, modes=(*(m for m in limits.modes if m != "depth2img"), "depth2img"),
+                                     unavailable_modes={m: why for m, why in limits.unavailable_modes.items()
+                                                        if m != "depth2img"})
     folder = bundled_folder() if source == BUNDLED else Path(source)
     card = _model_card(folder) if folder.is_dir() else {}
     presets = fitting_presets(load_presets(), limits, checkpoint.native_side)

@@ -176,6 +176,19 @@ class Checkpoint:
                                                                             and self.family.depth.controlnet)
         return tuple(m for m in MODES if m in self.family.modes or (m == "depth2img" and depth))
 
+    def unavailable(self) -> dict[str, str]:
+        """{mode this checkpoint cannot run: what to pass instead}."""
+        why = {}
+        for mode in MODES:
+            if mode in self.modes:
+                continue
+            if mode == "depth2img":
+                why[mode] = _no_depth_route(self)
+            else:
+                why[mode] = (f"{self.source!r} is a depth model ({type(self.base).__name__}); it runs only "
+                             "depth2img: pass it with --depth-model, and a text-to-image checkpoint with --model")
+        return why
+
     def limits(self) -> Limits:
         """What runs on this checkpoint may ask for. Sides from 1/8 to 4x the native side
         (64..2048 for SD 1.5, as AUTOMATIC1111's sliders) in the family's size multiple, at most
@@ -190,6 +203,7 @@ class Checkpoint:
             max_pixels=4 * native * native,
             size_multiple=multiple,
             modes=self.modes,
+            unavailable_modes=self.unavailable(),
             negative_prompt=self.family.negative_prompt,
             distilled_guidance=self.family.distilled_guidance,
             # FLUX.1-schnell: distilled to run without guidance, its transformer has no guidance input
@@ -419,10 +433,7 @@ class ModelCache:
         base = entry.base
         if mode in ("txt2img", "img2img"):
             if mode not in entry.family.modes:
-                raise ModelLoadError(
-                    f"{entry.source!r} is a depth model ({type(base).__name__}); it runs only depth2img: "
-                    "pass it with --depth-model, and a text-to-image checkpoint with --model"
-                )
+                raise ModelLoadError(entry.unavailable()[mode])
             auto = AutoPipelineForText2Image if mode == "txt2img" else AutoPipelineForImage2Image
             pipe = auto.from_pipe(base)
         elif entry.controlnet and entry.family.depth.controlnet:
@@ -433,7 +444,7 @@ class ModelCache:
         else:
             folder = entry.folder
             if "depth2img" not in entry.modes:
-                raise ModelLoadError(_no_depth_route(entry))
+                raise ModelLoadError(entry.unavailable()["depth2img"])
             unet = UNet2DConditionModel.from_pretrained(folder / DEPTH_UNET, dtype=base.dtype)
             estimator = DPTForDepthEstimation.from_pretrained(folder / DEPTH_ESTIMATOR, dtype=base.dtype)
             pipe = StableDiffusionDepth2ImgPipeline(

@@ -56,6 +56,7 @@ class Limits:
     # from the loaded model's `Family`
     size_multiple: int = 8  # width and height in blocks of this many pixels
     modes: tuple[str, ...] = ("txt2img", "img2img", "depth2img")  # what it runs
+    unavailable_modes: Mapping[str, str] = field(default_factory=dict)  # each other mode: what to pass instead
     negative_prompt: bool = True  # False: the model has no negative conditioning (Flux)
     distilled_guidance: bool = False  # True: guidance_scale is an input of the model, not CFG (Flux)
     guidance_ignored: bool = False  # True: the model takes no guidance at all (FLUX.1-schnell)
@@ -147,8 +148,9 @@ def validate_request(raw: dict[str, Any], limits: Limits = Limits()) -> Generati
     without guidance) is kept in `notes` for the user. Raises RequestError naming the field."""
     mode = _choice(raw, "mode", MODES)
     if mode not in limits.modes:
+        hint = limits.unavailable_modes.get(mode)
         raise RequestError("mode", f"{mode} is not available with this {limits.family} model; it runs "
-                                   f"{', '.join(limits.modes)}")
+                                   f"{', '.join(limits.modes)}" + (f": {hint}" if hint else ""))
     req: dict[str, Any] = {"mode": mode}
     for f in fields_of(mode):
         if f.kind != "image":

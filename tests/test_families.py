@@ -164,9 +164,14 @@ def test_flux_has_no_negative_prompt_and_says_so(cache, tiny_families):
 def test_a_mode_the_family_cannot_run_is_a_clear_refusal(cache, tiny_families):
     folder = str(tiny_families("sdxl"))
     limits = cache.checkpoint(folder).limits()
-    with pytest.raises(RequestError, match="mode: depth2img is not available with this SDXL model; it runs "
-                                           "txt2img, img2img"):
+    with pytest.raises(RequestError) as err:
         validate_request(settings("sdxl", mode="depth2img", image=SCENE), limits)
+    assert str(err.value) == (f"mode: depth2img is not available with this SDXL model; it runs txt2img, img2img: "
+                              f"{folder!r} (SDXL) has no depth model; pass a depth ControlNet for SDXL with "
+                              "--controlnet, e.g. diffusers/controlnet-depth-sdxl-1.0")
+    flux = cache.checkpoint(str(tiny_families("flux"))).limits()
+    assert flux.unavailable_modes["depth2img"].endswith(
+        "pass a depth checkpoint such as black-forest-labs/FLUX.1-Depth-dev with --depth-model")
     with pytest.raises(Exception, match=r"\(SDXL\) has no depth model; pass a depth ControlNet for SDXL with --controlnet"):
         cache.pipeline("depth2img", folder)
 

@@ -404,10 +404,9 @@ def _mode_note(view: ModelView, mode: str) -> str:
     lim = view.limits
     if mode in lim.modes:
         return ""
-    need = (" A depth mode needs a depth model: a model folder with a depth UNet, or start the app with "
-            "`--depth-model`." if mode == "depth2img" else "")
-    return (f"**{view.label}** ({lim.family}) runs {', '.join(lim.modes)}, not {mode}: pick another model."
-            + need)
+    hint = lim.unavailable_modes.get(mode)
+    return (f"**{view.label}** ({lim.family}) runs {', '.join(lim.modes)}, not {mode}: pick another model"
+            + (f", or {hint}." if hint else "."))
 
 
 def _scheduler_note(lim: Limits) -> str:
