@@ -34,7 +34,7 @@ from pipelines.anatomy import Anatomy  # noqa: E402
 from pipelines.cache import OFFLOAD, bundled_folder  # noqa: E402
 from pipelines.devices import app_cpu_threads  # noqa: E402
 from pipelines.presets import Preset, PresetError, fitting_presets, load_presets  # noqa: E402
-from pipelines.sources import list_models  # noqa: E402
+from pipelines.sources import is_single_file, list_models  # noqa: E402
 from ui import CSS, AppSpec, ModelView, build_app  # noqa: E402
 
 log = logging.getLogger("stepwise")
@@ -138,6 +138,10 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
         raise PresetError(f"--preset {preset!r} is unknown or does not fit {start!r}; "
                           f"choose one of {', '.join(presets) or '(none fit this model)'}")
     depth_source = args.depth_model or start
+    if args.controlnet or args.depth_model:  # a depth route that cannot run is refused now, where it was given
+        cache.pipeline("depth2img", depth_source)
+    if args.config and not any(is_single_file(source) for _, source in choices):
+        log.warning("--config %r is for single-file checkpoints; %s loads from its own configs", args.config, start)
     sources = {src for _, src in choices}
 
     def run(request, token, model: str | None = None):

@@ -14,9 +14,13 @@ log = logging.getLogger(__name__)
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """`requested` if given, else cuda, then mps, then cpu."""
+    """`requested` if given, else cuda, then mps, then cpu. Raises ValueError for a device name torch
+    does not know or a CUDA device this torch build cannot see."""
     if requested:
-        device = torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise ValueError(f"device {requested!r} is not a device torch knows; use cuda, mps or cpu") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {requested!r} asked for, but this torch build sees no CUDA GPU; use --device cpu")
         return device

@@ -280,3 +280,8 @@ def test_offload_needs_a_gpu_and_names_its_kinds():
         ModelCache(device="cpu", offload="model")
     with pytest.raises(ValueError, match="offload 'disk': choose one of model, sequential"):
         ModelCache(device="cpu", offload="disk")
+
+
+def test_an_unknown_device_is_a_clear_message():
+    with pytest.raises(ValueError, match="device 'bogus' is not a device torch knows; use cuda, mps or cpu"):
+        ModelCache(device="bogus")

@@ -190,8 +190,19 @@ def test_no_map_and_no_estimator_is_a_clear_refusal(models):
     assert len(run(cache, folder, settings("sdxl", depth_map=RAMP))[0]) == int(STEPS * STRENGTH)  # still serving
 
 
-def test_flags_reach_the_cache():
-    args = app_module.parse_args(["--controlnet", "lllyasviel/control_v11f1p_sd15_depth",
-                                  "--depth-estimator", "depth-anything/Depth-Anything-V2-Small-hf"])
-    assert (args.controlnet, args.depth_estimator) == ("lllyasviel/control_v11f1p_sd15_depth",
-                                                       "depth-anything/Depth-Anything-V2-Small-hf")
+def test_a_depth_route_that_cannot_run_stops_the_app_at_start(models, tiny_families):
+    sdxl, sd_net, sdxl_net = str(models["sdxl"][0]), str(models["sd"][1]), str(models["sdxl"][1])
+    def start(*argv):  # what main() does before it serves; it exits with "error: " and the message
+        args = app_module.parse_args(list(argv))
+        app_module.create_demo(args, ModelCache(device="cpu", controlnet=args.controlnet))
+
+    with pytest.raises(ModelLoadError) as err:
+        start("--model", sdxl, "--controlnet", sd_net)
+    assert str(err.value).startswith(f"--controlnet {sd_net!r} does not fit {sdxl!r} (SDXL)")
+    flux = str(tiny_families("flux"))
+    with pytest.raises(ModelLoadError, match=rf"\(--controlnet '{sd_net}' does not apply to Flux.1\)"):
+        start("--model", flux, "--controlnet", sd_net)
+    # the fitting one: the depth tab is offered, its pipeline already loaded
+    cache = ModelCache(device="cpu", controlnet=sdxl_net, depth_estimator=str(models["estimator"]))
+    demo = app_module.create_demo(app_module.parse_args(["--model", sdxl, "--controlnet", sdxl_net]), cache)
+    assert "depth2img" in cache.checkpoint(sdxl).pipelines and demo is not None
