@@ -199,7 +199,8 @@ def _model_card(folder: Path) -> dict:
     """The bundled model's settings file (example prompts, vocabulary), if any."""
     card = layout.read_card(folder)
     if layout.is_untrained(folder):
-        card.setdefault("label", "untrained tiny model (random weights)")
+        # the folder's name tells one tiny test model from another (in the picker, info line and PNG)
+        card.setdefault("label", f"untrained tiny model {folder.name!r} (random weights)")
     elif folder.resolve() == layout.BUNDLED_FOLDER:
         card.setdefault("label", "bundled micro model")
     return card

@@ -116,7 +116,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                             elem_id="model-broken")
         fits("untrained", gr.Markdown(
             "> **Untrained model.** This checkpoint has random weights built from configs, so its "
-            "pictures are noise. Use the bundled micro model or pass `--model`.",
+            "pictures are noise. Use the bundled micro model, pass `--model`, or pick a trained checkpoint.",
             elem_id="untrained-banner", **fit["untrained"]))
         # this session's run ids (keys of `store`), newest last; API sessions never close,
         # so the runs are let go `session_ttl` after the last one
