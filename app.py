@@ -133,7 +133,7 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
     label, start = choices[0]
     view = model_view(cache, start, label, args.depth_model)
     limits, card, presets = view.limits, view.card, view.presets
-    preset = args.preset or _default_preset(presets)
+    preset = args.preset or view.preset
     if preset is not None and preset not in presets:
         raise PresetError(f"--preset {preset!r} is unknown or does not fit {start!r}; "
                           f"choose one of {', '.join(presets) or '(none fit this model)'}")

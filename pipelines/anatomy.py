@@ -36,8 +36,8 @@ class Encoded:
         return sum(not t.kept for t in self.tokens)
 
 
-def load_tokenizers(source: str = BUNDLED, config: str | None = None) -> list[tuple[str, object, int]]:
-    """(attribute, tokenizer, tokens its encoder reads) for each text encoder of `source`'s family
+def load_tokenizers(source: str = BUNDLED, config: str | None = None) -> list[tuple[str, str, object, int]]:
+    """(attribute, encoder, tokenizer, tokens the encoder reads) for each text encoder of `source`'s family
     (`Family.text_tokens`: CLIP 77, T5 256 for SD 3, 512 for Flux), each tokenizer loaded on its
     own as the class model_index.json names: a few small files, no weights, no device. The limit
     is the tokenizer's `model_max_length` where that is less, as pipelines read CLIP prompts (a
@@ -65,7 +65,7 @@ def load_tokenizers(source: str = BUNDLED, config: str | None = None) -> list[tu
             if library != "transformers":
                 raise ModelLoadError(f"{source!r} names no transformers {attr} in its model_index.json")
             tokenizer = getattr(transformers, name).from_pretrained(where, subfolder=attr)
-            loaded.append((attr, tokenizer, min(limit, tokenizer.model_max_length)))
+            loaded.append((attr, family.encoder(attr), tokenizer, min(limit, tokenizer.model_max_length)))
         return loaded
     except UnknownFamily as err:
         raise ModelLoadError(f"{source!r} is {err}") from None
@@ -90,7 +90,7 @@ class Anatomy:
         """mode -> the source that runs it, with `model` the session's picked model."""
         return {"txt2img": model, "img2img": model, "depth2img": self.depth_model or model}
 
-    def tokenizers(self, source: str) -> list[tuple[str, object, int]]:
+    def tokenizers(self, source: str) -> list[tuple[str, str, object, int]]:
         """`load_tokenizers(source)`, loaded once. Raises `ModelLoadError` when they cannot be read."""
         with self._lock:
             if source not in self._tokenizers:
@@ -101,9 +101,8 @@ class Anatomy:
         """How each text encoder of `source` (default: the txt2img one) sees `prompt`, start and end
         markers included; encoders that read it alike (SDXL's two CLIPs) once."""
         encoded: list[Encoded] = []
-        for attr, tokenizer, limit in self.tokenizers(source or self.sources["txt2img"]):
+        for attr, kind, tokenizer, limit in self.tokenizers(source or self.sources["txt2img"]):
             ids = tokenizer(prompt, truncation=False).input_ids
-            kind = "T5" if "T5" in type(tokenizer).__name__ else "CLIP"
             # truncation keeps the first limit - 1 tokens and puts the end marker last (CLIP's and T5's alike)
             tokens = tuple(Token(_text(tokenizer.convert_ids_to_tokens(i)), i, n < limit - 1 or n == len(ids) - 1)
                            for n, i in enumerate(ids))

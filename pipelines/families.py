@@ -108,6 +108,10 @@ class Family:
     single_file_types: tuple[str, ...] = ()
     depth: DepthRoute = DepthRoute(None)
 
+    def encoder(self, tokenizer: str) -> str:
+        """The text encoder a tokenizer attribute of `text_tokens` feeds: "T5" or "CLIP"."""
+        return "T5" if tokenizer == self.t5_tokenizer else "CLIP"
+
     def size_multiple(self, pipe) -> int:
         """Width and height must be multiples of this many pixels: the VAE's downscale times the
         transformer's patch size (SD3) or Flux's 2x2 packing, and at least 8, which every

@@ -335,8 +335,7 @@ def _truncation_notes(pipe, family: Family, request: GenerationRequest) -> tuple
             ids = tokenizer(getattr(request, field), truncation=False).input_ids
             if len(ids) > limit:
                 cut = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True)
-                encoder = "T5" if name == family.t5_tokenizer else "CLIP"
-                note = f"{field}: {len(ids)} tokens, {encoder} reads {limit}; cut off: “{cut}”"
+                note = f"{field}: {len(ids)} tokens, {family.encoder(name)} reads {limit}; cut off: “{cut}”"
                 if note not in notes:  # SDXL's two CLIP tokenizers cut alike
                     notes.append(note)
     return tuple(notes)

@@ -214,8 +214,8 @@ def test_tokenizer_loads_on_its_own_from_a_folder_or_the_hf_cache(hub, tiny_dir,
     from pipelines.anatomy import load_tokenizers
 
     def load_tokenizer(source):
-        [(attr, tokenizer, limit)] = load_tokenizers(source)  # SD: one CLIP
-        assert (attr, limit) == ("tokenizer", 77)
+        [(attr, encoder, tokenizer, limit)] = load_tokenizers(source)  # SD: one CLIP
+        assert (attr, encoder, limit) == ("tokenizer", "CLIP", 77)
         return tokenizer
 
     depth = hub(save_depth_class_checkpoint, "stepwise/sd-depth")
