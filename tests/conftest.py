@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import app as app_module
 from pipelines import ModelCache, validate_request
 from pipelines.tiny import save_tiny_checkpoint, save_tiny_family
 
@@ -36,6 +38,22 @@ def tiny_families(tmp_path_factory):
         return built[family]
 
     return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(tiny_dir):
+    """The app on the tiny model, served on localhost for this test module (its own cache)."""
+    demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir), "--preset", "micro-txt2img"]),
+                                  ModelCache(device="cpu"))
+    demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
+    yield demo.local_url
+    demo.close()
 
 
 @pytest.fixture(scope="session")

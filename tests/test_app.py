@@ -1,7 +1,6 @@
 """The app end to end: a real server on localhost, driven through gradio_client."""
 
 import gc
-import socket
 import threading
 import time
 
@@ -16,16 +15,10 @@ import app as app_module
 from pipelines import ModelCache, layout, validate_request
 from ui.events import API_OUTPUTS as OUT  # a run's API results by name
 
-from .conftest import pixels
+from .conftest import free_port, pixels
 from .test_generate import bare_call, bare_pipeline
 
 STEPS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from PIL import Image
 import app as app_module
 from pipelines import ModelCache, layout
 
-from .test_app import free_port
+from .conftest import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
@@ -30,15 +30,6 @@ playwright = pytest.importorskip("playwright.sync_api")
 # Chromium as root, offline: no sandbox, and none of its background calls home
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def url(tiny_dir):
-    demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir), "--preset", "micro-txt2img"]),
-                                  ModelCache(device="cpu"))
-    demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
-    yield demo.local_url
-    demo.close()
 
 
 @pytest.fixture(scope="module")

@@ -29,14 +29,7 @@ from .conftest import pixels
 @pytest.fixture
 def recorded(cache, tiny_dir, make_request, tmp_path):
     """A finished run as the UI keeps it."""
-    req = make_request(steps=7, preview="full-vae", view="x_t", scheduler="DDIM")
-    view = RunView(tmp_path, request=req)
-    for item in generate(req, cache, source=str(tiny_dir)):
-        if isinstance(item, Frame):
-            view.add_frame(item)
-        else:
-            view.final = save_png(item, tmp_path / "final.png", "tiny")
-    return view
+    return record(make_request(steps=7, preview="full-vae", view="x_t", scheduler="DDIM"), cache, tiny_dir, tmp_path)
 
 
 @pytest.fixture

@@ -20,22 +20,12 @@ from pipelines import Limits, ModelCache
 from ui import AppSpec, build_app
 from ui.events import API_OUTPUTS
 
-from .conftest import CASES
-from .test_app import free_port
+from .conftest import CASES, free_port
 
 CASE = CASES / "a1111_dynprompts.png"  # the file; rebuilt from its text where absent
 DYNPROMPTS = ("a cat, masterpiece\nNegative prompt: ugly\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234, "
               "Size: 512x768, Model hash: abc, Model: v1-5\nTemplate: a {cat|dog}, masterpiece\n"
               "Negative Template: ugly")
-
-
-@pytest.fixture(scope="module")
-def url(tiny_dir):
-    demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir), "--preset", "micro-txt2img"]),
-                                  ModelCache(device="cpu"))
-    demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
-    yield demo.local_url
-    demo.close()
 
 
 def png(path: Path, parameters: str | None) -> Path:
