@@ -104,7 +104,7 @@ class Anatomy:
         for attr, kind, tokenizer, limit in self.tokenizers(source or self.sources["txt2img"]):
             ids = tokenizer(prompt, truncation=False).input_ids
             # truncation keeps the first limit - 1 tokens and puts the end marker last (CLIP's and T5's alike)
-            tokens = tuple(Token(_text(tokenizer.convert_ids_to_tokens(i)), i, n < limit - 1 or n == len(ids) - 1)
+            tokens = tuple(Token(token_text(tokenizer.convert_ids_to_tokens(i)), i, n < limit - 1 or n == len(ids) - 1)
                            for n, i in enumerate(ids))
             same = next((k for k, e in enumerate(encoded) if e.tokens == tokens and e.limit == limit), None)
             if same is None:
@@ -114,8 +114,9 @@ class Anatomy:
         return encoded
 
 
-def _text(piece: str) -> str:
-    # CLIP's BPE marks a word's end with </w>, T5's sentencepiece a word's start with ▁
+def token_text(piece: str) -> str:
+    """A tokenizer's piece as the word part it reads: CLIP's BPE marks a word's end with </w>,
+    T5's sentencepiece a word's start with ▁."""
     return piece.replace("</w>", "").replace("\u2581", " ").strip() or piece
 
 

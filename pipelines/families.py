@@ -99,6 +99,8 @@ class Family:
     cuda_dtype: torch.dtype = torch.float16  # what it is trained and shipped in
     text_tokens: dict[str, int] = field(default_factory=dict)  # tokenizer attribute -> tokens the model reads
     t5_tokenizer: str | None = None  # which of them is T5's (the others are CLIP's)
+    # the tokenizer whose tokens the denoiser's cross-attention reads, and where they start in its text sequence
+    attention_text: tuple[str, int] = ("tokenizer", 0)
     load_options: dict = field(default_factory=dict)  # from_pretrained / from_single_file keywords
     default_steps: int = 20
     default_guidance: float = 7.5

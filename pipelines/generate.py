@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .cache import BUNDLED, ModelCache
+from .capture import AttentionRecorder, GuidancePair, denoiser, prompt_tokens
 from .depth import control_image
 from .families import Family
 from .previews import HostCopy, NoiseSchedule, X0Recorder, to_pixels
@@ -49,6 +50,13 @@ class Frame:
     depth_pixels: HostCopy | None = None  # depth2img: the depth the denoiser sees (first frame only)
     start_pixels: HostCopy | None = None  # first frame: the latents the run started from, as x_t is shown
     start_latents: HostCopy | None = None  # first frame: those latents, as decoded into `start_pixels`
+    # inside the denoiser, in latent space (1, C, h, w) like `latents` (Flux's unpacked), the model's dtype:
+    x0: HostCopy | None = None  # this step's clean-image estimate, as decoded into `x0_pixels`
+    noise_pred: HostCopy | None = None  # what the scheduler received: epsilon, v (v-prediction) or flow velocity
+    noise_pred_text: HostCopy | None = None  # under classifier-free guidance: the prompt's prediction,
+    noise_pred_uncond: HostCopy | None = None  # the negative prompt's (or empty prompt's) prediction
+    attention: HostCopy | None = None  # with record_attention: (T, h, w) float16, one map per prompt token
+    tokens: tuple[str, ...] = ()  # the prompt tokens `attention` maps, in order (shared by the run's frames)
 
     @property
     def pixels(self) -> HostCopy:
@@ -79,7 +87,8 @@ class Frame:
         """Host memory of the pictures and latents this frame keeps, its cached PIL images included
         (Pillow stores an RGB pixel in 4 bytes)."""
         kept = (self.t, self.xt_pixels, self.x0_pixels, self.latents, self.depth_pixels, self.start_pixels,
-                self.start_latents)
+                self.start_latents, self.x0, self.noise_pred, self.noise_pred_text, self.noise_pred_uncond,
+                self.attention)
         cached = [self.__dict__[name] for name in ("image", "depth") if self.__dict__.get(name) is not None]
         return sum(copy.nbytes for copy in kept if copy is not None) + sum(4 * im.width * im.height for im in cached)
 
@@ -160,8 +169,14 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
     family = checkpoint.family
     scheduler = make_scheduler(request.scheduler, shared.scheduler.config, family.flow_matching)
     pipe = _per_run(shared, scheduler)
-    # x0 and the starting latents: the timeline shows both views and step 0
+    # x0, the noise prediction and the starting latents: the timeline shows them all, and step 0
     recorder = X0Recorder(scheduler, family.flow_matching)
+    # inside the denoiser: the guidance pair always, cross-attention per token when asked
+    pair = GuidancePair()
+    attention, tokens = None, ()
+    if request.record_attention:
+        positions, tokens = prompt_tokens(pipe, family, request.prompt)
+        attention = AttentionRecorder(positions, _latent_grid(pipe, request))
     control = depth_control(pipe, request, cache, source)
     notes = request.notes + _truncation_notes(pipe, family, request) + _unused_notes(pipe, request)
 
@@ -194,10 +209,16 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
             depth = HostCopy(_depth_pixels(tensors["depth_mask"]))
         elif i == 0 and control is not None:  # the picture the ControlNet (or Flux's VAE) is given
             depth = HostCopy(to_pixels(control * 2 - 1))
+        maps = attention.take() if attention is not None else None
+        guided = pair.noise_pred_text is not None
         fields = dict(step=i + 1, total=p._num_timesteps, t=HostCopy(torch.as_tensor(t)), view=request.view,
                       seconds=time.perf_counter() - started, depth_pixels=depth, schedule=schedule,
                       latents=HostCopy(views["x_t"]),
-                      start_latents=HostCopy(views["start"]) if i == 0 else None)
+                      start_latents=HostCopy(views["start"]) if i == 0 else None,
+                      x0=HostCopy(views["x0"]), noise_pred=HostCopy(unpack(recorder.noise_pred)),
+                      noise_pred_text=HostCopy(unpack(pair.noise_pred_text)) if guided else None,
+                      noise_pred_uncond=HostCopy(unpack(pair.noise_pred_uncond)) if guided else None,
+                      attention=HostCopy(maps.half()) if maps is not None else None, tokens=tokens)
 
         def make_frame(pictures: dict[str, HostCopy]) -> Frame:
             return Frame(xt_pixels=pictures["x_t"], x0_pixels=pictures["x0"], start_pixels=pictures.get("start"),
@@ -226,7 +247,8 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
     def work():
         # what ends the run goes through the decode thread, behind the last frames
         try:
-            with cache.run_lock, _global_rng(request.seed if global_rng else None):
+            with (cache.run_lock, _global_rng(request.seed if global_rng else None), pair.hooked(denoiser(pipe)),
+                  attention.hooked(denoiser(pipe)) if attention is not None else contextlib.nullcontext()):
                 decoder.finish(pipe(**call).images[0])
         except Cancelled:
             decoder.finish(None)
@@ -372,6 +394,11 @@ def _per_run(shared, scheduler):
     pipe = type(shared)(**{**shared.components, "scheduler": scheduler}, **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _latent_grid(pipe, request: GenerationRequest) -> tuple[int, int]:
+    """(h, w) of the run's latents, unpacked: the image size over the VAE's downscale."""
+    return request.height // pipe.vae_scale_factor, request.width // pipe.vae_scale_factor
 
 
 def _depth_pixels(depth_mask: torch.Tensor) -> torch.Tensor:

@@ -135,8 +135,9 @@ class VAEDecoder:
 
 
 class X0Recorder:
-    """Keeps the latest clean-image estimate x0 of one run's own scheduler, and
-    the latents the run started from.
+    """Keeps the latest clean-image estimate x0 of one run's own scheduler, the
+    `noise_pred` it was given (the model output after guidance), and the latents the
+    run started from.
 
     `callback_on_step_end` sees only x_t after a step, so this wraps `step` on the
     run's scheduler instance (never the class, never a shared one). It takes the
@@ -151,6 +152,7 @@ class X0Recorder:
     def __init__(self, scheduler, flow_matching: bool = False):
         self.scheduler, self.flow_matching = scheduler, flow_matching
         self.x0: torch.Tensor | None = None
+        self.noise_pred: torch.Tensor | None = None
         self.start: torch.Tensor | None = None
         original = scheduler.step
 
@@ -160,6 +162,7 @@ class X0Recorder:
         def step(model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
             if self.start is None:
                 self.start = sample
+            self.noise_pred = model_output
             out = original(model_output, timestep, sample, *args, return_dict=True, **kwargs)
             x0 = getattr(out, "pred_original_sample", None)
             self.x0 = x0 if x0 is not None else self._x0_from_output(model_output, timestep, sample)

@@ -74,7 +74,7 @@ class RunField:
 
     name: str
     default: Any  # what validate_request takes when the field is left out
-    kind: str  # text, int, float, choice or image: the control that sets it
+    kind: str  # text, int, float, bool, choice or image: the control that sets it
     label: str  # the control's label, which Gradio's own range messages name
     low: float | str | None = None  # bounds: a number, or the Limits attribute that holds it
     high: float | str | None = None
@@ -108,6 +108,8 @@ class GenerationRequest:
     strength: float = _field(0.75, "float", "Strength", low=0.0, high=1.0, modes=MODES[1:])  # low bound open
     # (H, W) float32 at the map's own range
     depth_map: np.ndarray | None = _field(None, "image", "Depth map", modes=MODES[2:], stored=False)
+    # costs memory and time (BENCHMARKS.md); never changes the image
+    record_attention: bool = _field(False, "bool", "Record attention maps", stored=False)
     notes: tuple[str, ...] = ()  # documented coercions applied to the inputs, to tell the user
 
     @property
@@ -265,6 +267,15 @@ def _choice(raw: dict, name: str, allowed: tuple[str, ...], default: str | None 
     return value
 
 
+def _bool(raw: dict, f: RunField, mode: str, limits: Limits) -> bool:
+    value = raw.get(f.name, f.default)
+    if value is None:
+        return f.default
+    if not isinstance(value, (bool, np.bool_)):  # 0 / "false" would be truthy guesses
+        raise RequestError(f.name, f"must be true or false, got {value!r}")
+    return bool(value)
+
+
 def _text(raw: dict, f: RunField, mode: str, limits: Limits) -> str:
     value = raw.get(f.name, f.default)
     if value is None:
@@ -279,6 +290,7 @@ def _text(raw: dict, f: RunField, mode: str, limits: Limits) -> str:
 # how each field is checked: by its kind, or by its name where it needs more
 _CHECKS = {
     "text": _text,
+    "bool": _bool,
     "int": lambda raw, f, mode, limits: _int(raw, f.name, *f.bounds(limits), default=f.default),
     # strength's low bound is open: at 0 img2img would run no step
     "float": lambda raw, f, mode, limits: _float(raw, f.name, *f.bounds(limits), default=f.default,
