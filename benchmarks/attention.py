@@ -1,0 +1,314 @@
+"""Where each prompt word looks, on the bundled micro model (issue 18).
+
+    python -m benchmarks.attention --captions 100 --seed 18 [--json benchmarks/results-attention.json]
+
+Fresh captions: scenes drawn by training/scenes.py from `numpy.random.default_rng([seed, 1800])`, a
+stream the training never drew from (training/train.py draws from [0, tag, ...] with tags 1-8, 998 and
+999, its quick checks from [0..2, 7] and [0, 8]; training/evaluate.py from [1, 100..105]). Each caption
+runs through `pipelines.generate` with `record_attention=True` at the model's own settings
+(stepwise.json: steps, guidance_scale, scheduler, size), noise seed `seed * 1000 + i`.
+
+Headline, as issue 18 defines it: the map of the step N//2 (1-based; step 10 of 20) of the SHAPE word,
+the COLOUR word and the control word "background" peaks (argmax over the latent grid) inside the
+object's bounding box, taken from the scene's own geometry in latent pixels. Everything else printed
+(every step averaged, per step, per layer) is extra information.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py sets it, before torch loads
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines import ModelCache, generate, layout, validate_request
+from pipelines.cache import BUNDLED, bundled_folder
+from pipelines.capture import AttentionRecorder
+from training import scenes as S
+
+CAPTION_STREAM = 1800  # second entry of the caption generator's seed; no training stream uses it
+WORDS = ("shape", "colour", "background")  # the headline's words: the scene's shape, its colour, the control
+
+
+def fresh_scenes(n: int, seed: int) -> list[dict]:
+    """`n` scenes (training/scenes.py's `sample_scene`) from a caption stream the training never drew from."""
+    rng = np.random.default_rng([seed, CAPTION_STREAM])
+    return [S.sample_scene(rng) for _ in range(n)]
+
+
+def object_box(scene: dict, grid: int) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of the scene's shape in latent pixels of a `grid` x `grid` latent, clipped to the
+    grid, from the geometry `training.scenes.shape_mask` draws (square half-side 0.88 r; triangle
+    circumradius 1.25 r, apex up, base at cy + R/2: a triangle at the top can reach past the edge)."""
+    cx, cy, r = scene["cx"] * grid, scene["cy"] * grid, scene["r"] * grid
+    if scene["shape"] == "circle":
+        half_w, top, bottom = r, cy - r, cy + r
+    elif scene["shape"] == "square":
+        half_w, top, bottom = 0.88 * r, cy - 0.88 * r, cy + 0.88 * r
+    else:
+        big_r = 1.25 * r
+        half_w, top, bottom = big_r * np.sqrt(3) / 2, cy - big_r, cy + big_r / 2
+    return max(cx - half_w, 0.0), max(top, 0.0), min(cx + half_w, grid), min(bottom, grid)
+
+
+def peak(attention_map: np.ndarray) -> tuple[int, int]:
+    """(row, column) of the map's largest value (the first, on a tie)."""
+    return np.unravel_index(int(np.argmax(attention_map)), attention_map.shape)
+
+
+def peaks_inside(attention_map: np.ndarray, box: tuple[float, float, float, float]) -> bool:
+    """Whether the latent pixel where the map peaks has its centre inside `box` (latent pixels)."""
+    row, col = peak(attention_map)
+    x0, y0, x1, y1 = box
+    return x0 <= col + 0.5 <= x1 and y0 <= row + 0.5 <= y1
+
+
+def word_index(tokens: tuple[str, ...], word: str) -> int:
+    """Position of `word` among the prompt's tokens (each scene word is one token of the micro tokenizer)."""
+    return tokens.index(word)
+
+
+@dataclass
+class CaptionRun:
+    """One fresh caption's run: its scene, prompt, tokens and every step's maps (N, T, h, w) float32."""
+
+    scene: dict
+    prompt: str
+    tokens: tuple[str, ...]
+    maps: np.ndarray
+    image: object  # the final PIL image
+    layers: dict[str, np.ndarray] | None = None  # per cross-attention layer: (N, T, h, w), with --layers
+
+    def words(self) -> dict[str, int]:
+        """Token index of the shape word, the colour word and "background"."""
+        return {"shape": word_index(self.tokens, self.scene["shape"]),
+                "colour": word_index(self.tokens, self.scene["colour"]),
+                "background": word_index(self.tokens, "background")}
+
+    def box(self) -> tuple[float, float, float, float]:
+        return object_box(self.scene, self.maps.shape[-1])
+
+
+def run_caption(cache: ModelCache, source: str, settings: dict, scene: dict, seed: int,
+                layers: bool = False) -> CaptionRun:
+    """Run `scene`'s canonical caption through the app's `generate` with attention recorded."""
+    prompt = S.canonical_caption(scene)
+    request = validate_request(dict(mode="txt2img", prompt=prompt, seed=seed, record_attention=True,
+                                    preview="latent-rgb", **settings))
+    per_layer = _LayerMaps() if layers else None
+    unet = cache.pipeline("txt2img", source).unet
+    with per_layer.hooked(unet) if per_layer else contextlib.nullcontext():
+        items = list(generate(request, cache, source=source))
+    frames, final = items[:-1], items[-1]
+    maps = np.stack([f.attention.tensor().float().numpy() for f in frames])
+    return CaptionRun(scene, prompt, frames[0].tokens, maps, final.image,
+                      per_layer.stacked(frames[0].tokens, prompt, cache, source) if per_layer else None)
+
+
+class _LayerMaps:
+    """Each cross-attention layer's (T, h, w) maps kept apart, one set per denoiser call: extra
+    information on which resolutions localise. Wraps the processors outside the run's own recorder."""
+
+    def __init__(self):
+        self.calls: list[dict[str, torch.Tensor]] = []
+        self._current: dict[str, torch.Tensor] = {}
+        self._grid = (0, 0)
+
+    @contextlib.contextmanager
+    def hooked(self, unet):
+        originals = unet.attn_processors
+        self._grid = (unet.config.sample_size, unet.config.sample_size)
+        wrapped = {name: _NamedLayer(name, proc, self)
+                   if unet.get_submodule(name.removesuffix(".processor")).is_cross_attention else proc
+                   for name, proc in originals.items()}
+        unet.set_attn_processor(wrapped)
+        handle = unet.register_forward_hook(lambda *_: self._end_call())
+        try:
+            yield self
+        finally:
+            handle.remove()
+            unet.set_attn_processor(originals)
+
+    def add(self, name: str, probs: torch.Tensor, text_len: int) -> None:
+        recorder = AttentionRecorder(list(range(text_len)), self._grid)
+        recorder.add(probs)
+        self._current[name] = recorder.take()
+
+    def _end_call(self) -> None:
+        self.calls.append(self._current)
+        self._current = {}
+
+    def stacked(self, tokens, prompt, cache, source) -> dict[str, np.ndarray]:
+        """{layer name: (N, T, h, w)} at the prompt's token positions."""
+        from pipelines.capture import prompt_tokens
+
+        pipe = cache.pipeline("txt2img", source)
+        positions, _ = prompt_tokens(pipe, cache.checkpoint(source).family, prompt)
+        return {name: np.stack([call[name][positions].numpy() for call in self.calls]) for name in self.calls[0]}
+
+
+class _NamedLayer:
+    def __init__(self, name, processor, sink: _LayerMaps):
+        self.name, self.processor, self.sink = name, processor, sink
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        if encoder_hidden_states is not None:
+            from pipelines.capture import cross_attention_probs
+
+            with torch.no_grad():
+                probs = cross_attention_probs(attn, hidden_states, encoder_hidden_states)
+            self.sink.add(self.name, probs, probs.shape[-1])
+        return self.processor(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+def mid_step(n_steps: int) -> int:
+    """The issue's mid-run step, 1-based (its maps are `maps[mid - 1]`): N // 2, step 10 of 20."""
+    return n_steps // 2
+
+
+def shares(runs: list[CaptionRun], pick) -> dict[str, float]:
+    """Share of runs whose word map, `pick(run)` -> (T, h, w), peaks inside the object's box, per word."""
+    out = {}
+    for word in WORDS:
+        out[word] = float(np.mean([peaks_inside(pick(r)[r.words()[word]], r.box()) for r in runs]))
+    return out
+
+
+def localisation(runs: list[CaptionRun]) -> dict:
+    """The headline shares (mid-run step N//2) and the extra aggregates."""
+    n_steps = runs[0].maps.shape[0]
+    mid = mid_step(n_steps)
+    grid = runs[0].maps.shape[-1]
+    result = {
+        "steps": n_steps, "mid_step": mid,
+        "headline": shares(runs, lambda r: r.maps[mid - 1]),
+        "every_step_averaged": shares(runs, lambda r: r.maps.mean(0)),
+        "per_step_shape": [shares(runs, lambda r, i=i: r.maps[i])["shape"] for i in range(n_steps)],
+        "per_step_colour": [shares(runs, lambda r, i=i: r.maps[i])["colour"] for i in range(n_steps)],
+        # a peak drawn uniformly over the grid would land inside the box this often
+        "chance": float(np.mean([_box_pixels(r.box(), grid) / grid ** 2 for r in runs])),
+    }
+    result["captions_rows"] = [caption_row(r, mid) for r in runs]
+    if runs[0].layers is not None:
+        result["per_layer_mid"] = {name: shares(runs, lambda r, name=name: r.layers[name][mid - 1])
+                                   for name in runs[0].layers}
+    return result
+
+
+def caption_row(run: CaptionRun, mid: int) -> dict:
+    """One caption's mid-run result: each word's peak (row, column) and whether it is inside the box, and
+    what training/scorer.py reads in the final image (did the model draw the scene it was asked for)."""
+    from training.scorer import score
+
+    maps = run.maps[mid - 1]
+    row = {"prompt": run.prompt, "box": [round(v, 2) for v in run.box()]}
+    for word, k in run.words().items():
+        row[word] = {"peak": [int(v) for v in peak(maps[k])], "inside": bool(peaks_inside(maps[k], run.box()))}
+    row["image_matches"] = score(run.image, run.scene)
+    return row
+
+
+def _box_pixels(box, grid: int) -> int:
+    x0, y0, x1, y1 = box
+    centres = np.arange(grid) + 0.5
+    return int(((centres >= x0) & (centres <= x1)).sum() * ((centres >= y0) & (centres <= y1)).sum())
+
+
+def contact_image(runs: list[CaptionRun], path: Path, mid: int, scale: int = 6) -> None:
+    """One row per caption: the final image, then the mid-run maps of the shape word, the colour word and
+    "background", each with the object's box (green) and the map's peak (red dot)."""
+    from PIL import Image, ImageDraw
+
+    grid = runs[0].maps.shape[-1]
+    cell = grid * scale
+    sheet = Image.new("RGB", (4 * cell, len(runs) * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, r in enumerate(runs):
+        y = row * cell
+        sheet.paste(r.image.resize((cell, cell)), (0, y))
+        for col, word in enumerate(WORDS, start=1):
+            m = r.maps[mid - 1][r.words()[word]]
+            grey = (255 * m / max(m.max(), 1e-8)).astype(np.uint8)
+            sheet.paste(Image.fromarray(grey).resize((cell, cell), Image.NEAREST).convert("RGB"), (col * cell, y))
+            x0, y0, x1, y1 = (v * scale for v in r.box())
+            draw.rectangle((col * cell + x0, y + y0, col * cell + x1, y + y1), outline=(0, 200, 0))
+            pr, pc = peak(m)
+            cx, cy = col * cell + (pc + 0.5) * scale, y + (pr + 0.5) * scale
+            draw.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=(230, 0, 0))
+    sheet.save(path)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=BUNDLED)
+    p.add_argument("--captions", type=int, default=100)
+    p.add_argument("--seed", type=int, default=18)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--layers", action="store_true", help="also keep each cross-attention layer's maps")
+    p.add_argument("--json", default=None)
+    p.add_argument("--contact", default=None, help="write a contact image of the first 8 captions here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    source = str(bundled_folder()) if args.model == BUNDLED else args.model
+    card = layout.read_card(Path(source))
+    side = card.get("width", 64)
+    settings = dict(steps=card.get("steps", 20), guidance_scale=card.get("guidance_scale", 4.0),
+                    scheduler=card.get("scheduler", "DDIM"), width=side, height=card.get("height", side))
+    cache = ModelCache(device="cpu")
+    runs = [run_caption(cache, source, settings, scene, args.seed * 1000 + i, args.layers)
+            for i, scene in enumerate(fresh_scenes(args.captions, args.seed))]
+    result = {"model": source, "settings": settings, "captions": args.captions, "seed": args.seed,
+              "caption_stream": [args.seed, CAPTION_STREAM], "threads": args.threads,
+              "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+              **localisation(runs)}
+    print_table(result)
+    if args.contact:
+        contact_image(runs[:8], Path(args.contact), result["mid_step"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {args.json}")
+    return result
+
+
+def _short(layer: str) -> str:
+    """'up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor' -> 'up 1.0'."""
+    parts = layer.split(".")
+    return f"{parts[0].split('_')[0]} {parts[1]}.{parts[3]}" if parts[0] != "mid_block" else "mid"
+
+
+def print_table(r: dict) -> None:
+    s = r["settings"]
+    print(f"{r['captions']} fresh captions (seed {r['seed']}) · {s['width']}x{s['height']} · {s['steps']} steps · "
+          f"guidance {s['guidance_scale']} · {s['scheduler']}")
+    print(f"share of captions whose word's map peaks inside the object's box (chance {r['chance']:.2f})")
+    print(f"  {'map':<34}{'shape':>8}{'colour':>8}{'background':>12}")
+    rows = [(f"step {r['mid_step']} of {r['steps']} (headline)", r["headline"]),
+            ("every step averaged", r["every_step_averaged"])]
+    rows += [(f"step {r['mid_step']}, {_short(name)}", v) for name, v in r.get("per_layer_mid", {}).items()]
+    for label, v in rows:
+        print(f"  {label:<34}{v['shape']:>8.2f}{v['colour']:>8.2f}{v['background']:>12.2f}")
+    rows = r["captions_rows"]
+    misses = [row for row in rows if not row["shape"]["inside"]]
+    wrong = sum(not row["image_matches"]["shape"] for row in rows)
+    print(f"  shape word outside the box at step {r['mid_step']}: {len(misses)} captions, of which the final image "
+          f"has the wrong shape in {sum(not row['image_matches']['shape'] for row in misses)} "
+          f"(wrong shape in {wrong} of all {len(rows)} images, training/scorer.py)")
+    print("  shape word per step:  " + " ".join(f"{v:.2f}" for v in r["per_step_shape"]))
+    print("  colour word per step: " + " ".join(f"{v:.2f}" for v in r["per_step_colour"]))
+    print(f"  median over steps: shape {statistics.median(r['per_step_shape']):.2f}, "
+          f"colour {statistics.median(r['per_step_colour']):.2f}")
+
+
+if __name__ == "__main__":
+    main()
