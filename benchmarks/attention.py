@@ -1,6 +1,7 @@
-"""Where each prompt word looks, on the bundled micro model (issue 18).
+"""Where each prompt word looks, on the bundled micro model, and what recording it costs (issue 18).
 
     python -m benchmarks.attention --captions 100 --seed 18 [--json benchmarks/results-attention.json]
+    python -m benchmarks.attention --cost [--against /tmp/base] [--rounds 3 --repeats 3]
 
 Fresh captions: scenes drawn by training/scenes.py from `numpy.random.default_rng([seed, 1800])`, a
 stream the training never drew from (training/train.py draws from [0, tag, ...] with tags 1-8, 998 and
@@ -12,6 +13,15 @@ Headline, as issue 18 defines it: the map of the step N//2 (1-based; step 10 of 
 the COLOUR word and the control word "background" peaks (argmax over the latent grid) inside the
 object's bounding box, taken from the scene's own geometry in latent pixels. Everything else printed
 (every step averaged, per step, per layer) is extra information.
+
+`--cost`: the app path (`benchmarks.run.app_run`: `generate` consumed fully, every frame stored as the UI
+stores it; latent-rgb previews, view x_t) with record_attention off and on, and the bare diffusers call,
+one intra-op thread, `OMP_WAIT_POLICY=PASSIVE`, at the model's settings; and bytes per step the kept
+frames hold (sum of `Frame.nbytes` / steps). Each round runs one fresh process per checkout (a warm-up
+of every variant, then `--repeats` interleaved runs, each timed in wall seconds and in the process's CPU seconds, all its
+threads: on a shared machine the CPU time is the steadier of the two); `--against DIR` times another checkout of
+Stepwise the same way (its own `pipelines` and `benchmarks.run`, this file run by path), alternating
+with this one, so drift hits both alike. The bare call is the same code in both: its ratio is the noise.
 """
 
 from __future__ import annotations
@@ -25,6 +35,9 @@ import contextlib
 import json
 import platform
 import statistics
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +46,6 @@ import torch
 
 from pipelines import ModelCache, generate, layout, validate_request
 from pipelines.cache import BUNDLED, bundled_folder
-from pipelines.capture import AttentionRecorder
 from training import scenes as S
 
 CAPTION_STREAM = 1800  # second entry of the caption generator's seed; no training stream uses it
@@ -140,6 +152,8 @@ class _LayerMaps:
             unet.set_attn_processor(originals)
 
     def add(self, name: str, probs: torch.Tensor, text_len: int) -> None:
+        from pipelines.capture import AttentionRecorder
+
         recorder = AttentionRecorder(list(range(text_len)), self._grid)
         recorder.add(probs)
         self._current[name] = recorder.take()
@@ -248,6 +262,114 @@ def contact_image(runs: list[CaptionRun], path: Path, mid: int, scale: int = 6) 
     sheet.save(path)
 
 
+
+def model_settings(source: str) -> dict:
+    """The model's own steps, guidance_scale, scheduler and size (its stepwise.json)."""
+    card = layout.read_card(Path(source))
+    side = card.get("width", 64)
+    return dict(steps=card.get("steps", 20), guidance_scale=card.get("guidance_scale", 4.0),
+                scheduler=card.get("scheduler", "DDIM"), width=side, height=card.get("height", side))
+
+
+def time_app_path(variants: list[str], repeats: int, prompt: str = "a red circle on the left, blue background",
+                  seed: int = 7) -> dict:
+    """In this process, with whatever `pipelines` and `benchmarks.run` it imports: seconds of each of
+    `repeats` interleaved runs per variant ("bare": the diffusers call, "off"/"on": the app path with
+    record_attention off/on), after one warm-up each; and bytes per step of the frames the app path kept."""
+    import tempfile
+
+    from benchmarks.run import app_run, bare_run
+
+    torch.set_num_threads(1)
+    source, cache = str(bundled_folder()), ModelCache(device="cpu")
+    base = dict(mode="txt2img", prompt=prompt, seed=seed, preview="latent-rgb", view="x_t", **model_settings(source))
+    requests = {v: validate_request(dict(base, record_attention=True) if v == "on" else base) for v in variants}
+    runs = {v: (lambda v=v: bare_run(cache, requests[v], source)) if v == "bare"
+            else (lambda v=v: app_run(cache, requests[v], source, Path(tempfile.mkdtemp())))
+            for v in variants}
+    kept = {v: sum(f.nbytes for f in fn().frames) / base["steps"] for v, fn in runs.items() if v != "bare"}  # warm-up
+    if "bare" in runs:
+        runs["bare"]()
+    seconds, cpu = {v: [] for v in variants}, {v: [] for v in variants}
+    for _ in range(repeats):
+        for v, fn in runs.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            seconds[v].append(time.perf_counter() - start)
+            cpu[v].append(time.process_time() - start_cpu)
+    return {"seconds": seconds, "cpu_seconds": cpu, "bytes_per_step": kept, "steps": base["steps"]}
+
+
+def _child(folder: Path, variants: list[str], repeats: int) -> dict:
+    """`time_app_path` in a fresh process on the checkout in `folder` (its own pipelines, models, benchmarks)."""
+    env = dict(os.environ, PYTHONPATH=str(folder), OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", ",".join(variants),
+                          "--repeats", str(repeats)], cwd=folder, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cost(rounds: int, repeats: int, against: str | None) -> dict:
+    """Interleaved rounds of `time_app_path` in this checkout (bare, off, on) and in `against` (bare, off)."""
+    here = Path(__file__).resolve().parents[1]
+    checkouts = {"now": (here, ["bare", "off", "on"])}
+    if against:
+        checkouts["before"] = (Path(against).resolve(), ["bare", "off"])
+    samples = {(c, v): [] for c, (_, vs) in checkouts.items() for v in vs}
+    cpu = {key: [] for key in samples}
+    per_round, per_round_cpu, kept = [], [], {}
+    for r in range(rounds):
+        order = list(checkouts) if r % 2 == 0 else list(reversed(checkouts))
+        medians, medians_cpu = {}, {}
+        for name in order:
+            folder, variants = checkouts[name]
+            got = _child(folder, variants, repeats)
+            for v in variants:
+                samples[(name, v)] += got["seconds"][v]
+                cpu[(name, v)] += got["cpu_seconds"][v]
+                medians[(name, v)] = statistics.median(got["seconds"][v])
+                medians_cpu[(name, v)] = statistics.median(got["cpu_seconds"][v])
+            kept.update({(name, v): b for v, b in got["bytes_per_step"].items()})
+            steps = got["steps"]
+        per_round.append(medians)
+        per_round_cpu.append(medians_cpu)
+        print(f"  round {r + 1}: " + ", ".join(f"{c} {v} {m:.3f} s ({medians_cpu[c, v]:.3f} CPU)"
+                                              for (c, v), m in medians.items()), flush=True)
+
+    def ratios(a, b):
+        return {"median": statistics.median(samples[a]) / statistics.median(samples[b]),
+                "rounds": [m[a] / m[b] for m in per_round],
+                "cpu_median": statistics.median(cpu[a]) / statistics.median(cpu[b]),
+                "cpu_rounds": [m[a] / m[b] for m in per_round_cpu]}
+
+    result = {"rounds": rounds, "repeats": repeats, "steps": steps, "threads": 1,
+              "load_average": os.getloadavg(), "cpus": os.cpu_count(),
+              "seconds_median": {f"{c} {v}": statistics.median(x) for (c, v), x in samples.items()},
+              "cpu_seconds_median": {f"{c} {v}": statistics.median(x) for (c, v), x in cpu.items()},
+              "bytes_per_step": {f"{c} {v}": b for (c, v), b in kept.items()},
+              "on_over_off": ratios(("now", "on"), ("now", "off")),
+              "off_over_bare": ratios(("now", "off"), ("now", "bare"))}
+    if against:
+        result["off_now_over_before"] = ratios(("now", "off"), ("before", "off"))
+        result["bare_now_over_before"] = ratios(("now", "bare"), ("before", "bare"))
+    return result
+
+
+def print_cost(r: dict) -> None:
+    print(f"app path cost of record_attention · {r['steps']} steps · 1 thread · {r['rounds']} rounds x "
+          f"{r['repeats']} runs · load average {r['load_average'][0]:.2f} on {r['cpus']} cores at the end")
+    print(f"  {'':<12} {'wall ms':>9} {'CPU ms':>9} {'kept per step':>16}")
+    for name, t in r["seconds_median"].items():
+        b = r["bytes_per_step"].get(name)
+        print(f"  {name:<12} {t * 1000:9.1f} {r['cpu_seconds_median'][name] * 1000:9.1f}"
+              + (f" {b:>10.0f} bytes" if b else ""))
+    print("  ratios of medians, wall [per round] and CPU [per round]")
+    for key in ("on_over_off", "off_over_bare", "off_now_over_before", "bare_now_over_before"):
+        if key in r:
+            v = r[key]
+            print(f"  {key.replace('_', ' '):<22} x{v['median']:.3f} [" + " ".join(f"{x:.2f}" for x in v["rounds"])
+                  + f"]  CPU x{v['cpu_median']:.3f} [" + " ".join(f"{x:.2f}" for x in v["cpu_rounds"]) + "]")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=BUNDLED)
@@ -257,14 +379,26 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", action="store_true", help="also keep each cross-attention layer's maps")
     p.add_argument("--json", default=None)
     p.add_argument("--contact", default=None, help="write a contact image of the first 8 captions here")
+    p.add_argument("--cost", action="store_true", help="time the app path with record_attention off and on")
+    p.add_argument("--against", default=None, help="with --cost: another Stepwise checkout to time alike")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child:
+        result = time_app_path(args.child.split(","), args.repeats)
+        print(json.dumps(result))
+        return result
+    if args.cost:
+        result = cost(args.rounds, args.repeats, args.against)
+        print_cost(result)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return result
     torch.set_num_threads(args.threads)
 
     source = str(bundled_folder()) if args.model == BUNDLED else args.model
-    card = layout.read_card(Path(source))
-    side = card.get("width", 64)
-    settings = dict(steps=card.get("steps", 20), guidance_scale=card.get("guidance_scale", 4.0),
-                    scheduler=card.get("scheduler", "DDIM"), width=side, height=card.get("height", side))
+    settings = model_settings(source)
     cache = ModelCache(device="cpu")
     runs = [run_caption(cache, source, settings, scene, args.seed * 1000 + i, args.layers)
             for i, scene in enumerate(fresh_scenes(args.captions, args.seed))]

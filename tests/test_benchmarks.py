@@ -84,3 +84,34 @@ def test_gpu_families_full_configs_have_the_published_parameter_counts():
         "full_sdxl": {"vae": 83.7, "text_encoder": 123.1, "text_encoder_2": 694.7, "unet": 2567.5},
         "full_flux_schnell": {"vae": 83.8, "text_encoder": 123.1, "text_encoder_2": 4762.3, "transformer": 11891.2},
     }
+
+
+def test_attention_benchmark_prints_the_shares_of_each_word(tmp_path, capsys):
+    import json
+    import re
+
+    import torch
+
+    from benchmarks.attention import main
+    before = torch.get_num_threads()
+    try:
+        main(["--captions", "1", "--json", str(tmp_path / "a.json")])
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert re.search(r"\n  step 10 of 20 \(headline\) +[01]\.00 +[01]\.00 +[01]\.00\n", out), out
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert saved["mid_step"] == 10 and saved["caption_stream"] == [18, 1800]
+    assert set(saved["headline"]) == {"shape", "colour", "background"} and len(saved["per_step_shape"]) == 20
+    assert [row["prompt"] for row in saved["captions_rows"]] == ["a black circle at the top, white background"]
+
+
+def test_attention_cost_benchmark_times_off_and_on_in_a_child_process():
+    from benchmarks.attention import cost
+    result = cost(rounds=1, repeats=1, against=None)
+    assert set(result["seconds_median"]) == {"now bare", "now off", "now on"}
+    assert all(t > 0 for t in result["cpu_seconds_median"].values())
+    kept = result["bytes_per_step"]
+    # 20 frames; recording adds the (T, 16, 16) float16 maps of the prompt's 9 tokens to each
+    assert kept["now on"] - kept["now off"] == 9 * 16 * 16 * 2
+    assert result["on_over_off"]["median"] > 0 and len(result["on_over_off"]["rounds"]) == 1
