@@ -21,7 +21,9 @@ frames hold (sum of `Frame.nbytes` / steps). Each round runs one fresh process p
 of every variant, then `--repeats` interleaved runs, each timed in wall seconds and in the process's CPU seconds, all its
 threads: on a shared machine the CPU time is the steadier of the two); `--against DIR` times another checkout of
 Stepwise the same way (its own `pipelines` and `benchmarks.run`, this file run by path), alternating
-with this one, so drift hits both alike. The bare call is the same code in both: its ratio is the noise.
+with this one, so drift hits both alike. The bare call is the same code in both: its ratio between
+them is the noise between processes, and each checkout's app path over its own bare call (same
+process) compares the two with that noise taken out.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class CaptionRun:
     maps: np.ndarray
     image: object  # the final PIL image
     layers: dict[str, np.ndarray] | None = None  # per cross-attention layer: (N, T, h, w), with --layers
+    layer_sides: dict[str, int] | None = None  # each layer's own grid side (16, 8 or 4 on the micro UNet)
 
     def words(self) -> dict[str, int]:
         """Token index of the shape word, the colour word and "background"."""
@@ -123,8 +126,13 @@ def run_caption(cache: ModelCache, source: str, settings: dict, scene: dict, see
         items = list(generate(request, cache, source=source))
     frames, final = items[:-1], items[-1]
     maps = np.stack([f.attention.tensor().float().numpy() for f in frames])
-    return CaptionRun(scene, prompt, frames[0].tokens, maps, final.image,
-                      per_layer.stacked(frames[0].tokens, prompt, cache, source) if per_layer else None)
+    run = CaptionRun(scene, prompt, frames[0].tokens, maps, final.image)
+    if per_layer:
+        from pipelines.capture import prompt_tokens
+
+        positions, _ = prompt_tokens(cache.pipeline("txt2img", source), cache.checkpoint(source).family, prompt)
+        run.layers, run.layer_sides = per_layer.stacked(positions), per_layer.sides
+    return run
 
 
 class _LayerMaps:
@@ -135,6 +143,7 @@ class _LayerMaps:
         self.calls: list[dict[str, torch.Tensor]] = []
         self._current: dict[str, torch.Tensor] = {}
         self._grid = (0, 0)
+        self.sides: dict[str, int] = {}
 
     @contextlib.contextmanager
     def hooked(self, unet):
@@ -157,17 +166,14 @@ class _LayerMaps:
         recorder = AttentionRecorder(list(range(text_len)), self._grid)
         recorder.add(probs)
         self._current[name] = recorder.take()
+        self.sides[name] = round(probs.shape[2] ** 0.5)
 
     def _end_call(self) -> None:
         self.calls.append(self._current)
         self._current = {}
 
-    def stacked(self, tokens, prompt, cache, source) -> dict[str, np.ndarray]:
-        """{layer name: (N, T, h, w)} at the prompt's token positions."""
-        from pipelines.capture import prompt_tokens
-
-        pipe = cache.pipeline("txt2img", source)
-        positions, _ = prompt_tokens(pipe, cache.checkpoint(source).family, prompt)
+    def stacked(self, positions: list[int]) -> dict[str, np.ndarray]:
+        """{layer name: (N, T, h, w)} at the prompt's token `positions`."""
         return {name: np.stack([call[name][positions].numpy() for call in self.calls]) for name in self.calls[0]}
 
 
@@ -216,6 +222,11 @@ def localisation(runs: list[CaptionRun]) -> dict:
     if runs[0].layers is not None:
         result["per_layer_mid"] = {name: shares(runs, lambda r, name=name: r.layers[name][mid - 1])
                                    for name in runs[0].layers}
+        sides = sorted(set(runs[0].layer_sides.values()), reverse=True)
+        result["per_resolution_mid"] = {
+            f"{side}x{side}": shares(runs, lambda r, side=side: np.mean(
+                [m[mid - 1] for name, m in r.layers.items() if r.layer_sides[name] == side], axis=0))
+            for side in sides}
     return result
 
 
@@ -349,8 +360,10 @@ def cost(rounds: int, repeats: int, against: str | None) -> dict:
               "on_over_off": ratios(("now", "on"), ("now", "off")),
               "off_over_bare": ratios(("now", "off"), ("now", "bare"))}
     if against:
+        result["off_over_bare_before"] = ratios(("before", "off"), ("before", "bare"))
         result["off_now_over_before"] = ratios(("now", "off"), ("before", "off"))
         result["bare_now_over_before"] = ratios(("now", "bare"), ("before", "bare"))
+    result["samples"] = {f"{c} {v}": {"seconds": samples[c, v], "cpu_seconds": cpu[c, v]} for c, v in samples}
     return result
 
 
@@ -363,7 +376,7 @@ def print_cost(r: dict) -> None:
         print(f"  {name:<12} {t * 1000:9.1f} {r['cpu_seconds_median'][name] * 1000:9.1f}"
               + (f" {b:>10.0f} bytes" if b else ""))
     print("  ratios of medians, wall [per round] and CPU [per round]")
-    for key in ("on_over_off", "off_over_bare", "off_now_over_before", "bare_now_over_before"):
+    for key in ("on_over_off", "off_over_bare", "off_over_bare_before", "off_now_over_before", "bare_now_over_before"):
         if key in r:
             v = r[key]
             print(f"  {key.replace('_', ' '):<22} x{v['median']:.3f} [" + " ".join(f"{x:.2f}" for x in v["rounds"])
@@ -429,6 +442,7 @@ def print_table(r: dict) -> None:
     print(f"  {'map':<34}{'shape':>8}{'colour':>8}{'background':>12}")
     rows = [(f"step {r['mid_step']} of {r['steps']} (headline)", r["headline"]),
             ("every step averaged", r["every_step_averaged"])]
+    rows += [(f"step {r['mid_step']}, {side} layers averaged", v) for side, v in r.get("per_resolution_mid", {}).items()]
     rows += [(f"step {r['mid_step']}, {_short(name)}", v) for name, v in r.get("per_layer_mid", {}).items()]
     for label, v in rows:
         print(f"  {label:<34}{v['shape']:>8.2f}{v['colour']:>8.2f}{v['background']:>12.2f}")
