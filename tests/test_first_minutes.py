@@ -121,6 +121,17 @@ def test_the_readme_client_example_runs_as_written(tiny_dir, tmp_path, monkeypat
         demo.close()
     assert scope["final"]["url"].endswith("final.png") and (tmp_path / "final.png").stat().st_size > 0
     assert scope["preview"]["url"].endswith("step_0020.jpg")  # the last step's frame came before the final update
+    # the notebook snippet, on the file the example downloaded
+    after = section[section.index("safetensors` (N steps"):]
+    notebook = after[after.index("```python\n") + len("```python\n"):after.index("```\n", after.index("```python"))]
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)
+        exec(notebook, scope)  # noqa: S102 - our own README
+    run, tokens = scope["run"], scope["tokens"]
+    n, c, h, w = run["x0"].shape
+    assert n == 20 and run["latents"].shape == (21, c, h, w) and run["attention"].shape == (20, len(tokens), h, w)
+    assert "".join(tokens) == "aredcircleontheleft,bluebackground"  # the tiny tokenizer reads letters
+    assert scope["g"] == 4.0
 
 
 def test_the_scheduler_menu_and_validation_follow_the_model():

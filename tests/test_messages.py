@@ -161,9 +161,9 @@ def test_run_endpoints_keep_their_positional_api(tmp_path):
     endpoints = demo.get_api_info()["named_endpoints"]
     common = ["prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler", "preview",
               "view"]
-    for name, extra, returns in [("txt2img", [], 5), ("img2img", ["image", "strength"], 5),
-                                 ("depth2img", ["image", "strength", "depth_map"], 6)]:
+    for name, extra, returns in [("txt2img", [], 6), ("img2img", ["image", "strength"], 6),
+                                 ("depth2img", ["image", "strength", "depth_map"], 7)]:
         api = endpoints[f"/{name}"]
-        assert [p["parameter_name"] for p in api["parameters"]] == common + extra
+        assert [p["parameter_name"] for p in api["parameters"]] == common + extra + ["record_attention"]
         assert len(api["returns"]) == returns
-    assert API_OUTPUTS == {"preview": 0, "gallery": 1, "final": 2, "status": 3, "info": 4, "depth": 5}
+    assert API_OUTPUTS == {"preview": 0, "gallery": 1, "final": 2, "status": 3, "info": 4, "tensors": 5, "depth": 6}

@@ -21,6 +21,7 @@ from pipelines import (
     RequestError,
     validate_request,
 )
+from pipelines.export import save_run_tensors
 from pipelines.metadata import save_png
 
 from .stream import RunStore, RunView, progress_html
@@ -39,6 +40,7 @@ class RunUpdate(NamedTuple):
     final: str | None  # the final PNG's path, once done
     status: str  # progress HTML
     info: str  # the run's settings and notes once done, or where it stopped
+    tensors: str | None  # once done: the run's tensors (.safetensors path; pipelines.export.save_run_tensors)
     runs: list  # the session's run ids, newest last
     depth: str | None = None  # depth2img only: the depth map used (PNG path)
 
@@ -123,9 +125,27 @@ class Runner:
             withdrawn += 1
         return withdrawn
 
+    def _save_tensors(self, view: RunView, model: str) -> str | None:
+        """Write the finished run's tensors beside its images (`save_run_tensors`); None, with a
+        warning, when its steps already left memory (the store's bounds) or the disk refused."""
+        if view.dropped or len(view.frames) != view.step:
+            gr.Warning("The run's tensors were not saved: its steps left the server's memory "
+                       f"({view.dropped or 'over the memory bound'}).")
+            return None
+        try:
+            path = save_run_tensors(view.frames, view.folder / _tensors_name(view),
+                                    {"model": model, "settings": view.request.settings()})
+        except OSError as err:
+            gr.Warning(f"The run's tensors were not saved: {err}")
+            return None
+        view.tensors = str(path)
+        view.disk_bytes += path.stat().st_size
+        return view.tensors
+
     @staticmethod
-    def _outputs(view: RunView, gallery, final, status: str, info: str, runs: list, with_depth: bool) -> tuple:
-        update = RunUpdate(view.preview, gallery, final, status, info, runs, view.depth)
+    def _outputs(view: RunView, gallery, final, status: str, info: str, runs: list, with_depth: bool,
+                 tensors: str | None = None) -> tuple:
+        update = RunUpdate(view.preview, gallery, final, status, info, tensors, runs, view.depth)
         return update if with_depth else update[:-1]
 
     def _run(self, mode: str, request: gr.Request, runs: list | None, fields: dict, with_depth: bool,
@@ -166,7 +186,8 @@ class Runner:
                     for note in item.notes:
                         gr.Warning(note)
                     info = _info(req, label, item, limits.distilled_guidance)
-                    yield self._outputs(view, view.gallery, final, status, info, runs, with_depth)
+                    tensors = self._save_tensors(view, label)
+                    yield self._outputs(view, view.gallery, final, status, info, runs, with_depth, tensors)
                     return
                 self.store.add_frame(view, item)
                 gallery = view.gallery if view.gallery_due() else gr.skip()
@@ -188,6 +209,11 @@ class Runner:
                 self.store.drop([i for i in before if i not in runs], "It left its session's newest runs.")
             else:  # nothing of it reached the session
                 self.store.forget([view.id])
+
+
+def _tensors_name(view: RunView) -> str:
+    # named by run and seed, as the other exports, so a folder of downloads tells them apart
+    return f"{view.request.mode}-seed{view.request.seed}-{view.id[-8:]}.safetensors"
 
 
 def _info(req: GenerationRequest, model: str, final: Final, distilled_guidance: bool = False) -> str:

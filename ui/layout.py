@@ -169,6 +169,9 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                     with gr.Row():
                         preview = fits("preview", fields.Radio(**fit["preview"], elem_id="preview"))
                         view = fits("view", fields.Radio(**fit["view"], elem_id="view"))
+                    record = _control(gr.Checkbox, "record_attention", lim, start, elem_id="record-attention",
+                                      info="Where each prompt word looks, at every step (Inspect). Slower; "
+                                           "the picture is the same.")
                     preset = fits("preset", fields.Dropdown(**fit["preset"], label="Preset", elem_id="preset"))
                     preset_note = fits("preset_note", gr.Markdown(**fit["preset_note"]))
                     load_png = gr.File(label="Load settings from an image (A1111, ComfyUI, Fooocus, InvokeAI, NovelAI)",
@@ -187,6 +190,8 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                 final = gr.Image(label="Final image", type="filepath", format="png", interactive=False, height=384,
                                  elem_id="final-image")
                 info = gr.Markdown()
+                tensors = gr.File(label="The run's tensors (.safetensors: latents, x0, noise_pred, attention)",
+                                  interactive=False, height=90, elem_id="run-tensors")
                 with gr.Row():
                     to_img2img = fits("send:img2img", gr.Button("Send to img2img", elem_id="send-img2img",
                                                                 **fit["send:img2img"]))
@@ -218,7 +223,8 @@ def build_app(spec: AppSpec) -> gr.Blocks:
 
         # each run field's control in each mode's tab (one shared by all tabs, or the tab's own)
         shared = dict(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
-                      width=width, height=height, scheduler=scheduler, preview=preview, view=view)
+                      width=width, height=height, scheduler=scheduler, preview=preview, view=view,
+                      record_attention=record)
         controls = {"txt2img": shared, "img2img": dict(shared, image=img_in, strength=img_strength),
                     "depth2img": dict(shared, image=depth_in, strength=depth_strength, depth_map=depth_map)}
         # what a preset or an image's settings set: each field's control in every tab that has it, once
@@ -228,8 +234,8 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         def inputs(mode: str) -> dict:  # the API parameters, in FIELDS' order (gr.State is not one)
             return dict(runs=runs, model=model, **{f.name: controls[mode][f.name] for f in fields_of(mode)})
 
-        outputs = [dict(preview=live, gallery=gallery, final=final, status=status, info=info, runs=runs,
-                        depth=depth_used)[name] for name in RunUpdate._fields]
+        outputs = [dict(preview=live, gallery=gallery, final=final, status=status, info=info, tensors=tensors,
+                        runs=runs, depth=depth_used)[name] for name in RunUpdate._fields]
         gpu = dict(concurrency_limit=1, concurrency_id="gpu", show_progress="hidden")
         inspector = Inspector(spec.anatomy, lim, lim.schedulers, models=view_of)
         timeline = [pick, other, scrub]
