@@ -34,8 +34,8 @@ def denoiser(pipe) -> torch.nn.Module:
 
 
 class GuidancePair:
-    """The denoiser's conditional and unconditional predictions of the latest call, each
-    (1, C, h, w) (Flux: packed), in the denoiser's dtype; None without guidance."""
+    """The denoiser's conditional and unconditional predictions of its latest call, each
+    (1, C, h, w) (Flux: packed), in the denoiser's dtype; None when that call did not guide."""
 
     def __init__(self):
         self.noise_pred_uncond: torch.Tensor | None = None
@@ -44,7 +44,9 @@ class GuidancePair:
     @contextlib.contextmanager
     def hooked(self, module: torch.nn.Module):
         def keep(_module, _args, output):
-            self.noise_pred_uncond, self.noise_pred_text = output[0].detach().chunk(2)
+            noise_pred = output[0].detach()
+            guided = noise_pred.shape[0] == 2  # runs make one image: a batch of two is [uncond, text]
+            self.noise_pred_uncond, self.noise_pred_text = noise_pred.chunk(2) if guided else (None, None)
 
         handle = module.register_forward_hook(keep)
         try:
