@@ -55,6 +55,19 @@ def test_recording_attention_leaves_img2img_the_bare_pipelines(cache, tiny_famil
     assert np.array_equal(pixels(final.image), pixels(bare_image("sd", folder, final.request)))
 
 
+def test_flux_depth_records_its_t5_tokens_and_keeps_its_image(cache, tiny_families):
+    # FLUX.1-Depth-dev's layout: the same transformer, the depth picture's latents beside the packed latents
+    folder = tiny_families("flux-depth")
+    raw = capture_settings("flux", mode="img2img", steps=4, guidance_scale=10.0,
+                           depth_map=np.tile(np.linspace(0.0, 10.0, 64, dtype=np.float32), (64, 1)))
+    raw["mode"] = "depth2img"
+    _, plain = run(cache, folder, raw)
+    frames, recorded = run(cache, folder, {**raw, "record_attention": True})
+    assert np.array_equal(pixels(recorded.image), pixels(plain.image))
+    assert [f.tokens for f in frames] == [T5_TOKENS] * 3
+    assert {tuple(f.attention.tensor().shape) for f in frames} == {(len(T5_TOKENS), 32, 32)}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_frame_maps_each_prompt_token_on_the_latent_grid(cache, tiny_families, family):
     # 64 x 32 px: a 32 wide, 16 high latent grid (the tiny VAEs downscale 2x), so rows and columns cannot swap
