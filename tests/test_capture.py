@@ -6,7 +6,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusionPipeline
+from diffusers import FluxPipeline, SD3Transformer2DModel, StableDiffusionPipeline
 
 from pipelines.capture import AttentionRecorder, cross_attention_probs, denoiser, joint_attention_probs, prompt_tokens
 from pipelines.families import family_named
@@ -181,6 +181,37 @@ def test_joint_attention_probs_are_the_layers_own_over_all_keys(tiny_families, f
             recorder.add(text_part)
         per_pixel = recorder.take().sum(0)
         assert per_pixel.max() < 1 and per_pixel.min() > 0
+
+
+def test_sd35_layers_qk_norm_and_image_only_attention():
+    """SD 3.5's layout (pipelines/tiny.py has SD 3's): RMS-normed queries and keys, and in the first blocks a
+    second attention over the image alone (attn2), which holds no text and is left to its own processor. The
+    joint layer's probabilities are still the layer's own, and recording leaves the output bitwise."""
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
+                                  joint_attention_dim=16, pooled_projection_dim=16, pos_embed_max_size=16,
+                                  qk_norm="rms_norm", dual_attention_layers=(0,))
+    inputs = dict(hidden_states=torch.randn(2, 4, 16, 16), encoder_hidden_states=torch.randn(2, 5, 16),
+                  pooled_projections=torch.randn(2, 16), timestep=torch.tensor([500, 500]), return_dict=False)
+    attn = model.transformer_blocks[0].attn
+    seen = {}
+    handle = attn.register_forward_hook(lambda m, a, kw, out: seen.update(kw=kw, out=out), with_kwargs=True)
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        handle.remove()
+        recorder = AttentionRecorder(list(range(5)), (16, 16))
+        with recorder.hooked(model):
+            assert type(model.transformer_blocks[0].attn2.processor).__name__ == "JointAttnProcessor2_0"
+            recorded = model(**inputs)[0]
+        assert recorder._layers == 2  # each block's joint attention, not attn2
+        hidden, text = seen["kw"]["hidden_states"], seen["kw"]["encoder_hidden_states"]
+        probs = joint_attention_probs(attn, hidden, text)
+        values = torch.cat([heads(attn.to_v(hidden), 8), heads(attn.add_v_proj(text), 8)], 2)
+        image_out = attn.to_out[0]((probs @ values).transpose(1, 2).flatten(2))
+    assert torch.equal(recorded, plain)
+    assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+    assert torch.allclose(image_out, seen["out"][0], atol=1e-5)
 
 
 def test_packed_tokens_land_on_the_unpacked_latent_grid():
