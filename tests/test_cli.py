@@ -15,7 +15,7 @@ from PIL import Image
 
 from .conftest import CASES  # ../shared/cases: the issue-16 inputs
 from .test_app import OUT, free_port
-from .test_messages import load
+from .test_messages import load, png
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,6 +105,14 @@ def test_dynamic_prompts_settings_case_loads_its_settings_and_reports_the_templa
     assert got["error"] is None and got["toasts"] == [("info", loaded), ("warning", "; ".join(not_loaded))]
     skip = {"__type__": "update"}
     assert got["outputs"][:8] == ["a cat, masterpiece", "ugly", 1234, 20, 7.0, skip, skip, "Euler a"]
+
+
+def test_a_loaded_sampler_the_bundled_model_does_not_offer_is_said(app_py, tmp_path):
+    got = load(app_py.url, png(tmp_path / "karras.png", "a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, "
+                                                        "CFG scale: 7, Seed: 1, Size: 64x64"))
+    assert got["toasts"][1] == ("warning", "the file has no negative prompt: kept yours; scheduler DPM++ 2M Karras is "
+                                           "not offered for this model: kept yours")  # zero terminal SNR
+    assert got["outputs"][5:8] == [64, 64, {"__type__": "update"}]
 
 
 def test_output_is_one_line_with_the_flag_to_share(app_py):
