@@ -35,8 +35,10 @@ CSS = """
 """
 
 
-PREVIEW_INFO = ("latent-rgb: a linear map of the latent channels, free, latent-sized · tiny-vae: a small "
-                "decoder, near-exact, cheap · full-vae: the model's own VAE, exact, costs about a step")
+# one line each under the Preview decoder control, for the decoders the model offers
+PREVIEW_INFO = {"latent-rgb": "a linear map of the latent channels, free, latent-sized",
+                "tiny-vae": "a small decoder, near-exact, cheap",
+                "full-vae": "the model's own VAE, exact, costs about a step"}
 VIEW_INFO = "x_t: the noisy latent the sampler holds at this step · x0: the clean image the model predicts from it"
 IDLE_STATUS = '<div class="sw-progress"><span>Ready: press Generate to watch every step.</span></div>'
 
@@ -397,7 +399,8 @@ def _fitted(view: ModelView) -> dict[str, dict]:
         "height": _settings("height", lim, start, value=start.get("height", lim.min_side), **side),
         "scheduler": _settings("scheduler", lim, start, value=start.get("scheduler", lim.schedulers[0]),
                                info=_scheduler_note(lim) or None),
-        "preview": _settings("preview", lim, start, info=PREVIEW_INFO),
+        "preview": _settings("preview", lim, start,
+                             info=" · ".join(f"{mode}: {PREVIEW_INFO[mode]}" for mode in lim.preview_modes)),
         "view": _settings("view", lim, start, value=start.get("view", "x0"), info=VIEW_INFO),
         "preset": dict(choices=[(p.title, name) for name, p in view.presets.items()], value=view.preset,
                        visible=bool(view.presets)),
