@@ -171,6 +171,9 @@ def test_page_events_say_what_happened(page, tmp_path):
     assert "No settings loaded: this image carries no generation settings" in page.inner_text("#load-png-note")
     toasts = page.locator(".toast-body").all_inner_texts()
     assert any("No settings loaded" in text for text in toasts)
+    page.click("#stop")  # nothing to stop: the page says so (Stop itself is not queued)
+    page.wait_for_function("[...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes("
+                           "'Nothing is running.'))")
 
 
 @pytest.fixture(scope="module")

@@ -86,21 +86,22 @@ class Runner:
         self._handlers.add(fn)
         return fn
 
-    async def stop(self, request: gr.Request) -> None:
+    async def stop(self, request: gr.Request) -> str:
         """Withdraw this session's runs still waiting in the queue, and stop its running
-        one after the current step. It has no outputs: the run's own last update says
-        where it stopped (an output here could land after it and hide it)."""
+        one after the current step. Returns what it did, for the page (`say`): Stop is not
+        queued (a full queue must not refuse it), and only queued events bring a toast to
+        the page. The run's own last update says where it stopped."""
         # withdraw first: once the running run stops, the next one waiting starts
         withdrawn = await self._withdraw_queued(request.session_hash)
         with self._lock:
             token = self._tokens.get(request.session_hash)
+        said = []
         if token is not None:
             token.cancel()
-            gr.Info("Stopping after this step…")
-        elif not withdrawn:
-            gr.Info("Nothing is running.")
+            said.append("Stopping after this step…")
         if withdrawn:
-            gr.Info(f"Took {withdrawn} waiting run{'s' if withdrawn > 1 else ''} out of the queue.")
+            said.append(f"Took {withdrawn} waiting run{'s' if withdrawn > 1 else ''} out of the queue.")
+        return " ".join(said) or "Nothing is running."
 
     async def _withdraw_queued(self, session: str | None) -> int:
         """Take `session`'s runs still waiting in Gradio's queue out of it; each one's client

@@ -272,7 +272,10 @@ def build_app(spec: AppSpec) -> gr.Blocks:
 
         load_png.upload(load_settings, inputs=[load_png, model], outputs=[c for _, c in setters] + [load_note],
                         **_private())
-        stop.click(runner.stop, api_name="stop", queue=False)
+        # the API's /stop is not queued; the page then says what it did through a queued event
+        stop_said = gr.State()
+        stop.click(runner.stop, outputs=[stop_said], api_name="stop", queue=False).then(
+            gr.Info, inputs=[stop_said], **_private())
 
         private = _private()
         random_seed.click(lambda: -1, outputs=[seed], **private)
