@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline-first: no phoning home
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes
     diffusers.utils.logging.disable_progress_bar()  # one load, not a screen of bars
     transformers.utils.logging.disable_progress_bar()
+    # diffusers' depth2img runs the depth estimator under torch.autocast(device, dtype) for fp16; in float32
+    # on a CPU torch warns that it turns autocast off, which is what should happen: noise at the first depth run
+    warnings.filterwarnings("ignore", "In CPU autocast, but the target dtype is not supported", UserWarning)
     args = parse_args(argv)
     try:
         cache = ModelCache(device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae, compile_unet=args.compile,

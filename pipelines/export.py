@@ -1,15 +1,17 @@
 """A run's steps as files to keep: animated GIF and WebP (Pillow), MP4 (PyAV,
-H.264), and a zip of PNGs."""
+H.264), a zip of PNGs, and the run's tensors as one `.safetensors` file."""
 
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
 import av
 import numpy as np
 from PIL import Image
+from safetensors.numpy import save_file
 
 FORMATS = ("gif", "webp", "mp4", "zip")
 FPS = 8
@@ -67,3 +69,49 @@ def _mp4(frames: list[Image.Image], path: Path, fps: int) -> None:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def save_run_tensors(frames: list, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write one run's tensors inside the denoiser to `path` (safetensors, opened with
+    `safetensors.torch.load_file` or `safe_open`). N steps, C latent channels, an (h, w)
+    latent grid (Flux's unpacked), T prompt tokens; float32 unless said:
+
+    - `latents` [N+1, C, h, w]: the latents the run started from, then x_t after each step,
+      in the variance-preserving form the denoiser reads (Euler's sigma-scaled latents
+      divided by sqrt(sigma^2 + 1)); `latents[i]` is what step i + 1 denoised
+    - `x0` [N, C, h, w]: each step's clean-latent estimate
+    - `noise_pred` [N, C, h, w]: what the scheduler received (epsilon, v, or flow velocity)
+    - `noise_pred_text`, `noise_pred_uncond` [N, C, h, w]: the denoiser's two predictions,
+      when the run used classifier-free guidance
+    - `timesteps` [N]: the timestep of each step; `noise_level` [N]: the share of noise in
+      `latents[i]` (sqrt(1 - alpha_bar), or sigma for flow matching)
+    - `attention` [N, T, h, w] float16: when recorded, each prompt token's cross-attention map
+
+    `frames` are `generate.Frame`s, in order, from the first step; `metadata` (JSON-able values)
+    is stored as JSON strings beside `tokens` (the T token texts). Raises ValueError with no frames."""
+    if not frames:
+        raise ValueError("nothing to save: the run has no steps yet")
+    first = frames[0]
+
+    def stack(name: str):
+        return np.concatenate([_array(getattr(f, name)) for f in frames])
+
+    tensors = {
+        "latents": np.concatenate([_array(first.start_latents), stack("latents")]),
+        "x0": stack("x0"),
+        "noise_pred": stack("noise_pred"),
+        "timesteps": np.array([f.timestep for f in frames], dtype=np.float32),
+        "noise_level": np.array(first.schedule_levels()[: len(frames)], dtype=np.float32),
+    }
+    if first.noise_pred_text is not None:
+        tensors |= {"noise_pred_text": stack("noise_pred_text"), "noise_pred_uncond": stack("noise_pred_uncond")}
+    if first.attention is not None:
+        tensors["attention"] = np.stack([_array(f.attention, np.float16) for f in frames])
+    meta = {key: json.dumps(value) for key, value in (metadata or {}).items()}
+    save_file(tensors, str(path), metadata={**meta, "tokens": json.dumps(list(first.tokens))})
+    return Path(path)
+
+
+def _array(copy, dtype=np.float32) -> np.ndarray:
+    # through float32: numpy has no bfloat16 (Flux and SD 3 on CUDA)
+    return copy.tensor().float().numpy().astype(dtype)

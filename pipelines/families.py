@@ -99,7 +99,8 @@ class Family:
     cuda_dtype: torch.dtype = torch.float16  # what it is trained and shipped in
     text_tokens: dict[str, int] = field(default_factory=dict)  # tokenizer attribute -> tokens the model reads
     t5_tokenizer: str | None = None  # which of them is T5's (the others are CLIP's)
-    # the tokenizer whose tokens the denoiser's cross-attention reads, and where they start in its text sequence
+    # the tokenizer whose tokens the attention maps show, and where they start in the text sequence the denoiser
+    # attends to (SDXL's two CLIP tokenizers share their 77 positions: the first stands for both)
     attention_text: tuple[str, int] = ("tokenizer", 0)
     load_options: dict = field(default_factory=dict)  # from_pretrained / from_single_file keywords
     default_steps: int = 20
@@ -164,12 +165,17 @@ FAMILIES: tuple[Family, ...] = (
            flow_matching=True, cuda_dtype=torch.bfloat16, default_steps=28, default_guidance=7.0,
            default_scheduler="Euler", text_tokens={"tokenizer": 77, "tokenizer_2": 77, "tokenizer_3": 256},
            t5_tokenizer="tokenizer_3",
+           # the text is CLIP's 77 positions (CLIP-L and CLIP-G side by side) then T5's 256; T5's are mapped: it
+           # reads prompts past CLIP's 77 tokens, the SD 3 paper finds it carries complex prompts and written text,
+           # and Flux's maps are T5 tokens too
+           attention_text=("tokenizer_3", 77),
            single_file_types=("sd3", "sd35_medium", "sd35_large"), depth=SD3_DEPTH),
     Family("flux", "Flux.1", ("FluxPipeline", "FluxImg2ImgPipeline"),
            LatentFormat(16, 0.3611, 0.1159, packed=True, rgb=FLUX_LATENT_RGB, rgb_bias=FLUX_LATENT_RGB_BIAS),
            flow_matching=True, negative_prompt=False, distilled_guidance=True, cuda_dtype=torch.bfloat16,
            default_steps=28, default_guidance=3.5, default_scheduler="Euler",
            text_tokens={"tokenizer": 77, "tokenizer_2": 512}, t5_tokenizer="tokenizer_2",
+           attention_text=("tokenizer_2", 0),  # the text is T5's alone (CLIP gives only a pooled vector)
            single_file_types=("flux-dev", "flux-schnell"),
            depth=DepthRoute(None, flag="--depth-model", example=FLUX_DEPTH)),
     # FLUX.1-Depth-dev: Flux with the depth picture's latents concatenated to its input (in_channels doubled)
@@ -178,7 +184,7 @@ FAMILIES: tuple[Family, ...] = (
            flow_matching=True, modes=("depth2img",), negative_prompt=False, distilled_guidance=True,
            cuda_dtype=torch.bfloat16, default_steps=28, default_guidance=10.0, default_scheduler="Euler",
            text_tokens={"tokenizer": 77, "tokenizer_2": 512}, t5_tokenizer="tokenizer_2",
-           depth=DepthRoute("FluxControlImg2ImgPipeline")),
+           attention_text=("tokenizer_2", 0), depth=DepthRoute("FluxControlImg2ImgPipeline")),
 )
 # for messages: "SD 1.x/2.x (v1, v2); SDXL (xl_base); ..."
 SINGLE_FILE_KINDS = "; ".join(f"{f.label} ({', '.join(f.single_file_types)})" for f in FAMILIES if f.single_file_types)

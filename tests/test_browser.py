@@ -7,6 +7,7 @@ artifacts/screenshots/.
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,9 @@ def gallery_count(page) -> int:
 
 
 def test_sliders_generate_live_preview_and_full_gallery(page):
+    # idle: Stop is a small button, not a full-width red bar, and the status says what to do
+    assert page.locator("#stop").bounding_box()["width"] < 150
+    assert page.inner_text("#status") == "Ready: press Generate to watch every step."
     set_number(page, "seed", 5)
     set_number(page, "steps", 12)
     set_number(page, "guidance", 3)
@@ -82,7 +86,9 @@ def test_sliders_generate_live_preview_and_full_gallery(page):
     page.click("#generate-txt2img")
     seen = set()
     page.wait_for_selector("#live-preview img")
+    deadline = time.monotonic() + 60
     while not page.locator("#final-image img").count():  # the preview changes while the run streams
+        assert time.monotonic() < deadline, "no final image within 60 s"
         src = page.locator("#live-preview img").first.get_attribute("src")
         if src:
             seen.add(src)
@@ -92,6 +98,13 @@ def test_sliders_generate_live_preview_and_full_gallery(page):
     page.wait_for_function("document.querySelector('#status').innerText.includes('step 12/12')")
     assert gallery_count(page) == 12
     assert "seed 5 ·" in page.inner_text("body")
+    # each step's caption is one line at the foot of its thumbnail, shown whole (not over half of it, cut off)
+    captions = page.evaluate("""[...document.querySelectorAll('#steps-gallery .caption-label')].map(c => {
+        const thumb = c.closest('.thumbnail-item').getBoundingClientRect(), box = c.getBoundingClientRect();
+        return {text: c.innerText, height: box.height / thumb.height, cut: c.scrollWidth > c.clientWidth,
+                foot: (thumb.bottom - box.bottom) / thumb.height}; })""")
+    assert [c["text"].split(" · ")[0] for c in captions] == [f"step {i}/12" for i in range(1, 13)]
+    assert all(c["height"] < 0.2 and not c["cut"] and c["foot"] < 0.1 for c in captions), captions
 
 
 def test_stop_mid_run_keeps_the_steps_so_far(page):
@@ -158,6 +171,9 @@ def test_page_events_say_what_happened(page, tmp_path):
     assert "No settings loaded: this image carries no generation settings" in page.inner_text("#load-png-note")
     toasts = page.locator(".toast-body").all_inner_texts()
     assert any("No settings loaded" in text for text in toasts)
+    page.click("#stop")  # nothing to stop: the page says so (Stop itself is not queued)
+    page.wait_for_function("[...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes("
+                           "'Nothing is running.'))")
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,10 @@ def test_default_view_shows_the_picture_forming():
     demo = demo_for("bundled")
     assert component(demo, label="Preview decoder").value == "full-vae"
     assert component(demo, label="View").value == "x0"
+    for label in ("Preview decoder", "View"):  # each choice explained in one line under the control
+        control = component(demo, label=label)
+        explained = [part.split(":")[0] for part in control.info.split(" · ")]
+        assert explained == [value for _, value in control.choices], (label, control.info)
 
 
 def test_a_model_with_no_preset_starts_at_its_own_size_with_its_tiny_vae(tiny_dir):
@@ -80,6 +84,7 @@ def test_tiny_vae_is_offered_only_when_configured(tiny_dir, no_tiny_vae_dir):
     assert offered == ["latent-rgb", "tiny-vae", "full-vae"]
     plain = demo_for(no_tiny_vae_dir)
     assert [value for _, value in component(plain, label="Preview decoder").choices] == ["latent-rgb", "full-vae"]
+    assert "tiny-vae" not in component(plain, label="Preview decoder").info  # nor explained
     limits = ModelCache(device="cpu").checkpoint(str(no_tiny_vae_dir)).limits()
     with pytest.raises(RequestError, match="preview: unknown value 'tiny-vae'; choose one of latent-rgb, full-vae"):
         validate_request({"mode": "txt2img", "prompt": "p", "width": 32, "height": 32, "preview": "tiny-vae"}, limits)
@@ -121,6 +126,34 @@ def test_the_readme_client_example_runs_as_written(tiny_dir, tmp_path, monkeypat
         demo.close()
     assert scope["final"]["url"].endswith("final.png") and (tmp_path / "final.png").stat().st_size > 0
     assert scope["preview"]["url"].endswith("step_0020.jpg")  # the last step's frame came before the final update
+    assert len(scope["job"].outputs()) == 21  # "steps + 1 updates", as the README says
+    # the notebook snippet, on the file the example downloaded
+    after = section[section.index("safetensors` (N steps"):]
+    notebook = after[after.index("```python\n") + len("```python\n"):after.index("```\n", after.index("```python"))]
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)
+        exec(notebook, scope)  # noqa: S102 - our own README
+    run, tokens = scope["run"], scope["tokens"]
+    n, c, h, w = run["x0"].shape
+    assert n == 20 and run["latents"].shape == (21, c, h, w) and run["attention"].shape == (20, len(tokens), h, w)
+    assert "".join(tokens) == "aredcircleontheleft,bluebackground"  # the tiny tokenizer reads letters
+    assert scope["g"] == 4.0
+
+
+def test_set_up_is_two_commands_and_ci_runs_the_second():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    commands = readme[readme.index("## Install, run, test"):].split("```bash\n")[1].split("```")[0]
+    assert [line.split()[0] for line in commands.splitlines()] == ["scripts/run.sh", "scripts/test.sh",
+                                                                   "scripts/test.sh"]  # the last: -m slow
+    for script in ("scripts/run.sh", "scripts/test.sh"):
+        assert (root / script).stat().st_mode & 0o111, f"{script} is not executable"
+    ci = [line for line in (root / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == "scripts/test.sh"
+    # the CPU-only choice: the scripts install torch from STEPWISE_TORCH_INDEX when it is set
+    assert '${STEPWISE_TORCH_INDEX:+--index-url "$STEPWISE_TORCH_INDEX"}' in (root / "scripts" / "env.sh").read_text()
 
 
 def test_the_scheduler_menu_and_validation_follow_the_model():

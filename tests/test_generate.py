@@ -76,8 +76,9 @@ def test_a_frame_keeps_both_views_and_counts_its_bytes(cache, tiny_dir, make_req
     frames, _ = run(make_request(steps=3, preview="full-vae", view="x0"), cache, tiny_dir)
     picture, latents = 64 * 64 * 3, 4 * 32 * 32 * 4  # uint8 RGB at full size; float32 latents at half
     timestep = frames[0].t.nbytes
-    assert frames[1].nbytes == timestep + 2 * picture + latents
-    assert frames[0].nbytes == timestep + 2 * picture + latents + picture + latents  # and the start
+    # x_t, x0, noise_pred and the guidance pair's two predictions: five latents
+    assert frames[1].nbytes == timestep + 2 * picture + 5 * latents
+    assert frames[0].nbytes == timestep + 2 * picture + 5 * latents + picture + latents  # and the start
     assert frames[0].image.size == (64, 64)
     assert np.array_equal(pixels(frames[0].image), pixels(frames[0].x0_pixels.pil()))  # the x0 view streams
 

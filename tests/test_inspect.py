@@ -19,7 +19,7 @@ from pipelines.export import export
 from pipelines.metadata import a1111_parameters, read_parameters, save_png
 from pipelines.schedulers import make_scheduler
 from pipelines.tiny import save_tiny_checkpoint
-from ui.events import Runner
+from ui.events import Runner, RunUpdate
 from ui.inspect import Inspector, _pick, run_choices
 from ui.stream import RunStore, RunView, schedule_svg
 
@@ -409,7 +409,7 @@ def runner_session(store, cache, tiny_dir, fail_seed):
             *_, last = handler(SimpleNamespace(session_hash="s"), runs=state["runs"], **fields)
         except gr.Error:
             return False
-        state["runs"] = last[5]
+        state["runs"] = last[RunUpdate._fields.index("runs")]
         return True
 
     return go, state

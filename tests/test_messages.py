@@ -113,6 +113,16 @@ def test_a_sampler_the_app_lacks_is_said_in_the_page(url, tmp_path):
     assert got["outputs"][7] == {"__type__": "update"}  # the scheduler control keeps its value
 
 
+def test_loaded_strength_goes_to_both_strength_sliders(url, tmp_path):
+    got = load(url, png(tmp_path / "img2img.png", "a cat\nNegative prompt: ugly\nSteps: 20, Sampler: Euler a, "
+                                                   "CFG scale: 7, Seed: 1, Size: 64x64, Denoising strength: 0.35"))
+    assert got["toasts"] == [("info", "Loaded from AUTOMATIC1111: prompt, negative prompt, seed 1, steps 20, CFG 7.0, "
+                                      "size 64x64, scheduler Euler a, strength 0.35.")]
+    # the setters: prompt .. view (shared by the tabs), then img2img's strength and the depth tab's
+    assert got["outputs"][:8] == ["a cat", "ugly", 1, 20, 7.0, 64, 64, "Euler a"]
+    assert got["outputs"][10:12] == [0.35, 0.35]
+
+
 def test_download_before_any_run_says_to_run_first(url):
     got = fire(url, "export-gif", "click", [None, None])
     assert got["error"] == "Nothing to export yet: run a generation first, then download its steps."
@@ -161,9 +171,9 @@ def test_run_endpoints_keep_their_positional_api(tmp_path):
     endpoints = demo.get_api_info()["named_endpoints"]
     common = ["prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler", "preview",
               "view"]
-    for name, extra, returns in [("txt2img", [], 5), ("img2img", ["image", "strength"], 5),
-                                 ("depth2img", ["image", "strength", "depth_map"], 6)]:
+    for name, extra, returns in [("txt2img", [], 6), ("img2img", ["image", "strength"], 6),
+                                 ("depth2img", ["image", "strength", "depth_map"], 7)]:
         api = endpoints[f"/{name}"]
-        assert [p["parameter_name"] for p in api["parameters"]] == common + extra
+        assert [p["parameter_name"] for p in api["parameters"]] == common + extra + ["record_attention"]
         assert len(api["returns"]) == returns
-    assert API_OUTPUTS == {"preview": 0, "gallery": 1, "final": 2, "status": 3, "info": 4, "depth": 5}
+    assert API_OUTPUTS == {"preview": 0, "gallery": 1, "final": 2, "status": 3, "info": 4, "tensors": 5, "depth": 6}

@@ -21,6 +21,7 @@ from pipelines import (
     RequestError,
     validate_request,
 )
+from pipelines.export import save_run_tensors
 from pipelines.metadata import save_png
 
 from .stream import RunStore, RunView, progress_html
@@ -39,6 +40,7 @@ class RunUpdate(NamedTuple):
     final: str | None  # the final PNG's path, once done
     status: str  # progress HTML
     info: str  # the run's settings and notes once done, or where it stopped
+    tensors: str | None  # once done: the run's tensors (.safetensors path; pipelines.export.save_run_tensors)
     runs: list  # the session's run ids, newest last
     depth: str | None = None  # depth2img only: the depth map used (PNG path)
 
@@ -84,21 +86,22 @@ class Runner:
         self._handlers.add(fn)
         return fn
 
-    async def stop(self, request: gr.Request) -> None:
+    async def stop(self, request: gr.Request) -> str:
         """Withdraw this session's runs still waiting in the queue, and stop its running
-        one after the current step. It has no outputs: the run's own last update says
-        where it stopped (an output here could land after it and hide it)."""
+        one after the current step. Returns what it did, for the page (`say`): Stop is not
+        queued (a full queue must not refuse it), and only queued events bring a toast to
+        the page. The run's own last update says where it stopped."""
         # withdraw first: once the running run stops, the next one waiting starts
         withdrawn = await self._withdraw_queued(request.session_hash)
         with self._lock:
             token = self._tokens.get(request.session_hash)
+        said = []
         if token is not None:
             token.cancel()
-            gr.Info("Stopping after this step…")
-        elif not withdrawn:
-            gr.Info("Nothing is running.")
+            said.append("Stopping after this step…")
         if withdrawn:
-            gr.Info(f"Took {withdrawn} waiting run{'s' if withdrawn > 1 else ''} out of the queue.")
+            said.append(f"Took {withdrawn} waiting run{'s' if withdrawn > 1 else ''} out of the queue.")
+        return " ".join(said) or "Nothing is running."
 
     async def _withdraw_queued(self, session: str | None) -> int:
         """Take `session`'s runs still waiting in Gradio's queue out of it; each one's client
@@ -123,9 +126,27 @@ class Runner:
             withdrawn += 1
         return withdrawn
 
+    def _save_tensors(self, view: RunView, model: str) -> str | None:
+        """Write the finished run's tensors beside its images (`save_run_tensors`); None, with a
+        warning, when its steps already left memory (the store's bounds) or the disk refused."""
+        if view.dropped or len(view.frames) != view.step:
+            gr.Warning("The run's tensors were not saved: its steps left the server's memory "
+                       f"({view.dropped or 'over the memory bound'}).")
+            return None
+        try:
+            path = save_run_tensors(view.frames, view.folder / _tensors_name(view),
+                                    {"model": model, "settings": view.request.settings()})
+        except OSError as err:
+            gr.Warning(f"The run's tensors were not saved: {err}")
+            return None
+        view.tensors = str(path)
+        view.disk_bytes += path.stat().st_size
+        return view.tensors
+
     @staticmethod
-    def _outputs(view: RunView, gallery, final, status: str, info: str, runs: list, with_depth: bool) -> tuple:
-        update = RunUpdate(view.preview, gallery, final, status, info, runs, view.depth)
+    def _outputs(view: RunView, gallery, final, status: str, info: str, runs: list, with_depth: bool,
+                 tensors: str | None = None) -> tuple:
+        update = RunUpdate(view.preview, gallery, final, status, info, tensors, runs, view.depth)
         return update if with_depth else update[:-1]
 
     def _run(self, mode: str, request: gr.Request, runs: list | None, fields: dict, with_depth: bool,
@@ -166,7 +187,8 @@ class Runner:
                     for note in item.notes:
                         gr.Warning(note)
                     info = _info(req, label, item, limits.distilled_guidance)
-                    yield self._outputs(view, view.gallery, final, status, info, runs, with_depth)
+                    tensors = self._save_tensors(view, label)
+                    yield self._outputs(view, view.gallery, final, status, info, runs, with_depth, tensors)
                     return
                 self.store.add_frame(view, item)
                 gallery = view.gallery if view.gallery_due() else gr.skip()
@@ -188,6 +210,11 @@ class Runner:
                 self.store.drop([i for i in before if i not in runs], "It left its session's newest runs.")
             else:  # nothing of it reached the session
                 self.store.forget([view.id])
+
+
+def _tensors_name(view: RunView) -> str:
+    # named by run and seed, as the other exports, so a folder of downloads tells them apart
+    return f"{view.request.mode}-seed{view.request.seed}-{view.id[-8:]}.safetensors"
 
 
 def _info(req: GenerationRequest, model: str, final: Final, distilled_guidance: bool = False) -> str:

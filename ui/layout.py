@@ -35,8 +35,10 @@ CSS = """
 """
 
 
-PREVIEW_INFO = ("latent-rgb: a linear map of the latent channels, free, latent-sized · tiny-vae: a small "
-                "decoder, near-exact, cheap · full-vae: the model's own VAE, exact, costs about a step")
+# one line each under the Preview decoder control, for the decoders the model offers
+PREVIEW_INFO = {"latent-rgb": "a linear map of the latent channels, free, latent-sized",
+                "tiny-vae": "a small decoder, near-exact, cheap",
+                "full-vae": "the model's own VAE, exact, costs about a step"}
 VIEW_INFO = "x_t: the noisy latent the sampler holds at this step · x0: the clean image the model predicts from it"
 IDLE_STATUS = '<div class="sw-progress"><span>Ready: press Generate to watch every step.</span></div>'
 
@@ -169,6 +171,9 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                     with gr.Row():
                         preview = fits("preview", fields.Radio(**fit["preview"], elem_id="preview"))
                         view = fits("view", fields.Radio(**fit["view"], elem_id="view"))
+                    record = _control(gr.Checkbox, "record_attention", lim, start, elem_id="record-attention",
+                                      info="Where each prompt word looks, at every step (Inspect). Slower; "
+                                           "the picture is the same.")
                     preset = fits("preset", fields.Dropdown(**fit["preset"], label="Preset", elem_id="preset"))
                     preset_note = fits("preset_note", gr.Markdown(**fit["preset_note"]))
                     load_png = gr.File(label="Load settings from an image (A1111, ComfyUI, Fooocus, InvokeAI, NovelAI)",
@@ -187,6 +192,8 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                 final = gr.Image(label="Final image", type="filepath", format="png", interactive=False, height=384,
                                  elem_id="final-image")
                 info = gr.Markdown()
+                tensors = gr.File(label="The run's tensors (.safetensors: latents, x0, noise_pred, attention)",
+                                  interactive=False, height=90, elem_id="run-tensors")
                 with gr.Row():
                     to_img2img = fits("send:img2img", gr.Button("Send to img2img", elem_id="send-img2img",
                                                                 **fit["send:img2img"]))
@@ -218,7 +225,8 @@ def build_app(spec: AppSpec) -> gr.Blocks:
 
         # each run field's control in each mode's tab (one shared by all tabs, or the tab's own)
         shared = dict(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,
-                      width=width, height=height, scheduler=scheduler, preview=preview, view=view)
+                      width=width, height=height, scheduler=scheduler, preview=preview, view=view,
+                      record_attention=record)
         controls = {"txt2img": shared, "img2img": dict(shared, image=img_in, strength=img_strength),
                     "depth2img": dict(shared, image=depth_in, strength=depth_strength, depth_map=depth_map)}
         # what a preset or an image's settings set: each field's control in every tab that has it, once
@@ -228,8 +236,8 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         def inputs(mode: str) -> dict:  # the API parameters, in FIELDS' order (gr.State is not one)
             return dict(runs=runs, model=model, **{f.name: controls[mode][f.name] for f in fields_of(mode)})
 
-        outputs = [dict(preview=live, gallery=gallery, final=final, status=status, info=info, runs=runs,
-                        depth=depth_used)[name] for name in RunUpdate._fields]
+        outputs = [dict(preview=live, gallery=gallery, final=final, status=status, info=info, tensors=tensors,
+                        runs=runs, depth=depth_used)[name] for name in RunUpdate._fields]
         gpu = dict(concurrency_limit=1, concurrency_id="gpu", show_progress="hidden")
         inspector = Inspector(spec.anatomy, lim, lim.schedulers, models=view_of)
         timeline = [pick, other, scrub]
@@ -264,7 +272,10 @@ def build_app(spec: AppSpec) -> gr.Blocks:
 
         load_png.upload(load_settings, inputs=[load_png, model], outputs=[c for _, c in setters] + [load_note],
                         **_private())
-        stop.click(runner.stop, api_name="stop", queue=False)
+        # the API's /stop is not queued; the page then says what it did through a queued event
+        stop_said = gr.State()
+        stop.click(runner.stop, outputs=[stop_said], api_name="stop", queue=False).then(
+            gr.Info, inputs=[stop_said], **_private())
 
         private = _private()
         random_seed.click(lambda: -1, outputs=[seed], **private)
@@ -391,7 +402,8 @@ def _fitted(view: ModelView) -> dict[str, dict]:
         "height": _settings("height", lim, start, value=start.get("height", lim.min_side), **side),
         "scheduler": _settings("scheduler", lim, start, value=start.get("scheduler", lim.schedulers[0]),
                                info=_scheduler_note(lim) or None),
-        "preview": _settings("preview", lim, start, info=PREVIEW_INFO),
+        "preview": _settings("preview", lim, start,
+                             info=" · ".join(f"{mode}: {PREVIEW_INFO[mode]}" for mode in lim.preview_modes)),
         "view": _settings("view", lim, start, value=start.get("view", "x0"), info=VIEW_INFO),
         "preset": dict(choices=[(p.title, name) for name, p in view.presets.items()], value=view.preset,
                        visible=bool(view.presets)),

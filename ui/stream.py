@@ -161,6 +161,7 @@ class RunView:
     levels: list[float] = field(default_factory=list)  # noise level of x_t at the start and after every step
     flow_matching: bool = False  # the levels are sigma (flow matching), not sqrt(1 - alpha_bar)
     final: str | None = None
+    tensors: str | None = None  # the run's .safetensors file, once finished
     gallery: list[tuple[str, str]] = field(default_factory=list, repr=False)  # (path, caption), one per step
     preview: str | None = None
     depth: str | None = None
