@@ -298,9 +298,22 @@ def time_app_path(variants: list[str], repeats: int, prompt: str = "a red circle
     runs = {v: (lambda v=v: bare_run(cache, requests[v], source)) if v == "bare"
             else (lambda v=v: app_run(cache, requests[v], source, Path(tempfile.mkdtemp())))
             for v in variants}
-    kept = {v: sum(f.nbytes for f in fn().frames) / base["steps"] for v, fn in runs.items() if v != "bare"}  # warm-up
-    if "bare" in runs:
-        runs["bare"]()
+    try:  # the run's .safetensors file (issue 18); a checkout from before it has no such writer
+        from pipelines.export import save_run_tensors
+    except ImportError:
+        save_run_tensors = None
+    kept, saved, save_seconds = {}, {}, {}
+    for v, fn in runs.items():  # warm-up; the frames' bytes and the file's size
+        view = fn()
+        if v == "bare":
+            continue
+        kept[v] = sum(f.nbytes for f in view.frames) / base["steps"]
+        if save_run_tensors is not None:
+            start = time.perf_counter()
+            path = save_run_tensors(view.frames, view.folder / "run.safetensors",
+                                    {"model": source, "settings": requests[v].settings()})
+            save_seconds[v] = time.perf_counter() - start
+            saved[v] = path.stat().st_size / base["steps"]
     seconds, cpu = {v: [] for v in variants}, {v: [] for v in variants}
     for _ in range(repeats):
         for v, fn in runs.items():
@@ -308,7 +321,8 @@ def time_app_path(variants: list[str], repeats: int, prompt: str = "a red circle
             fn()
             seconds[v].append(time.perf_counter() - start)
             cpu[v].append(time.process_time() - start_cpu)
-    return {"seconds": seconds, "cpu_seconds": cpu, "bytes_per_step": kept, "steps": base["steps"]}
+    return {"seconds": seconds, "cpu_seconds": cpu, "bytes_per_step": kept, "file_bytes_per_step": saved,
+            "save_seconds": save_seconds, "steps": base["steps"]}
 
 
 def _child(folder: Path, variants: list[str], repeats: int) -> dict:
@@ -327,7 +341,7 @@ def cost(rounds: int, repeats: int, against: str | None) -> dict:
         checkouts["before"] = (Path(against).resolve(), ["bare", "off"])
     samples = {(c, v): [] for c, (_, vs) in checkouts.items() for v in vs}
     cpu = {key: [] for key in samples}
-    per_round, per_round_cpu, kept = [], [], {}
+    per_round, per_round_cpu, kept, saved = [], [], {}, {}
     for r in range(rounds):
         order = list(checkouts) if r % 2 == 0 else list(reversed(checkouts))
         medians, medians_cpu = {}, {}
@@ -340,6 +354,7 @@ def cost(rounds: int, repeats: int, against: str | None) -> dict:
                 medians[(name, v)] = statistics.median(got["seconds"][v])
                 medians_cpu[(name, v)] = statistics.median(got["cpu_seconds"][v])
             kept.update({(name, v): b for v, b in got["bytes_per_step"].items()})
+            saved.update({(name, v): (b, got["save_seconds"][v]) for v, b in got.get("file_bytes_per_step", {}).items()})
             steps = got["steps"]
         per_round.append(medians)
         per_round_cpu.append(medians_cpu)
@@ -357,6 +372,8 @@ def cost(rounds: int, repeats: int, against: str | None) -> dict:
               "seconds_median": {f"{c} {v}": statistics.median(x) for (c, v), x in samples.items()},
               "cpu_seconds_median": {f"{c} {v}": statistics.median(x) for (c, v), x in cpu.items()},
               "bytes_per_step": {f"{c} {v}": b for (c, v), b in kept.items()},
+              "file_bytes_per_step": {f"{c} {v}": b for (c, v), (b, _) in saved.items()},
+              "file_save_seconds": {f"{c} {v}": t for (c, v), (_, t) in saved.items()},
               "on_over_off": ratios(("now", "on"), ("now", "off")),
               "off_over_bare": ratios(("now", "off"), ("now", "bare"))}
     if against:
@@ -375,6 +392,9 @@ def print_cost(r: dict) -> None:
         b = r["bytes_per_step"].get(name)
         print(f"  {name:<12} {t * 1000:9.1f} {r['cpu_seconds_median'][name] * 1000:9.1f}"
               + (f" {b:>10.0f} bytes" if b else ""))
+    for name, b in r["file_bytes_per_step"].items():
+        print(f"  {name}: the run's .safetensors file {b:.0f} bytes per step, "
+              f"written in {r['file_save_seconds'][name] * 1000:.1f} ms (once, last round)")
     print("  ratios of medians, wall [per round] and CPU [per round]")
     for key in ("on_over_off", "off_over_bare", "off_over_bare_before", "off_now_over_before", "bare_now_over_before"):
         if key in r:

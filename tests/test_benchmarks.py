@@ -114,4 +114,8 @@ def test_attention_cost_benchmark_times_off_and_on_in_a_child_process():
     kept = result["bytes_per_step"]
     # 20 frames; recording adds the (T, 16, 16) float16 maps of the prompt's 9 tokens to each
     assert kept["now on"] - kept["now off"] == 9 * 16 * 16 * 2
+    # the run's file: latents [21, 4, 16, 16], x0, noise_pred and the guidance pair [20, 4, 16, 16] float32, the header
+    saved = result["file_bytes_per_step"]
+    assert 0 < saved["now off"] * 20 - (21 + 4 * 20) * 4 * 16 * 16 * 4 < 4096
+    assert 0 <= (saved["now on"] - saved["now off"]) * 20 - 20 * 9 * 16 * 16 * 2 < 1024
     assert result["on_over_off"]["median"] > 0 and len(result["on_over_off"]["rounds"]) == 1
