@@ -14,16 +14,17 @@ the COLOUR word and the control word "background" peaks (argmax over the latent 
 object's bounding box, taken from the scene's own geometry in latent pixels. Everything else printed
 (every step averaged, per step, per layer) is extra information.
 
-`--cost`: the app path (`benchmarks.run.app_run`: `generate` consumed fully, every frame stored as the UI
-stores it; latent-rgb previews, view x_t) with record_attention off and on, and the bare diffusers call,
-one intra-op thread, `OMP_WAIT_POLICY=PASSIVE`, at the model's settings; and bytes per step the kept
-frames hold (sum of `Frame.nbytes` / steps). Each round runs one fresh process per checkout (a warm-up
-of every variant, then `--repeats` interleaved runs, each timed in wall seconds and in the process's CPU seconds, all its
-threads: on a shared machine the CPU time is the steadier of the two); `--against DIR` times another checkout of
-Stepwise the same way (its own `pipelines` and `benchmarks.run`, this file run by path), alternating
-with this one, so drift hits both alike. The bare call is the same code in both: its ratio between
-them is the noise between processes, and each checkout's app path over its own bare call (same
-process) compares the two with that noise taken out.
+`--cost`: the app path (`benchmarks.run.app_run`: `generate` consumed fully, every frame stored as
+the UI stores it; latent-rgb previews, view x_t) with record_attention off and on, and the bare
+diffusers call, one intra-op thread, `OMP_WAIT_POLICY=PASSIVE`, at the model's settings; the bytes per
+step the kept frames hold (sum of `Frame.nbytes` / steps) and, where the checkout writes one, the run's
+.safetensors file. Each round runs one fresh process per checkout: a warm-up of every variant, then
+`--repeats` interleaved runs, each timed in wall seconds and in the process's CPU seconds (all its
+threads; on a shared machine the steadier of the two). `--against DIR` times another checkout of
+Stepwise the same way (its own `pipelines` and `benchmarks.run`; this file run by path), alternating
+with this one so drift hits both alike. The bare call is the same code in both: its ratio between them
+is the noise between processes, and each checkout's app path over its own bare call (same process)
+compares the two with that noise taken out.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ import torch
 from pipelines import ModelCache, generate, layout, validate_request
 from pipelines.cache import BUNDLED, bundled_folder
 from training import scenes as S
+from training.scorer import score
+
+# pipelines.capture is imported where it is used: `--cost --against DIR` runs this file on a checkout
+# from before issue 18, which has no such module
 
 CAPTION_STREAM = 1800  # second entry of the caption generator's seed; no training stream uses it
 WORDS = ("shape", "colour", "background")  # the headline's words: the scene's shape, its colour, the control
@@ -87,11 +92,6 @@ def peaks_inside(attention_map: np.ndarray, box: tuple[float, float, float, floa
     return x0 <= col + 0.5 <= x1 and y0 <= row + 0.5 <= y1
 
 
-def word_index(tokens: tuple[str, ...], word: str) -> int:
-    """Position of `word` among the prompt's tokens (each scene word is one token of the micro tokenizer)."""
-    return tokens.index(word)
-
-
 @dataclass
 class CaptionRun:
     """One fresh caption's run: its scene, prompt, tokens and every step's maps (N, T, h, w) float32."""
@@ -105,10 +105,10 @@ class CaptionRun:
     layer_sides: dict[str, int] | None = None  # each layer's own grid side (16, 8 or 4 on the micro UNet)
 
     def words(self) -> dict[str, int]:
-        """Token index of the shape word, the colour word and "background"."""
-        return {"shape": word_index(self.tokens, self.scene["shape"]),
-                "colour": word_index(self.tokens, self.scene["colour"]),
-                "background": word_index(self.tokens, "background")}
+        """Token index of the shape word, the colour word and "background" (each one token of the micro
+        tokenizer; the scene's background colour differs from its shape's)."""
+        return {"shape": self.tokens.index(self.scene["shape"]), "colour": self.tokens.index(self.scene["colour"]),
+                "background": self.tokens.index("background")}
 
     def box(self) -> tuple[float, float, float, float]:
         return object_box(self.scene, self.maps.shape[-1])
@@ -136,8 +136,9 @@ def run_caption(cache: ModelCache, source: str, settings: dict, scene: dict, see
 
 
 class _LayerMaps:
-    """Each cross-attention layer's (T, h, w) maps kept apart, one set per denoiser call: extra
-    information on which resolutions localise. Wraps the processors outside the run's own recorder."""
+    """Each cross-attention layer's (T, h, w) maps kept apart, one set per denoiser call, on the UNet's
+    `sample_size` grid (the micro model's latent grid): extra information on which resolutions
+    localise. Wraps the processors outside the run's own recorder, which wraps these in turn."""
 
     def __init__(self):
         self.calls: list[dict[str, torch.Tensor]] = []
@@ -185,8 +186,8 @@ class _NamedLayer:
         if encoder_hidden_states is not None:
             from pipelines.capture import cross_attention_probs
 
-            with torch.no_grad():
-                probs = cross_attention_probs(attn, hidden_states, encoder_hidden_states)
+            with torch.no_grad():  # the prompt's row, the last (as the run's own recorder reads it)
+                probs = cross_attention_probs(attn, hidden_states[-1:], encoder_hidden_states[-1:])
             self.sink.add(self.name, probs, probs.shape[-1])
         return self.processor(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
 
@@ -233,8 +234,6 @@ def localisation(runs: list[CaptionRun]) -> dict:
 def caption_row(run: CaptionRun, mid: int) -> dict:
     """One caption's mid-run result: each word's peak (row, column) and whether it is inside the box, and
     what training/scorer.py reads in the final image (did the model draw the scene it was asked for)."""
-    from training.scorer import score
-
     maps = run.maps[mid - 1]
     row = {"prompt": run.prompt, "box": [round(v, 2) for v in run.box()]}
     for word, k in run.words().items():
