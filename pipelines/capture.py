@@ -35,7 +35,8 @@ def denoiser(pipe) -> torch.nn.Module:
 
 class GuidancePair:
     """The denoiser's conditional and unconditional predictions of the latest call, each
-    (1, C, h, w) (Flux: packed), in the denoiser's dtype; None without guidance."""
+    (1, C, h, w), in the denoiser's dtype; None without guidance, when the denoiser's batch
+    is one (guidance_scale <= 1; Flux, whose guidance is distilled into one call)."""
 
     def __init__(self):
         self.noise_pred_uncond: torch.Tensor | None = None
@@ -44,7 +45,8 @@ class GuidancePair:
     @contextlib.contextmanager
     def hooked(self, module: torch.nn.Module):
         def keep(_module, _args, output):
-            self.noise_pred_uncond, self.noise_pred_text = output[0].detach().chunk(2)
+            pair = output[0].detach()
+            self.noise_pred_uncond, self.noise_pred_text = pair.chunk(2) if len(pair) == 2 else (None, None)
 
         handle = module.register_forward_hook(keep)
         try:
