@@ -333,8 +333,8 @@ def fill(store, frames, session="s", seed=5):
 def test_a_runs_bytes_are_its_arrays_each_counted_once(frames, tmp_path):
     view = fill(RunStore(tmp_path), frames)
     _, items = frames
-    arrays = sum(f.xt_pixels.tensor().nbytes + f.x0_pixels.tensor().nbytes + f.latents.tensor().nbytes
-                 + f.t.tensor().nbytes for f in items)
+    kept = ("t", "xt_pixels", "x0_pixels", "latents", "x0", "noise_pred", "noise_pred_text", "noise_pred_uncond")
+    arrays = sum(getattr(f, name).tensor().nbytes for f in items for name in kept)  # the guidance pair: CFG 7.5
     arrays += items[0].start_pixels.tensor().nbytes + items[0].start_latents.tensor().nbytes  # the run's start
     images = 3 * 64 * 64 * 4  # each frame's cached PIL image: RGB held as 4 bytes a pixel
     assert view.nbytes == arrays + images
