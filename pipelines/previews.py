@@ -111,7 +111,8 @@ class LatentRGB:
         return cls(solution[:channels], solution[channels])
 
 
-# matplotlib's "inferno" colour map at 0, 1/4, 1/2, 3/4 and 1 (its _cm_listed.py), linear between
+# matplotlib's "inferno" colour map at 0, 1/4, 1/2, 3/4 and 1 (its _cm_listed.py table x 255, rounded),
+# linear between: dark to bright, and still ordered in grey
 INFERNO = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))
 
 
@@ -126,7 +127,7 @@ def heat_overlay(pixels: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5) -
     heat = ((heat - low) / (high - low).clamp(min=1e-12)).clamp(0, 1)
     heat = torch.nn.functional.interpolate(heat[:, None], size=tuple(pixels.shape[:2]), mode="bilinear",
                                            align_corners=False)[:, 0]
-    position = heat.clamp(0, 1) * (len(INFERNO) - 1)
+    position = heat * (len(INFERNO) - 1)  # bilinear stays within [0, 1]
     low = position.floor().long().clamp(max=len(INFERNO) - 2)
     colours = torch.tensor(INFERNO, dtype=torch.float32)
     colour = torch.lerp(colours[low], colours[low + 1], (position - low)[..., None])

@@ -446,6 +446,7 @@ def test_timeline_and_export_say_when_a_runs_steps_were_dropped(frames, inspecto
     runs = store.views([old.id, new.id])
     *_, info, channels, plot = inspector.timeline(runs, old.id, None, 2)
     assert info == old.dropped and "dropped from memory" in info and channels == [] and plot == ""
+    assert inspector.inside(runs, old.id, 2) == ("", [], "", [], "", "", [], None, None, [])  # nothing inside either
     assert inspector.timeline(runs, new.id, old.id, 2)[3].startswith("**step 2/3**")
     assert inspector.timeline(runs, new.id, old.id, 2)[2] is None  # nothing to put beside it
     with pytest.raises(gr.Error, match="dropped from memory"):

@@ -1,4 +1,4 @@
-"""Looking inside runs: the step timeline, comparison, tokens, exports, PNG settings."""
+"""Looking inside runs: the step timeline, inside the denoiser, comparison, tokens, exports, PNG settings."""
 
 from __future__ import annotations
 
