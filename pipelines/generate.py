@@ -18,7 +18,7 @@ from .cache import BUNDLED, ModelCache
 from .capture import AttentionRecorder, GuidancePair, denoiser, prompt_tokens
 from .depth import control_image
 from .families import Family
-from .previews import HostCopy, NoiseSchedule, X0Recorder, to_pixels
+from .previews import HostCopy, LatentRGB, NoiseSchedule, X0Recorder, heat_overlay, to_pixels
 from .protocol import CancelToken, Final, GenerationError
 from .request import GenerationRequest
 from .schedulers import make_scheduler
@@ -57,6 +57,7 @@ class Frame:
     noise_pred_uncond: HostCopy | None = None  # the negative prompt's (or empty prompt's) prediction
     attention: HostCopy | None = None  # with record_attention: (T, h, w) float16, one map per prompt token
     tokens: tuple[str, ...] = ()  # the prompt tokens `attention` maps, in order (shared by the run's frames)
+    latent_rgb: LatentRGB | None = None  # the run's latent->RGB map (shared): pictures of latent-space tensors
 
     @property
     def pixels(self) -> HostCopy:
@@ -91,6 +92,46 @@ class Frame:
                 self.attention)
         cached = [self.__dict__[name] for name in ("image", "depth") if self.__dict__.get(name) is not None]
         return sum(copy.nbytes for copy in kept if copy is not None) + sum(4 * im.width * im.height for im in cached)
+
+    def picture(self, latents: torch.Tensor) -> tuple[Image.Image, float]:
+        """A signed latent-space tensor (1, C, h, w) (noise_pred, `guidance`, `removed`) as a latent-sized
+        picture through the run's latent->RGB map, 0 at mid-grey, and the max |value| it is divided by
+        (`LatentRGB.signed`)."""
+        pixels, scale = self.latent_rgb.signed(latents)
+        return Image.fromarray(pixels.cpu().numpy()), scale
+
+    def removed(self, before: HostCopy) -> torch.Tensor:
+        """What this step took from x_t: `before` (the x_t it denoised: the previous frame's `latents`, or
+        the first frame's `start_latents`) minus `latents`, both in the same variance-preserving form;
+        (1, C, h, w) float32."""
+        return before.tensor().float() - self.latents.tensor().float()
+
+    @property
+    def guidance(self) -> torch.Tensor | None:
+        """The guidance direction noise_pred_text - noise_pred_uncond, (1, C, h, w) float32; None
+        without classifier-free guidance."""
+        if self.noise_pred_text is None:
+            return None
+        return self.noise_pred_text.tensor().float() - self.noise_pred_uncond.tensor().float()
+
+    @cached_property
+    def noise_pred_rms(self) -> float:
+        """Root mean square of `noise_pred` over its elements."""
+        return float(self.noise_pred.tensor().float().square().mean().sqrt())
+
+    @cached_property
+    def guidance_rms(self) -> float | None:
+        """Root mean square of `guidance` over its elements; None without guidance."""
+        guidance = self.guidance
+        return None if guidance is None else float(guidance.square().mean().sqrt())
+
+    def attention_overlays(self) -> list[tuple[Image.Image, float, float]]:
+        """Each prompt token's attention map over this step's x0 picture (`heat_overlay`: scaled from its
+        own min to its max, upsampled bilinear to the picture's size, inferno colours), with that min and
+        max: the token's smallest and largest share of a latent pixel's attention. Needs `attention`."""
+        heat = self.attention.tensor().float()
+        images = heat_overlay(self.x0_pixels.tensor(), heat).numpy()
+        return [(Image.fromarray(image), float(m.min()), float(m.max())) for image, m in zip(images, heat)]
 
     @cached_property
     def timestep(self) -> float:
@@ -218,7 +259,8 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
                       x0=HostCopy(views["x0"]), noise_pred=HostCopy(unpack(recorder.noise_pred)),
                       noise_pred_text=HostCopy(unpack(pair.noise_pred_text)) if guided else None,
                       noise_pred_uncond=HostCopy(unpack(pair.noise_pred_uncond)) if guided else None,
-                      attention=HostCopy(maps.half()) if maps is not None else None, tokens=tokens)
+                      attention=HostCopy(maps.half()) if maps is not None else None, tokens=tokens,
+                      latent_rgb=checkpoint.latent_rgb)
 
         def make_frame(pictures: dict[str, HostCopy]) -> Frame:
             return Frame(xt_pixels=pictures["x_t"], x0_pixels=pictures["x0"], start_pixels=pictures.get("start"),

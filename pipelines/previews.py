@@ -74,6 +74,16 @@ class LatentRGB:
         rgb = torch.einsum("bchw,cr->brhw", latents, matrix) + self.bias.to(latents.device, latents.dtype)[:, None, None]
         return to_pixels(rgb)
 
+    @torch.no_grad()
+    def signed(self, latents: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """A signed latent-space tensor (noise_pred, a difference of latents), (1, C, h, w), as a
+        picture: the map without its bias (which belongs to latents, not to their differences),
+        divided by its own max |value| so 0 is mid-grey. Returns uint8 (h, w, 3) on the tensor's
+        device and that max, in the map's RGB units (0 for an all-zero tensor: all grey)."""
+        rgb = torch.einsum("bchw,cr->brhw", latents.float(), self.matrix.float().to(latents.device))
+        scale = float(rgb.abs().max())
+        return to_pixels(rgb / scale if scale > 0 else rgb), scale
+
     @classmethod
     def published(cls, latents: LatentFormat) -> LatentRGB:
         return cls(torch.tensor(latents.rgb), torch.tensor(latents.rgb_bias))
@@ -99,6 +109,30 @@ class LatentRGB:
         y = decoded.permute(0, 2, 3, 1).reshape(-1, 3)
         solution = torch.linalg.lstsq(x, y).solution
         return cls(solution[:channels], solution[channels])
+
+
+# matplotlib's "inferno" colour map at 0, 1/4, 1/2, 3/4 and 1 (its _cm_listed.py table x 255, rounded),
+# linear between: dark to bright, and still ordered in grey
+INFERNO = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))
+
+
+@torch.no_grad()
+def heat_overlay(pixels: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Each map of `heat` (T, h, w), >= 0, over the picture `pixels` (H, W, 3) uint8 turned grey
+    (ITU-R BT.601 luma, so every colour in the result is the heat's): each map scaled to [0, 1] from
+    its own min to its max, upsampled bilinear to (H, W), coloured with INFERNO and blended with
+    weight `alpha`. Returns uint8 (T, H, W, 3) on the CPU."""
+    heat = heat.float().cpu()
+    low, high = heat.amin((1, 2), keepdim=True), heat.amax((1, 2), keepdim=True)
+    heat = ((heat - low) / (high - low).clamp(min=1e-12)).clamp(0, 1)
+    heat = torch.nn.functional.interpolate(heat[:, None], size=tuple(pixels.shape[:2]), mode="bilinear",
+                                           align_corners=False)[:, 0]
+    position = heat * (len(INFERNO) - 1)  # bilinear stays within [0, 1]
+    low = position.floor().long().clamp(max=len(INFERNO) - 2)
+    colours = torch.tensor(INFERNO, dtype=torch.float32)
+    colour = torch.lerp(colours[low], colours[low + 1], (position - low)[..., None])
+    grey = (pixels.cpu().float() @ torch.tensor([0.299, 0.587, 0.114]))[..., None]
+    return (alpha * colour + (1 - alpha) * grey).round().to(torch.uint8)
 
 
 def latent_rgb_for(folder: Path | None, vae, latents: LatentFormat) -> LatentRGB:
@@ -205,6 +239,8 @@ class NoiseSchedule:
     def __init__(self, scheduler, timesteps: torch.Tensor, flow_matching: bool = False):
         n = len(timesteps)
         self.flow_matching = flow_matching  # x_t = (1 - sigma) x0 + sigma noise: sigma is the share of noise
+        # what `noise_pred` is: "epsilon", "v_prediction" or "sample"; "flow" (a velocity) for flow matching
+        self.prediction_type = "flow" if flow_matching else scheduler.config.get("prediction_type", "epsilon")
         self.timesteps = HostCopy(timesteps)  # the n timesteps the UNet sees
         # Euler-type samplers carry x_t = x0 + sigma * noise (init_noise_sigma > 1);
         # DDIM, DPM++, UniPC and PNDM carry sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise

@@ -5,14 +5,17 @@ browser fails there instead of skipping. Failed tests leave a screenshot in
 artifacts/screenshots/.
 """
 
+import io
 import os
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import urljoin
 
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.numpy import load_file
 
 import app as app_module
 from pipelines import ModelCache, layout
@@ -160,6 +163,57 @@ def test_scrub_the_timeline_and_download_an_animation(page):
         link.click()
     path = download.value.path()
     assert Image.open(path).n_frames == 8
+
+
+def picture(page, elem_id: str, n: int = 0) -> np.ndarray:
+    """The pixels of the n-th picture the page shows in #elem_id, as the browser fetched them."""
+    src = page.locator(f"#{elem_id} img").nth(n).get_attribute("src")
+    response = page.request.get(urljoin(page.url, src))
+    assert response.ok, f"{elem_id}: {src} answered {response.status}"
+    return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"))
+
+
+INSIDE = ("inside-noise", "inside-removed", "inside-uncond", "inside-text", "inside-direction", "inside-overlay")
+
+
+def test_inside_the_denoiser_follows_the_step_slider_and_the_token(page):
+    """With attention recorded: noise_pred, what the step removed, the guidance pair and its difference,
+    a token's map over x0 and every token's, and the guidance plot, each with content, each changing
+    with the step; another token chip, another overlay."""
+    set_number(page, "steps", 6)
+    page.locator("#record-attention input").check()
+    page.click("#generate-txt2img")
+    page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('step 6/6')")
+    set_number(page, "timeline-step", 3)
+    page.wait_for_function("document.querySelector('#inside-overlay').innerText.includes('at step 3 ')")
+    tokens = page.locator("#attention-token label").count()
+    assert tokens > 3 and page.locator("#inside-token-grid img").count() == tokens
+    before = {name: picture(page, name) for name in INSIDE}
+    grid = picture(page, "inside-token-grid", 1)
+    for name, pixels in [*before.items(), ("grid", grid)]:
+        assert pixels.std() > 5, f"{name} is blank"
+    plot = page.inner_html("#inside-guidance-plot")
+    assert plot.count("<polyline") == 2 and "RMS per element" in plot and "<circle" in plot
+    set_number(page, "timeline-step", 5)
+    page.wait_for_function("document.querySelector('#inside-overlay').innerText.includes('at step 5 ')")
+    for name in INSIDE:
+        assert np.abs(picture(page, name).astype(int) - before[name]).mean() > 0.5, f"{name} did not follow the step"
+    assert np.abs(picture(page, "inside-token-grid", 1).astype(int) - grid).mean() > 0.5
+    assert page.inner_html("#inside-guidance-plot") != plot  # the marker moved
+    overlay = picture(page, "inside-overlay")
+    page.locator("#attention-token label").nth(2).click()
+    page.wait_for_function("document.querySelector('#inside-overlay').innerText.includes('3 · ')")
+    assert "step 5/6" in page.inner_text("#inside-update-info")
+    assert np.abs(picture(page, "inside-overlay").astype(int) - overlay).mean() > 0.5
+    set_number(page, "timeline-step", 4)  # the token stays picked
+    page.wait_for_function("document.querySelector('#inside-overlay').innerText.includes('at step 4 ')")
+    assert "3 · " in page.inner_text("#inside-overlay") and "step 4/6" in page.inner_text("#inside-update-info")
+    page.click("#export-tensors")
+    link = page.locator("#export-file a").first
+    link.wait_for()
+    with page.expect_download() as download:
+        link.click()
+    assert load_file(download.value.path())["attention"].shape[:2] == (6, tokens)  # [N, T, h, w]
 
 
 def test_page_events_say_what_happened(page, tmp_path):

@@ -333,8 +333,8 @@ def fill(store, frames, session="s", seed=5):
 def test_a_runs_bytes_are_its_arrays_each_counted_once(frames, tmp_path):
     view = fill(RunStore(tmp_path), frames)
     _, items = frames
-    arrays = sum(f.xt_pixels.tensor().nbytes + f.x0_pixels.tensor().nbytes + f.latents.tensor().nbytes
-                 + f.t.tensor().nbytes for f in items)
+    kept = ("t", "xt_pixels", "x0_pixels", "latents", "x0", "noise_pred", "noise_pred_text", "noise_pred_uncond")
+    arrays = sum(getattr(f, name).tensor().nbytes for f in items for name in kept)  # the guidance pair: CFG 7.5
     arrays += items[0].start_pixels.tensor().nbytes + items[0].start_latents.tensor().nbytes  # the run's start
     images = 3 * 64 * 64 * 4  # each frame's cached PIL image: RGB held as 4 bytes a pixel
     assert view.nbytes == arrays + images
@@ -446,6 +446,7 @@ def test_timeline_and_export_say_when_a_runs_steps_were_dropped(frames, inspecto
     runs = store.views([old.id, new.id])
     *_, info, channels, plot = inspector.timeline(runs, old.id, None, 2)
     assert info == old.dropped and "dropped from memory" in info and channels == [] and plot == ""
+    assert inspector.inside(runs, old.id, 2) == ("", [], "", [], "", "", [], None, None, [])  # nothing inside either
     assert inspector.timeline(runs, new.id, old.id, 2)[3].startswith("**step 2/3**")
     assert inspector.timeline(runs, new.id, old.id, 2)[2] is None  # nothing to put beside it
     with pytest.raises(gr.Error, match="dropped from memory"):
@@ -495,3 +496,182 @@ def test_flow_matching_runs_show_sigma_and_sixteen_channels(cache, tiny_families
     sd = record(make_request(steps=3), cache, tiny_families("sd"), tmp_path / "sd")
     assert inspector.timeline([sd], None, None, 3)[4].label == "The 4 latent channels of x_t"
     assert "noise level √(1−ᾱ)=" in inspector.show([sd], 0, None, 3)[3]
+
+
+# -- inside the denoiser (issue 18): the update, the guidance pair, where each word looks --------
+
+@pytest.fixture(scope="module")
+def inside_run(cache, tiny_dir, tmp_path_factory):
+    """A 5-step run with CFG 5 and recorded attention, pictures by the full VAE (64x64; latents 32x32)."""
+    req = validate_request({"mode": "txt2img", "prompt": "a red square", "seed": 3, "steps": 5, "width": 64,
+                            "height": 64, "scheduler": "DDIM", "preview": "full-vae", "guidance_scale": 5.0,
+                            "record_attention": True})
+    return record(req, cache, tiny_dir, tmp_path_factory.mktemp("inside"))
+
+
+def signed_picture(matrix: torch.Tensor, latents: torch.Tensor) -> tuple[np.ndarray, float]:
+    """The picture of a signed latent tensor, computed here in numpy: RGB = latents . matrix (no bias),
+    divided by its max |value|, [-1, 1] -> [0, 255]."""
+    rgb = np.einsum("chw,cr->hwr", latents[0].float().numpy(), matrix.float().numpy())
+    scale = np.abs(rgb).max()
+    return np.round((rgb / scale + 1) * 127.5).astype(np.uint8), float(scale)
+
+
+def test_the_update_shows_x_t_before_noise_pred_what_was_removed_and_x_t_after(inside_run, inspector, cache,
+                                                                                 tiny_dir):
+    frames, matrix = inside_run.frames, cache.checkpoint(str(tiny_dir)).latent_rgb.matrix
+    noise = []
+    for step in range(1, 6):
+        shown = inspector.inside([inside_run], 0, step)
+        (before, before_label), (noise_pred, noise_label), (removed, removed_label), (after, after_label) = shown.update
+        frame = frames[step - 1]
+        start = frames[step - 2].xt_pixels if step > 1 else frames[0].start_pixels
+        assert np.array_equal(pixels(before), start.tensor().numpy()) and before.size == (64, 64)
+        assert np.array_equal(pixels(after), frame.xt_pixels.tensor().numpy())
+        assert before_label == (f"x_t before (step {step - 1})" if step > 1 else "x_t before (step 0: the start)")
+        assert after_label == f"x_{{t-1}} (after step {step})"
+        assert noise_pred.size == removed.size == (32, 32)  # latent-sized, shown scaled up
+        expected, scale = signed_picture(matrix, frame.noise_pred.tensor())
+        assert np.abs(pixels(noise_pred).astype(int) - expected).max() <= 1
+        assert noise_label == f"noise_pred (ε) · max |value| {scale:.3g}"
+        assert pixels(noise_pred).std() > 20  # not blank
+        x_t = (frames[step - 2].latents if step > 1 else frames[0].start_latents).tensor()
+        expected, scale = signed_picture(matrix, x_t - frame.latents.tensor())
+        assert np.abs(pixels(removed).astype(int) - expected).max() <= 1
+        assert removed_label == f"x_t − x_{{t-1}} · max |value| {scale:.3g}" and pixels(removed).std() > 20
+        assert f"**The update at step {step}/5**, timestep t={frame.timestep:.0f}" in shown.update_note
+        noise.append(pixels(noise_pred))
+    assert all(np.abs(a.astype(int) - b).mean() > 1 for a, b in zip(noise, noise[1:]))  # each step its own
+    at_start = inspector.inside([inside_run], 0, 0)
+    assert at_start.update == [] and at_start.guidance == [] and at_start.grid == [] and at_start.overlay is None
+    assert at_start.update_note.startswith("Step 0 is where the run starts")
+
+
+def test_guidance_shows_both_predictions_their_difference_and_its_size_over_the_run(inside_run, inspector, cache,
+                                                                                     tiny_dir):
+    matrix = cache.checkpoint(str(tiny_dir)).latent_rgb.matrix
+    shown = inspector.inside([inside_run], 0, 2)
+    frame = inside_run.frames[1]
+    (uncond, uncond_label), (text, text_label), (direction, direction_label) = shown.guidance
+    for picture, label, tensor in ((uncond, uncond_label, frame.noise_pred_uncond.tensor()),
+                                   (text, text_label, frame.noise_pred_text.tensor())):
+        expected, scale = signed_picture(matrix, tensor)
+        assert np.abs(pixels(picture).astype(int) - expected).max() <= 1 and label.endswith(f"{scale:.3g}")
+    expected, scale = signed_picture(matrix, frame.noise_pred_text.tensor() - frame.noise_pred_uncond.tensor())
+    assert np.abs(pixels(direction).astype(int) - expected).max() <= 1 and direction.size == (32, 32)
+    assert direction_label == f"text − uncond · max |value| {scale:.3g}"
+    assert not np.array_equal(pixels(direction), pixels(text)) and pixels(direction).std() > 20
+    # the plot over the run: one point per step for each line, the y axis up to the largest value
+    rms = [float(torch.sqrt(((f.noise_pred_text.tensor() - f.noise_pred_uncond.tensor()) ** 2).mean()))
+           for f in inside_run.frames]
+    assert f"RMS of 5.0·(text − uncond) {5 * rms[1]:.3g}" in shown.guidance_note
+    plot = shown.guidance_plot
+    assert plot.count("<polyline") == 2 and "5.0·(text − uncond)" in plot and "noise_pred" in plot
+    assert all(len(line.split('points="')[1].split('"')[0].split()) == 5 for line in plot.split("<polyline")[1:])
+    assert f">{max(5 * max(rms), max(f.noise_pred_rms for f in inside_run.frames)):.2g}<" in plot
+    assert plot.count('<circle cx="134.0"') == 2  # step 2 of 5, marked on both lines
+    assert '<circle cx="346.0"' in inspector.inside([inside_run], 0, 4).guidance_plot
+    assert "<circle" not in inspector.inside([inside_run], 0, 0).guidance_plot  # step 0: the run's start
+
+
+def test_without_guidance_one_line_says_why(cache, tiny_dir, tiny_families, make_request, inspector, tmp_path):
+    off = record(make_request(steps=3, guidance_scale=1.0, preview="full-vae"), cache, tiny_dir, tmp_path / "off")
+    shown = inspector.inside([off], 0, 2)
+    assert shown.guidance_note == ("CFG was off: guidance_scale 1.0 ≤ 1, so the denoiser made one prediction per "
+                                   "step (no uncond/text pair).")
+    assert shown.guidance == [] and shown.guidance_plot == "" and len(shown.update) == 4
+    flux = record(make_request(steps=3, negative_prompt="", guidance_scale=3.5), cache, tiny_families("flux"),
+                  tmp_path / "flux")
+    shown = Inspector(Anatomy(str(tiny_families("flux")))).inside([flux], 0, 3)
+    assert shown.guidance_note == ("No CFG: this model takes guidance 3.5 as an input (distilled guidance) and makes "
+                                   "one prediction per step (no uncond/text pair).")
+    assert shown.guidance == [] and shown.guidance_plot == ""
+    noise, label = shown.update[1]  # 16 channels through Flux's map
+    assert noise.size == (32, 32) and label.startswith("noise_pred (flow velocity) · max |value| ")
+
+
+def test_each_words_map_over_x0_follows_the_token_and_the_step(inside_run, inspector):
+    frame = inside_run.frames[2]
+    tokens = frame.tokens
+    assert len(tokens) >= 3 and frame.attention.tensor().shape == (len(tokens), 32, 32)
+    shown = inspector.inside([inside_run], 0, 3, 1)
+    assert shown.tokens == [(f"{k} · {word}", k - 1) for k, word in enumerate(tokens, 1)] and shown.token == 1
+    overlay, caption = shown.overlay
+    heat = frame.attention.tensor()[1].float()
+    assert overlay.size == (64, 64)  # the x0 picture's size
+    assert caption == f"2 · {tokens[1]} over x0 at step 3 · heat {float(heat.min()):.3g} → {float(heat.max()):.3g}"
+    assert [c for _, c in shown.grid] == [label for label, _ in shown.tokens]
+    assert all(image.size == (64, 64) for image, _ in shown.grid)
+    assert np.array_equal(pixels(shown.grid[1][0]), pixels(overlay))
+    other = inspector.inside([inside_run], 0, 3, 0).overlay[0]
+    assert np.abs(pixels(other).astype(int) - pixels(overlay)).mean() > 5  # another word, another map
+    later = inspector.inside([inside_run], 0, 5, 1).overlay[0]
+    assert np.abs(pixels(later).astype(int) - pixels(overlay)).mean() > 1  # another step
+    assert pixels(overlay).std() > 10
+    assert inspector.inside([inside_run], 0, 3, 99).token == 0  # not one of this run's: the first
+    at_start = inspector.inside([inside_run], 0, 0, 1)  # kept at step 0, where no map is shown
+    assert at_start.token == 1 and at_start.tokens == shown.tokens and at_start.grid == []
+
+
+def test_heat_overlay_colours_each_map_from_its_min_to_its_max():
+    """Half a map at its max, half at its min, over a mid-grey picture: the halves blend inferno's
+    brightest and darkest colours half and half with the grey."""
+    from pipelines.previews import INFERNO, heat_overlay
+
+    heat = torch.zeros(2, 4, 4)
+    heat[0, :, :2] = 0.3  # left half hot
+    heat[1] = 0.2  # flat: all at its min
+    picture = torch.full((16, 16, 3), 128, dtype=torch.uint8)
+    out = heat_overlay(picture, heat).numpy().astype(int)
+    assert out.shape == (2, 16, 16, 3)
+    assert (np.abs(out[0, :, :3] - (np.array(INFERNO[-1]) + 128) / 2) <= 1).all()
+    assert (np.abs(out[0, :, -3:] - (np.array(INFERNO[0]) + 128) / 2) <= 1).all()
+    assert (np.abs(out[1] - (np.array(INFERNO[0]) + 128) / 2) <= 1).all()
+
+
+def test_without_recorded_attention_one_line_says_how_to_get_it(recorded, inspector):
+    shown = inspector.inside([recorded], 0, 3)
+    assert shown.attention_note == ("No attention maps in this run: tick “Record attention maps” before Generate "
+                                    "to see where each word looks.")
+    assert shown.tokens == [] and shown.overlay is None and shown.grid == [] and len(shown.guidance) == 3
+
+
+def test_the_panel_updates_show_each_row_only_with_pictures_in_it(inside_run, recorded, inspector):
+    updates = inspector.inside_updates([inside_run, recorded], inside_run.id, 3)
+    assert len(updates) == 15
+    assert [u.visible for u in updates if isinstance(u, (gr.Row, gr.Column))] == [True, True, True]
+    assert len(updates[-1]) == len(inside_run.frames[0].tokens)  # the grid
+    updates = inspector.inside_updates([inside_run, recorded], recorded.id, 0)
+    assert [u.visible for u in updates if isinstance(u, (gr.Row, gr.Column))] == [False, False, False]
+    assert inspector.inside_updates([], None, 0)[0] == ""
+    # the chips: the picked run's tokens, the choice kept where the run has it
+    chips = inspector.token_chips([inside_run, recorded], inside_run.id, 2)
+    assert chips.value == 2 and [tuple(c) for c in chips.choices] == inspector.inside([inside_run], 0, 0).tokens
+    assert inspector.token_chips([inside_run, recorded], recorded.id, 2).value is None  # no maps in that run
+    overlay = inspector.overlay_update([inside_run], inside_run.id, 4, 2)
+    assert overlay.label == inspector.inside([inside_run], 0, 4, 2).overlay[1] and overlay.value is not None
+    assert inspector.overlay_update([inside_run], inside_run.id, 0, 2).value is None
+
+
+def test_download_tensors_gives_the_runs_file_or_says_why_not(cache, tiny_dir, inspector, tmp_path):
+    from safetensors.torch import load_file
+
+    with pytest.raises(gr.Error, match="^'Nothing to download yet: run a generation first, then download its "
+                                       "tensors.'$"):
+        inspector.tensors_file([], None)
+    store = RunStore(tmp_path)
+    go, state = runner_session(store, cache, tiny_dir, fail_seed=13)
+    assert go(1)
+    views = store.views(state["runs"])
+    path = inspector.tensors_file(views, views[0].id)
+    assert path == views[0].tensors and load_file(path)["latents"].shape == (3, 4, 32, 32)
+    assert inspector.tensors_file(views, None) == path  # no pick yet: the newest run
+    running = RunView(tmp_path / "running", request=views[0].request)
+    with pytest.raises(gr.Error, match="still running or was stopped, and the file is written when a run finishes"):
+        inspector.tensors_file([running], 0)
+    running.final, running.dropped = "final.png", "dropped"
+    with pytest.raises(gr.Error, match="not saved: its steps left the server's memory before it finished"):
+        inspector.tensors_file([running], 0)
+    Path(path).unlink()
+    with pytest.raises(gr.Error, match="This run's files are gone"):
+        inspector.tensors_file(views, views[0].id)

@@ -1,9 +1,10 @@
-"""Looking inside runs: the step timeline, comparison, tokens, exports, PNG settings."""
+"""Looking inside runs: the step timeline, inside the denoiser, comparison, tokens, exports, PNG settings."""
 
 from __future__ import annotations
 
 import html
 from pathlib import Path
+from typing import NamedTuple
 
 import gradio as gr
 from PIL import Image
@@ -13,7 +14,11 @@ from pipelines.anatomy import channels
 from pipelines.export import export
 from pipelines.metadata import read_parameters
 
-from .stream import RunView, noise_level_name, schedule_svg
+from .stream import RunView, lines_svg, noise_level_name, schedule_svg
+
+# what `noise_pred` is, by the scheduler's prediction_type (`NoiseSchedule.prediction_type`)
+PREDICTION = {"epsilon": "ε", "v_prediction": "v", "sample": "x0", "flow": "flow velocity"}
+SIGNED = "0 is mid-grey, each picture scaled by its own max |value|"
 
 
 def tokens_html(encoded, label: str | None = None) -> str:
@@ -29,6 +34,22 @@ def tokens_html(encoded, label: str | None = None) -> str:
         blocks.append(f'<div class="sw-tokens"><small>{head}: {len(e.tokens)} tokens{note}</small>'
                       f"<div>{chips}</div></div>")
     return "".join(blocks)
+
+
+class Inside(NamedTuple):
+    """What the Inspect panel shows inside the denoiser at one step (`Inspector.inside`): each
+    section's note (markdown) and its pictures as (PIL image, label); empty lists where there are none."""
+
+    update_note: str
+    update: list  # x_t before the step, noise_pred, what the step removed, x_t after it
+    guidance_note: str
+    guidance: list  # noise_pred_uncond, noise_pred_text, their difference (the guidance direction)
+    guidance_plot: str  # svg over the run: RMS of g·(text − uncond) and of noise_pred per step
+    attention_note: str
+    tokens: list  # the run's prompt tokens as Radio choices: ("k · word", k - 1)
+    token: int | None  # the token whose map `overlay` shows
+    overlay: tuple | None  # (x0 with that token's map over it, label)
+    grid: list  # every token's map over x0, captioned "k · word"
 
 
 def run_choices(runs: list[RunView] | None) -> list[tuple[str, str]]:
@@ -125,6 +146,112 @@ class Inspector:
         return (frame.xt_pixels.pil(), frame.x0_pixels.pil(), beside, info + beside_note,
                 _gallery(frame.latents.tensor()), plot)
 
+    def inside(self, runs: list[RunView] | None, pick: str | int | None, step: int, token: int | None = None) -> Inside:
+        """Inside the denoiser at step `step` of run `pick` (as `show`; none at step 0): the update
+        x_t -> x_{t-1} with the noise_pred that made it; under classifier-free guidance the two
+        predictions, their difference and its size over the run; with recorded attention, token
+        `token`'s map over x0 (the first token where `token` is not one of the run's) and every
+        token's. Latent-space tensors are pictures of the run's latent->RGB map without its bias
+        (`Frame.picture`); nothing here runs a model."""
+        view, step = _at(runs, pick, step)
+        if view is None:
+            return Inside("", [], "", [], "", "", [], None, None, [])
+        first, frames = view.frames[0], view.frames
+        if step == 0:
+            later = "Step 0 is where the run starts: move the slider to a step to see"
+            return Inside(f"{later} its update.", [], f"{later} its guidance.", [], self._guidance_plot(view, 0),
+                          *self._attention(first, None, token, f"{later} where each word looks."))
+        frame = frames[step - 1]
+        before = frames[step - 2] if step > 1 else None
+        prediction = PREDICTION.get(first.schedule.prediction_type, first.schedule.prediction_type)
+        noise, noise_max = frame.picture(frame.noise_pred.tensor())
+        removed, removed_max = frame.picture(frame.removed(before.latents if before else first.start_latents))
+        update = [((before.xt_pixels if before else first.start_pixels).pil(),
+                   f"x_t before (step {step - 1}{'' if before else ': the start'})"),
+                  (noise, f"noise_pred ({prediction}) · max |value| {noise_max:.3g}"),
+                  (removed, f"x_t − x_{{t-1}} · max |value| {removed_max:.3g}"),
+                  (frame.xt_pixels.pil(), f"x_{{t-1}} (after step {step})")]
+        update_note = (f"**The update at step {step}/{frame.total}**, timestep t={frame.timestep:.0f}: the scheduler "
+                       f"takes x_t and noise_pred ({prediction}, after CFG) to x_{{t-1}}; x_t − x_{{t-1}} is what "
+                       f"it removed. Latent tensors through the latent→RGB map without its bias: {SIGNED}.")
+        attention_note = (f"**Cross-attention at step {step}**: each prompt token's share of every latent pixel's "
+                          "attention, averaged over heads and layers, upsampled bilinear over a grey x0. Heat "
+                          "(dark → bright): from the token's own least to its most at this step.")
+        return Inside(update_note, update, *self._guidance(view, frame, step),
+                      *self._attention(first, frame, token, attention_note))
+
+    def inside_updates(self, runs: list[RunView] | None, pick: str | None, step: int) -> tuple:
+        """`inside` as the panel's updates, but for the token chips and overlay (`token_chips`,
+        `overlay_update`): each section's note, its row of pictures (shown only with pictures in it)
+        and the pictures; the guidance plot; the attention box (shown with a grid) and its grid."""
+        shown = self.inside(runs, pick, step)
+
+        def row(pictures: list, count: int) -> list:
+            return [gr.Row(visible=bool(pictures)), *(gr.Image(value=image, label=label)
+                                                      for image, label in pictures or [(None, None)] * count)]
+
+        return (shown.update_note, *row(shown.update, 4), shown.guidance_note, *row(shown.guidance, 3),
+                shown.guidance_plot, shown.attention_note, gr.Column(visible=bool(shown.grid)), shown.grid)
+
+    def token_chips(self, runs: list[RunView] | None, pick: str | None, token: int | None) -> gr.Radio:
+        """The picked run's prompt tokens as chips, `token` still chosen where it is one of them."""
+        view, _ = _at(runs, pick, 0)
+        choices, token = self._attention(view.frames[0], None, token, "")[1:3] if view else ([], None)
+        return gr.Radio(choices=choices, value=token)
+
+    def overlay_update(self, runs: list[RunView] | None, pick: str | None, step: int, token: int | None) -> gr.Image:
+        """Token `token`'s map over x0 at `step` (as `inside`), labelled with the token and the heat's range."""
+        view, step = _at(runs, pick, step)
+        overlay = self._attention(view.frames[0], view.frames[step - 1], token, "")[3] if view and step else None
+        image, label = overlay or (None, None)
+        return gr.Image(value=image, label=label)
+
+    @staticmethod
+    def _guidance(view: RunView, frame, step: int) -> tuple[str, list, str]:
+        """The guidance section at `step`: note, pictures and plot."""
+        g = view.request.guidance_scale
+        if frame.noise_pred_text is None:
+            if not view.request.classifier_free_guidance:
+                return (f"CFG was off: guidance_scale {g} ≤ 1, so the denoiser made one prediction per step "
+                        "(no uncond/text pair).", [], "")
+            return (f"No CFG: this model takes guidance {g} as an input (distilled guidance) and makes one "
+                    "prediction per step (no uncond/text pair).", [], "")
+        uncond, uncond_max = frame.picture(frame.noise_pred_uncond.tensor())
+        text, text_max = frame.picture(frame.noise_pred_text.tensor())
+        direction, direction_max = frame.picture(frame.guidance)
+        pictures = [(uncond, f"noise_pred_uncond · max |value| {uncond_max:.3g}"),
+                    (text, f"noise_pred_text · max |value| {text_max:.3g}"),
+                    (direction, f"text − uncond · max |value| {direction_max:.3g}")]
+        note = (f"**CFG {g}**: noise_pred = uncond + {g}·(text − uncond), text − uncond being the guidance "
+                f"direction. At step {step}: RMS of {g}·(text − uncond) {g * frame.guidance_rms:.3g}, of noise_pred "
+                f"{frame.noise_pred_rms:.3g}. Pictures: {SIGNED}.")
+        return note, pictures, Inspector._guidance_plot(view, step)
+
+    @staticmethod
+    def _guidance_plot(view: RunView, step: int) -> str:
+        if view.frames[0].noise_pred_text is None:
+            return ""
+        g = view.request.guidance_scale
+        return lines_svg([(f"{g}·(text − uncond)", [g * f.guidance_rms for f in view.frames]),
+                          ("noise_pred", [f.noise_pred_rms for f in view.frames])], step, "RMS per element")
+
+    @staticmethod
+    def _attention(first, frame, token: int | None, note: str) -> tuple[str, list, int | None, tuple | None, list]:
+        """The attention section: note, the run's token choices, the token shown (kept where it is one of
+        the run's, else the first), and at a step (`frame`) that token's overlay and every token's."""
+        if first.attention is None:
+            return _NO_ATTENTION, [], None, None, []
+        labels = [f"{k} · {word}" for k, word in enumerate(first.tokens, 1)]
+        token = token if isinstance(token, int) and 0 <= token < len(labels) else 0
+        choices = [(label, k) for k, label in enumerate(labels)]
+        if frame is None:
+            return note, choices, token, None, []
+        overlays = frame.attention_overlays()
+        picture, low, high = overlays[token]
+        caption = f"{labels[token]} over x0 at step {frame.step} · heat {low:.3g} → {high:.3g}"
+        return (note, choices, token, (picture, caption),
+                [(image, label) for (image, *_), label in zip(overlays, labels)])
+
     def _beside(self, runs, other, step) -> tuple:
         """Run `other`'s x0 at `step` (its last step if it is shorter) as that run made it,
         and a note saying which step that is; nothing at step 0, before any x0."""
@@ -148,6 +275,24 @@ class Inspector:
                            "to download its steps.") from None
         except (OSError, ValueError) as err:  # disk full, encoder refused
             raise gr.Error(f"Could not write the {kind.upper()}: {err}") from None
+
+    def tensors_file(self, runs: list[RunView] | None, pick: str | int | None) -> str:
+        """The picked run's tensors (`RunView.tensors`, a .safetensors path; the newest run with no
+        pick), or a gr.Error saying why it has none."""
+        view = _pick(runs, pick if pick is not None else len(runs or []) - 1)
+        if view is None:
+            raise gr.Error("Nothing to download yet: run a generation first, then download its tensors.")
+        if view.tensors is None and view.final is None:
+            raise gr.Error("This run has no tensors file: it is still running or was stopped, and the file is "
+                           "written when a run finishes. Let it finish, or run it again, to download its tensors.")
+        if view.tensors is None:
+            why = "its steps left the server's memory before it finished" if view.dropped else "the disk refused them"
+            raise gr.Error(f"This run's tensors were not saved: {why}. Run it again (same seed and settings) to "
+                           "download them.")
+        if not Path(view.tensors).is_file():  # the run store deleted the folder: it keeps only the newest runs
+            raise gr.Error("This run's files are gone (the server keeps only its newest runs): run it again to "
+                           "download its tensors.")
+        return view.tensors
 
     def load_png(self, path: str | None, model: str | None = None) -> tuple[dict, str]:
         """Generation settings from an image's metadata, by field name, and a note of what was
@@ -180,6 +325,10 @@ class Inspector:
         return {}, html.escape(message)
 
 
+_NO_ATTENTION = ("No attention maps in this run: tick “Record attention maps” before Generate to see where each "
+                 "word looks.")
+
+
 def _loaded_summary(read) -> str:
     """One line: which settings came from which tool, with their values (prompts by name only)."""
     f = read.fields
@@ -207,6 +356,15 @@ def channels_label(count: int) -> str:
 
 def _gallery(latents) -> list[tuple]:
     return [(image, f"channel {n}") for n, image in enumerate(channels(latents), 1)]
+
+
+def _at(runs: list[RunView] | None, pick: str | int | None, step: int) -> tuple[RunView | None, int]:
+    """Run `pick` (the newest with no pick) if it has steps in memory, and `step` within those it has
+    (a run may still be going); (None, 0) otherwise."""
+    view = _pick(runs, pick if pick is not None else len(runs or []) - 1)
+    if view is None or view.dropped or not view.frames:
+        return None, 0
+    return view, min(int(step), len(view.frames))
 
 
 def _pick(runs: list[RunView] | None, key: str | int | None) -> RunView | None:

@@ -24,12 +24,14 @@ CSS = """
 .sw-schedule .curve { fill: none; stroke: #f97316; stroke-width: 2; }
 .sw-schedule .axis { stroke: #888; } .sw-schedule .now { stroke: #2563eb; fill: #2563eb; }
 .sw-schedule text { fill: currentColor; }
+.sw-lines .curve.c1 { stroke: #2563eb; } .sw-lines tspan.c0 { fill: #f97316; } .sw-lines tspan.c1 { fill: #2563eb; }
+.sw-lines .now { stroke: #16a34a; fill: #16a34a; }
 .sw-token { display: inline-block; margin: 2px; padding: 0 4px; border: 1px solid #ccc; border-radius: 4px; }
 .sw-token sub { color: #888; margin-left: 2px; } .sw-token.cut { text-decoration: line-through; opacity: .5; }
 /* step captions: one small line at the thumbnail's foot, not a label over half of it */
 #steps-gallery .caption-label { font-size: 10px; padding: 0 4px; max-width: 100%; opacity: .85; }
 /* frames can be latent-sized (64x64 for SD): scale them up, keep the pixels crisp */
-#live-preview img, #final-image img, #depth-used img, #steps-gallery img, [id^="timeline-"] img {
+#live-preview img, #final-image img, #depth-used img, #steps-gallery img, [id^="timeline-"] img, [id^="inside-"] img {
     width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
 }
 """
@@ -218,9 +220,32 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                 channels = gr.Gallery(label="The latent channels of x_t", columns=4, height=160,
                                       elem_id="timeline-channels")
                 schedule = gr.HTML(elem_id="timeline-schedule")
+            with gr.Accordion("Inside the denoiser: the update", elem_id="inside-update"):
+                update_note = gr.Markdown(elem_id="inside-update-info")
+                with gr.Row(visible=False) as update_row:
+                    update_views = [gr.Image(label=label, interactive=False, height=200, elem_id=f"inside-{key}")
+                                    for key, label in (("before", "x_t before"), ("noise", "noise_pred"),
+                                                       ("removed", "removed"), ("after", "x_{t-1}"))]
+            with gr.Accordion("Guidance (CFG)", elem_id="inside-guidance"):
+                guidance_note = gr.Markdown(elem_id="inside-guidance-info")
+                with gr.Row(visible=False) as guidance_row:
+                    guidance_views = [gr.Image(label=label, interactive=False, height=200, elem_id=f"inside-{key}")
+                                      for key, label in (("uncond", "uncond"), ("text", "text"),
+                                                         ("direction", "text − uncond"))]
+                guidance_plot = gr.HTML(elem_id="inside-guidance-plot")
+            with gr.Accordion("Where each word looks (cross-attention)", elem_id="inside-attention"):
+                attention_note = gr.Markdown(elem_id="inside-attention-info")
+                with gr.Column(visible=False) as attention_box:
+                    token = gr.Radio(choices=[], label="Token", elem_id="attention-token")
+                    with gr.Row():
+                        overlay = gr.Image(label="Token over x0", interactive=False, height=256,
+                                           elem_id="inside-overlay")
+                        token_grid = gr.Gallery(label="Every token's map at this step", columns=6, height=256,
+                                                object_fit="contain", elem_id="inside-token-grid")
             with gr.Row():
                 export_buttons = {kind: gr.Button(f"Download {label}", elem_id=f"export-{kind}") for kind, label in
                                   (("gif", "GIF"), ("webp", "WebP"), ("mp4", "MP4"), ("zip", "PNGs (zip)"))}
+                tensors_button = gr.Button("Download tensors (.safetensors)", elem_id="export-tensors")
                 download = gr.File(label="Download", elem_id="export-file", height=90)
 
         # each run field's control in each mode's tab (one shared by all tabs, or the tab's own)
@@ -241,9 +266,19 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         gpu = dict(concurrency_limit=1, concurrency_id="gpu", show_progress="hidden")
         inspector = Inspector(spec.anatomy, lim, lim.schedulers, models=view_of)
         timeline = [pick, other, scrub]
-        shown = dict(fn=lambda ids, p, o, step: inspector.timeline(store.views(ids), p, o, step),
+        # the token chips change only with the run shown, and only the overlay reads them: an event that
+        # outputs them makes them wait for it (a click meanwhile is lost), and one that read them could
+        # land after a newer choice and undo it
+        inside = [update_note, update_row, *update_views, guidance_note, guidance_row, *guidance_views,
+                  guidance_plot, attention_note, attention_box, token_grid]
+        shown = dict(fn=lambda ids, p, o, step: (*inspector.timeline(store.views(ids), p, o, step),
+                                                 *inspector.inside_updates(store.views(ids), p, step)),
                      inputs=[runs, pick, other, scrub],
-                     outputs=[xt_view, x0_view, other_view, step_info, channels, schedule], **_private())
+                     outputs=[xt_view, x0_view, other_view, step_info, channels, schedule, *inside], **_private())
+        overlaid = dict(fn=lambda ids, p, step, k: inspector.overlay_update(store.views(ids), p, step, k),
+                        inputs=[runs, pick, scrub, token], outputs=[overlay], **_private())
+        chips = dict(fn=lambda ids, p, k: inspector.token_chips(store.views(ids), p, k), inputs=[runs, pick, token],
+                     outputs=[token], **_private())
         events = [
             go_txt.click(runner.handler("txt2img"), inputs_kwargs=inputs("txt2img"), outputs=outputs[:-1],
                          api_name="txt2img", **gpu),
@@ -254,14 +289,17 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         ]
         for event in events:
             event.then(lambda ids, o: inspector.refresh(store.views(ids), o), inputs=[runs, other], outputs=timeline,
-                       **_private()).then(**shown)
-        scrub.release(**shown)
-        scrub.input(**shown, trigger_mode="always_last")
-        pick.input(**shown)
+                       **_private()).then(**chips).then(**shown).then(**overlaid)
+        scrub.release(**shown).then(**overlaid)
+        scrub.input(**shown, trigger_mode="always_last").then(**overlaid)
+        pick.input(**chips).then(**shown).then(**overlaid)
         other.input(**shown)
+        token.input(**overlaid)
         for kind, button in export_buttons.items():
             button.click(lambda ids, p, kind=kind: inspector.export_run(store.views(ids), p, kind), inputs=[runs, pick],
                          outputs=[download], **_private())
+        tensors_button.click(lambda ids, p: inspector.tensors_file(store.views(ids), p), inputs=[runs, pick],
+                             outputs=[download], **_private())
         prompt.change(inspector.tokens, inputs=[prompt, model], outputs=[tokens], trigger_mode="always_last",
                       **_private())
         demo.load(inspector.tokens, inputs=[prompt, model], outputs=[tokens], **_private())

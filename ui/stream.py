@@ -285,3 +285,34 @@ def schedule_svg(levels: list[float], current: int, flow_matching: bool = False,
         f'<polyline points="{line}" class="curve"/>{marker}</svg>'
     )
 
+
+
+def lines_svg(series: list[tuple[str, list[float]]], current: int, y_label: str, width: int = 480,
+              height: int = 130) -> str:
+    """Each series (label, values after steps 1..n) as a line over the run's steps, the y axis from
+    0 to the largest value (written at its top, with `y_label`); step `current` marked, none at 0."""
+    pad, n = 28, max(len(values) for _, values in series)
+    top = max((v for _, values in series for v in values), default=0) or 1.0
+    x = [pad + (width - 2 * pad) * i / max(n - 1, 1) for i in range(n)]
+    lines, legend = [], []
+    for k, (label, values) in enumerate(series):
+        y = [height - pad - (height - 2 * pad) * v / top for v in values]
+        lines.append(f'<polyline points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in zip(x, y))}" class="curve c{k}"/>')
+        if 1 <= current <= len(values):
+            lines.append(f'<circle cx="{x[current - 1]:.1f}" cy="{y[current - 1]:.1f}" r="4" class="now"/>')
+        legend.append(f'<tspan class="c{k}">— {label} </tspan>')
+    marker = ""
+    if 1 <= current <= n:
+        cx = x[current - 1]
+        marker = f'<line x1="{cx:.1f}" y1="{pad}" x2="{cx:.1f}" y2="{height - pad}" class="now"/>'
+    return (
+        f'<svg class="sw-schedule sw-lines" viewBox="0 0 {width} {height}" role="img" aria-label="{y_label}">'
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" class="axis"/>'
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" class="axis"/>'
+        f'<text x="{pad}" y="{pad - 8}">{y_label}</text><text x="{pad - 4}" y="{pad + 4}" text-anchor="end">'
+        f'{top:.2g}</text><text x="{pad - 4}" y="{height - pad + 4}" text-anchor="end">0</text>'
+        f'<text x="{pad}" y="{height - 8}">step 1</text>'
+        f'<text x="{width - pad}" y="{height - 8}" text-anchor="end">step {n}</text>'
+        f'{marker}{"".join(lines)}'
+        f'<text x="{width - pad}" y="{pad - 8}" text-anchor="end">{"".join(legend)}</text></svg>'
+    )
