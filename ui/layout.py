@@ -245,7 +245,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
             with gr.Row():
                 export_buttons = {kind: gr.Button(f"Download {label}", elem_id=f"export-{kind}") for kind, label in
                                   (("gif", "GIF"), ("webp", "WebP"), ("mp4", "MP4"), ("zip", "PNGs (zip)"))}
-                tensors_button = gr.Button("Download tensors (.safetensors)", elem_id="export-tensors")
+                tensors_button = gr.Button("Download tensors", elem_id="export-tensors")
                 download = gr.File(label="Download", elem_id="export-file", height=90)
 
         # each run field's control in each mode's tab (one shared by all tabs, or the tab's own)
