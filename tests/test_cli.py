@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_python_app_py_serves_the_default_model_and_streams(tmp_path):
     port = free_port()
     env = dict(os.environ, STEPWISE_CACHE=str(tmp_path), GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT,
+    outputs = tmp_path / "outputs"
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--outputs", str(outputs)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -33,6 +34,7 @@ def test_python_app_py_serves_the_default_model_and_streams(tmp_path):
                                                           api_name="/txt2img"))
         assert len({u[OUT["preview"]] for u in updates[:-1]}) == 4
         assert updates[-1][OUT["final"]].endswith("final.png")
+        assert len(list(outputs.glob("*/*/run.json"))) == 1  # the run is saved
     finally:
         proc.terminate()
         proc.wait(timeout=30)
