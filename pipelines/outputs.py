@@ -577,8 +577,12 @@ def _replace(path: Path, data: bytes) -> None:
     """Replace `path` atomically: a synced temp file beside it, renamed over it."""
     temp = path.with_name(f".{path.name}.tmp")
     temp.unlink(missing_ok=True)
-    _write(temp, data)
-    os.replace(temp, path)
+    try:
+        _write(temp, data)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
     _sync_folder(path.parent)
 
 
@@ -601,11 +605,11 @@ def _sync_folder(path: Path) -> None:
 
 def _cannot(what: str, err: OSError | sqlite3.Error) -> str:
     """A message: could not `what`, why, and what to do, by the error's errno (or SQLite's words)."""
-    text = str(err).lower()
-    if getattr(err, "errno", None) in FULL or "disk is full" in text:
-        return (f"could not {what}: the disk is full ({err}). Free space there, or start the app with "
+    why = getattr(err, "strerror", None) or str(err)
+    if getattr(err, "errno", None) in FULL or "disk is full" in why:
+        return (f"could not {what}: the disk is full ({why}). Free space there, or start the app with "
                 "--outputs DIR on another disk, --outputs-max-gb N to bound it, or --no-save")
-    if getattr(err, "errno", None) in READ_ONLY or "readonly" in text:
-        return (f"could not {what}: it is not writable ({err}). Make it writable, or start the app "
+    if getattr(err, "errno", None) in READ_ONLY or "readonly" in why:
+        return (f"could not {what}: it is not writable ({why}). Make it writable, or start the app "
                 "with --outputs DIR (a writable folder) or --no-save")
     return f"could not {what}: {err}. Check the folder, or start the app with --outputs DIR or --no-save"

@@ -238,8 +238,8 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                         for name, c in ((f.name, controls[m][f.name]) for m in f.modes)}.values())
 
         def inputs(mode: str) -> dict:  # the API parameters, in FIELDS' order (gr.State is not one)
-            return dict(runs=runs, model=model, owner=owner,
-                        **{f.name: controls[mode][f.name] for f in fields_of(mode)})
+            return dict(runs=runs, model=model, **{f.name: controls[mode][f.name] for f in fields_of(mode)},
+                        owner=owner)
 
         outputs = [dict(preview=live, gallery=gallery, final=final, status=status, info=info, tensors=tensors,
                         runs=runs, depth=depth_used)[name] for name in RunUpdate._fields]
