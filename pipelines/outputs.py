@@ -140,6 +140,9 @@ class OutputsFolder:
         self.max_bytes = max_bytes
         self._lock = threading.RLock()
         self._checked = False  # the index was checked against the folders by this process
+        # Pillow's PNG encoder releases the GIL: a run's step pictures encode in parallel, on threads
+        # kept for the folder's life (a pool per save would start threads, and malloc arenas, each run)
+        self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="stepwise-save")
 
     # ---- saving ----
 
@@ -220,9 +223,7 @@ class OutputsFolder:
         for f in frames:
             pictures[f"xt_{f.step:04d}.png"] = f.xt_pixels
             pictures[f"x0_{f.step:04d}.png"] = f.x0_pixels
-        # Pillow's PNG encoder releases the GIL: the pictures encode in parallel
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            list(pool.map(lambda item: _write(steps / item[0], _png(item[1].pil())), pictures.items()))
+        list(self._encoders.map(lambda item: _write(steps / item[0], _png(item[1].pil())), pictures.items()))
         _sync_folder(steps)
         files["steps"] = STEPS
         return files

@@ -91,8 +91,8 @@ def test_a_run_through_the_api_is_saved_with_its_settings_in_the_png_and_an_inde
                                width=32, height=32, scheduler="Euler")
     with sqlite3.connect(tmp_path / "outputs" / INDEX) as db:
         rows = db.execute("SELECT id, status, mode, model, prompt, seed, record FROM runs").fetchall()
-    assert [row[:6] for row in rows] == [(folder.name, "finished", "txt2img", "untrained tiny model 'ckpt' (random weights)",
-                                          "a red square", 21)]
+    label = "untrained tiny model 'ckpt' (random weights)"  # the model as the page names it
+    assert [row[:6] for row in rows] == [(folder.name, "finished", "txt2img", label, "a red square", 21)]
     record = json.loads(rows[0][6])
     assert record == json.loads((folder / "run.json").read_text())
     assert record["settings"] == dict(mode="txt2img", **{k: v for k, v in RUN.items() if k not in ("preview", "view")})
@@ -143,9 +143,9 @@ def test_a_stopped_run_is_saved_with_the_steps_it_made(serve, tmp_path):
     assert last[OUT["info"]].endswith(f"Saved in `{folder}`")
     assert record["status"] == "stopped" and record["files"]["final"] is None
     assert (record["steps"]["saved"], record["steps"]["total"]) == (made, 150)
-    run = OutputsFolder(tmp_path / "outputs").runs()[0]
-    assert run.caption.endswith(f"stopped at {made}/150") and len(OutputsFolder(tmp_path / "outputs").load_frames(run)) \
-        == made
+    outputs = OutputsFolder(tmp_path / "outputs")
+    run = outputs.runs()[0]
+    assert run.caption.endswith(f"stopped at {made}/150") and len(outputs.load_frames(run)) == made
 
 
 @pytest.mark.parametrize("error,message", [
@@ -339,7 +339,8 @@ def test_pruning_drops_the_oldest_steps_first_and_final_images_last(save, tmp_pa
     c = save(outputs, seed=3)
     d = save(outputs, seed=4)
     with sqlite3.connect(tmp_path / "outputs" / INDEX) as db:
-        size = {run_id: (step, kept) for run_id, step, kept in db.execute("SELECT id, step_bytes, keep_bytes FROM runs")}
+        rows = db.execute("SELECT id, step_bytes, keep_bytes FROM runs").fetchall()
+    size = {run_id: (step, kept) for run_id, step, kept in rows}
     total = sum(step + kept for step, kept in size.values())
     assert all(step > 0 and kept > 0 for step, kept in size.values())
 
@@ -357,9 +358,10 @@ def test_pruning_drops_the_oldest_steps_first_and_final_images_last(save, tmp_pa
     assert all(runs[r].has_steps for r in (a.id, c.id, d.id))
 
     outputs.max_bytes = total - size[b.id][0] - 1  # then the stopped run A: all it has is steps
-    assert outputs.prune(keep=d.id)[0].endswith(f"deleted the 1 oldest run(s) whole: {a.id}. It holds "
-                                                f"{(total - sum(size[b.id]) + size[b.id][1] - sum(size[a.id])) / 1e9:.3g}"
-                                                f" GB now (was {(total - size[b.id][0]) / 1e9:.3g} GB).")
+    before, after = total - size[b.id][0], total - size[b.id][0] - sum(size[a.id])
+    assert outputs.prune(keep=d.id) == [f"The outputs folder {outputs.root} was over --outputs-max-gb "
+                                        f"{outputs.max_bytes / 1e9:g}: deleted the 1 oldest run(s) whole: {a.id}. "
+                                        f"It holds {after / 1e9:.3g} GB now (was {before / 1e9:.3g} GB)."]
     assert {run.id for run in outputs.runs()} == {b.id, c.id, d.id} and not a.folder.exists()
 
     outputs.max_bytes = sum(size[d.id])  # only the newest fits: C's steps, then B and C whole, oldest first
