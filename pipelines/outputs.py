@@ -296,6 +296,10 @@ class OutputsFolder:
             return []
         with self._lock:
             rows = self._query("SELECT id, folder, status, step_bytes, keep_bytes FROM runs ORDER BY created, id", ())
+            gone = [row[0] for row in rows if not (self.root / row[1]).is_dir()]  # deleted by hand
+            if gone:
+                self._forget(gone)
+                rows = [row for row in rows if row[0] not in gone]
             total = sum(step + kept for _, _, _, step, kept in rows)
             if total <= self.max_bytes:
                 return []

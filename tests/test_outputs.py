@@ -401,3 +401,12 @@ def test_reopened_frames_equal_the_frames_the_run_made(made, save, tmp_path):
     assert np.array_equal(frames[0].start_latents.tensor().numpy(), back[0].start_latents.tensor().numpy())
     assert back[0].schedule_levels() == frames[0].schedule_levels()
     assert Image.open(run.thumb).size == (64, 64)
+
+
+def test_pruning_skips_a_run_deleted_by_hand(save, tmp_path):
+    outputs = OutputsFolder(tmp_path / "outputs")
+    gone, old, new = save(outputs, seed=1), save(outputs, seed=2), save(outputs, seed=3)
+    shutil.rmtree(gone.folder)
+    outputs.max_bytes = 1
+    assert outputs.prune(keep=new.id)[-1].split(": ", 1)[1].startswith(f"deleted the 1 oldest run(s) whole: {old.id}.")
+    assert [run.id for run in outputs.runs()] == [new.id]
