@@ -211,7 +211,7 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
         private_history=shared_deployment(args) and not args.shared_history,
     )
     if outputs is not None:
-        log.info("every run is saved in %s (--no-save: none)", outputs.root)
+        log.info("saving every run in %s (--no-save keeps none)", outputs.root)
     return build_app(spec).queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
 
 
