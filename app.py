@@ -4,6 +4,7 @@
                   [--depth-estimator SRC]
                   [--device cuda|mps|cpu] [--dtype fp16|bf16|fp32] [--offload model|sequential] [--compile]
                   [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS] [--preset NAME]
+                  [--outputs DIR | --no-save] [--outputs-max-gb N] [--shared-history]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pipelines import BUNDLED, GenerationError, ModelCache, ModelLoadError, gene
 from pipelines.anatomy import Anatomy  # noqa: E402
 from pipelines.cache import OFFLOAD, bundled_folder  # noqa: E402
 from pipelines.devices import app_cpu_threads  # noqa: E402
+from pipelines.outputs import GB, OutputsFolder  # noqa: E402
 from pipelines.presets import Preset, PresetError, fitting_presets, load_presets  # noqa: E402
 from pipelines.sources import is_single_file, list_models  # noqa: E402
 from ui import CSS, AppSpec, ModelView, build_app  # noqa: E402
@@ -53,6 +55,7 @@ SESSION_TTL = CACHE_SWEEP[1]  # a session's runs go with its files: an hour afte
 # recently used dropped first: about 250 kB each here (measured), so Gradio's default of
 # 10000 would be 2.5 GB. Every gradio_client or /gradio_api/call/ client is a new session.
 MAX_SESSIONS = 256
+DEFAULT_OUTPUTS = Path(__file__).resolve().parent / "outputs"  # --outputs' default: beside the app, as A1111's
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,6 +90,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     p.add_argument("--auth", default=None, help="USER:PASS required to open the app")
     p.add_argument("--preset", default=None, help="preset to start with (file stem in presets/)")
+    saving = p.add_mutually_exclusive_group()
+    saving.add_argument("--outputs", default=None, metavar="DIR",
+                        help="folder where every run is saved (final PNG, steps, tensors) and the History reads "
+                             "(default: outputs/ beside app.py, created by the first run)")
+    saving.add_argument("--no-save", action="store_true",
+                        help="save nothing: runs live only in Gradio's cache (an hour), and there is no History")
+    p.add_argument("--outputs-max-gb", type=float, default=None, metavar="N",
+                   help="keep the outputs folder under N GB: the oldest runs' steps are deleted first, "
+                        "their final images last (default: no bound)")
+    p.add_argument("--shared-history", action="store_true",
+                   help="on a shared deployment (--share, a Hugging Face Space) every user sees every saved run "
+                        "in the History (default there: each user sees only their own)")
     return p.parse_args(argv)
 
 
@@ -126,10 +141,28 @@ def model_view(cache: ModelCache, source: str, label: str | None = None, depth_m
                      presets=presets, card=card, preset=_default_preset(presets))
 
 
+def outputs_folder(args: argparse.Namespace) -> OutputsFolder | None:
+    """Where runs are saved: --outputs, else DEFAULT_OUTPUTS; None with --no-save. Raises ValueError
+    for an --outputs-max-gb that is not a positive number."""
+    if args.outputs_max_gb is not None and not args.outputs_max_gb > 0:
+        raise ValueError(f"--outputs-max-gb must be a positive number of GB, got {args.outputs_max_gb}")
+    if args.no_save:
+        return None
+    max_bytes = int(args.outputs_max_gb * GB) if args.outputs_max_gb is not None else None
+    return OutputsFolder(Path(args.outputs) if args.outputs else DEFAULT_OUTPUTS, max_bytes)
+
+
+def shared_deployment(args: argparse.Namespace) -> bool:
+    """Whether strangers may use this server: a public share link, or a Hugging Face Space (SPACE_ID)."""
+    return args.share or bool(os.environ.get("SPACE_ID"))
+
+
 def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
     """Build the app around `cache`, fitted to the start checkpoint (`--model`, else the first of
     `--models-dir`): it is loaded here (so the first click is fast), and the size limits, preview
-    decoders, scheduler menu and presets offered come from it. Raises ModelLoadError or PresetError."""
+    decoders, scheduler menu and presets offered come from it. Runs are saved in `outputs_folder(args)`.
+    Raises ModelLoadError, PresetError or ValueError (a bad --outputs-max-gb)."""
+    outputs = outputs_folder(args)
     choices, broken = model_menu(args)
     label, start = choices[0]
     view = model_view(cache, start, label, args.depth_model)
@@ -175,7 +208,11 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
         broken=broken,
         load_model=lambda source: model_view(cache, source, dict((s, l) for l, s in choices).get(source),
                                              args.depth_model),
+        outputs=outputs,
+        private_history=shared_deployment(args) and not args.shared_history,
     )
+    if outputs is not None:
+        log.info("saving every run in %s (--no-save keeps none)", outputs.root)
     return build_app(spec).queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
 
 

@@ -20,6 +20,13 @@ from pipelines.tiny import save_tiny_checkpoint, save_tiny_family
 CASES = Path(__file__).resolve().parents[2] / "shared" / "cases"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def outputs_default(tmp_path_factory):
+    """Apps the tests build save their runs here, not in the checkout's outputs/ (--outputs' default)."""
+    app_module.DEFAULT_OUTPUTS = tmp_path_factory.mktemp("outputs")
+    return app_module.DEFAULT_OUTPUTS
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny random checkpoint in the bundled layout (txt2img + depth + tiny VAE)."""

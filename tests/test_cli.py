@@ -22,13 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def app_py(tmp_path_factory):
-    """`python app.py --port N` with no other flag (the bundled model); its output goes to a file."""
+    """`python app.py --port N --outputs DIR` (the bundled model; runs saved outside the checkout); its output
+    goes to a file."""
     tmp = tmp_path_factory.mktemp("app_py")
-    port, log = free_port(), tmp / "output.txt"
+    port, log, outputs = free_port(), tmp / "output.txt", tmp / "outputs"
     env = dict(os.environ, STEPWISE_CACHE=str(tmp), GRADIO_TEMP_DIR=str(tmp / "gradio"), PYTHONUNBUFFERED="1")
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--outputs", str(outputs)], cwd=ROOT,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120
@@ -41,17 +42,19 @@ def app_py(tmp_path_factory):
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        yield SimpleNamespace(url=url, port=port, log=log)
+        yield SimpleNamespace(url=url, port=port, log=log, outputs=outputs)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
 def test_python_app_py_serves_the_default_model_and_streams(app_py):
+    saved = set(app_py.outputs.glob("*/*/run.json"))
     updates = list(Client(app_py.url, verbose=False).submit(prompt="a red circle", seed=1, steps=4, width=64, height=64,
                                                             api_name="/txt2img"))
     assert len({u[OUT["preview"]] for u in updates[:-1]}) == 4
     assert updates[-1][OUT["final"]].endswith("final.png")
+    assert len(set(app_py.outputs.glob("*/*/run.json")) - saved) == 1  # the run is saved
 
 
 # -- the issue-16 case files, through gradio_client (the settings file through the page's own event) ----

@@ -27,7 +27,7 @@ def run_fresh(code: str, **env: str) -> str:
 def test_ui_and_the_plain_pipeline_names_load_no_model_library():
     loaded = run_fresh(
         "import sys\n"
-        "import ui, ui.layout, ui.events, ui.stream, ui.inspect, ui.fields\n"
+        "import ui, ui.layout, ui.events, ui.stream, ui.inspect, ui.fields, ui.history, pipelines.outputs\n"
         "from pipelines import (BUNDLED, MODES, PREVIEW_MODES, SCHEDULER_NAMES, VIEWS, CancelToken, Final,\n"
         "    GenerationError, GenerationRequest, Limits, ModelLoadError, RequestError, validate_request)\n"
         "from pipelines import layout\n"

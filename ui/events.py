@@ -23,6 +23,7 @@ from pipelines import (
 )
 from pipelines.export import save_run_tensors
 from pipelines.metadata import save_png
+from pipelines.outputs import OutputsError, OutputsFolder
 
 from .stream import RunStore, RunView, progress_html
 
@@ -56,10 +57,13 @@ class Runner:
     under stable ids; the session's `gr.State` holds only the ids. A session that picked
     a model (its `model` State: a source) runs on it, checked against that model's limits:
     `models(source)` gives its view (`.limits`, `.label`) and `generate` takes `model=source`.
+    Every run that made a step is saved in `outputs` (None: --no-save), as its session's `owner`.
     """
 
-    def __init__(self, generate: GenerateFn, store: RunStore, limits: Limits, model_label: str, models=None):
+    def __init__(self, generate: GenerateFn, store: RunStore, limits: Limits, model_label: str, models=None,
+                 outputs: OutputsFolder | None = None):
         self.generate = generate
+        self.outputs = outputs
         self.store = store
         self.limits = limits
         self.model_label = model_label
@@ -72,14 +76,14 @@ class Runner:
     def handler(self, mode: str, with_depth: bool = False):
         """The event function for one tab; keyword inputs are the API parameters."""
 
-        def run(request: gr.Request, runs: list | None = None, model: str | None = None,
+        def run(request: gr.Request, runs: list | None = None, model: str | None = None, owner: str | None = None,
                 **fields) -> Iterator[tuple]:
-            yield from self._run(mode, request, runs, fields, with_depth, model)
+            yield from self._run(mode, request, runs, fields, with_depth, model, owner)
 
         def run_depth(request: gr.Request, runs: list | None = None, model: str | None = None,
-                      depth_map: str | None = None, **fields) -> Iterator[tuple]:
+                      owner: str | None = None, depth_map: str | None = None, **fields) -> Iterator[tuple]:
             # the explicit `= None` makes depth_map optional for API clients
-            yield from self._run(mode, request, runs, dict(fields, depth_map=depth_map), with_depth, model)
+            yield from self._run(mode, request, runs, dict(fields, depth_map=depth_map), with_depth, model, owner)
 
         fn = run_depth if with_depth else run
         fn.__name__ = mode
@@ -143,6 +147,31 @@ class Runner:
         view.disk_bytes += path.stat().st_size
         return view.tensors
 
+    def _keep(self, view: RunView, model: str, status: str, owner: str | None, notes: tuple[str, ...] = ()) -> str:
+        """Save the run in the outputs folder and keep the folder within its bound; a line for the
+        run's info saying where, or "" (--no-save, or the disk refused: a warning says so)."""
+        if self.outputs is None:
+            return ""
+        whole = not view.dropped and len(view.frames) == view.step
+        if not whole and view.final is None:
+            gr.Warning("This stopped run was not saved: its steps left the server's memory during the run "
+                       f"({view.dropped or 'its bound'}).", title="Run not saved")
+            return ""
+        missing = None if whole else f"they left the server's memory during the run ({view.dropped or 'its bound'})"
+        try:
+            saved = self.outputs.save(view.request, model, view.frames if whole else [], status=status,
+                                      final=view.final, tensors=view.tensors, owner=owner, notes=notes,
+                                      missing_steps=missing)
+        except OutputsError as err:
+            gr.Warning(f"{_sentence(str(err))} The run's images are still in this page.", title="Run not saved")
+            return ""
+        try:
+            for note in self.outputs.prune(keep=saved.id):
+                gr.Info(note, title="Outputs pruned")
+        except OutputsError as err:
+            gr.Warning(_sentence(str(err)), title="Outputs not pruned")
+        return f"\n\nSaved in `{saved.folder}`"
+
     @staticmethod
     def _outputs(view: RunView, gallery, final, status: str, info: str, runs: list, with_depth: bool,
                  tensors: str | None = None) -> tuple:
@@ -150,7 +179,7 @@ class Runner:
         return update if with_depth else update[:-1]
 
     def _run(self, mode: str, request: gr.Request, runs: list | None, fields: dict, with_depth: bool,
-             model: str | None = None) -> Iterator[tuple]:
+             model: str | None = None, owner: str | None = None) -> Iterator[tuple]:
         limits, label, kwargs = self.limits, self.model_label, {}
         if model is not None and self.models is not None:
             try:
@@ -188,6 +217,7 @@ class Runner:
                         gr.Warning(note)
                     info = _info(req, label, item, limits.distilled_guidance)
                     tensors = self._save_tensors(view, label)
+                    info += self._keep(view, label, "finished", owner, item.notes)
                     yield self._outputs(view, view.gallery, final, status, info, runs, with_depth, tensors)
                     return
                 self.store.add_frame(view, item)
@@ -196,6 +226,8 @@ class Runner:
                 yield self._outputs(view, gallery, None, status, "", runs, with_depth)
             # the frames ended without a final image: the run was stopped
             note = f"Stopped at step {view.step}/{view.total}; the steps so far stay in the gallery."
+            if view.step:
+                note += self._keep(view, label, "stopped", owner, req.notes)
             yield self._outputs(view, view.gallery, None, progress_html(view.step, view.total, "stopped", view.levels,
                                                                          view.flow_matching),
                                 note, runs if view.step else before, with_depth)
@@ -210,6 +242,10 @@ class Runner:
                 self.store.drop([i for i in before if i not in runs], "It left its session's newest runs.")
             else:  # nothing of it reached the session
                 self.store.forget([view.id])
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
 def _tensors_name(view: RunView) -> str:

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from pipelines import Limits, ModelLoadError
+from pipelines.outputs import OutputsFolder
 from pipelines.request import FIELDS, MODES, fields_of
 from pipelines.presets import Preset
 
 from . import fields
 from .events import GenerateFn, Runner, RunUpdate
+from .history import History
 from .inspect import Inspector
 from .stream import MB, RunStore
 
@@ -34,6 +36,7 @@ CSS = """
 #live-preview img, #final-image img, #depth-used img, #steps-gallery img, [id^="timeline-"] img, [id^="inside-"] img {
     width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
 }
+#history-gallery img { image-rendering: pixelated; }
 """
 
 
@@ -83,6 +86,8 @@ class AppSpec:
     models: list[tuple[str, str]] = field(default_factory=list)
     broken: dict[str, str] = field(default_factory=dict)  # entries that cannot load: name -> why
     load_model: Callable[[str], ModelView] | None = None  # loads a source; raises ModelLoadError
+    outputs: OutputsFolder | None = None  # where every run is saved, and the History reads; None: --no-save
+    private_history: bool = False  # each user's History shows only their runs (a shared deployment)
 
 
 def build_app(spec: AppSpec) -> gr.Blocks:
@@ -98,7 +103,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
             raise ModelLoadError(f"model {source!r} is not loaded: pick it in the checkpoint list")
         return views[source]
 
-    runner = Runner(spec.generate, store, spec.limits, spec.model_label, models=view_of)
+    runner = Runner(spec.generate, store, spec.limits, spec.model_label, models=view_of, outputs=spec.outputs)
     start = _start(first)
     lim = spec.limits
     fit = _fitted(first)
@@ -125,6 +130,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
         # this session's run ids (keys of `store`), newest last; API sessions never close,
         # so the runs are let go `session_ttl` after the last one
         runs = gr.State([], time_to_live=spec.session_ttl, delete_callback=store.forget)
+        owner = gr.State()  # whose runs these are, for the History (ui/history.py sets it on load)
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = _control(gr.Textbox, "prompt", lim, start, lines=2, elem_id="prompt")
@@ -259,7 +265,8 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                         for name, c in ((f.name, controls[m][f.name]) for m in f.modes)}.values())
 
         def inputs(mode: str) -> dict:  # the API parameters, in FIELDS' order (gr.State is not one)
-            return dict(runs=runs, model=model, **{f.name: controls[mode][f.name] for f in fields_of(mode)})
+            return dict(runs=runs, model=model, **{f.name: controls[mode][f.name] for f in fields_of(mode)},
+                        owner=owner)
 
         outputs = [dict(preview=live, gallery=gallery, final=final, status=status, info=info, tensors=tensors,
                         runs=runs, depth=depth_used)[name] for name in RunUpdate._fields]
@@ -287,6 +294,9 @@ def build_app(spec: AppSpec) -> gr.Blocks:
             go_depth.click(runner.handler("depth2img", with_depth=True), inputs_kwargs=inputs("depth2img"),
                            outputs=outputs, api_name="depth2img", **gpu),
         ]
+        if spec.outputs is not None:  # the History panel, below Inspect: a reopened run joins `runs` as a run does
+            history = History(spec.outputs, store, spec.private_history)
+            events.append(history.render(demo, runs, owner, list(events), _private()))
         for event in events:
             event.then(lambda ids, o: inspector.refresh(store.views(ids), o), inputs=[runs, other], outputs=timeline,
                        **_private()).then(**chips).then(**shown).then(**overlaid)

@@ -84,14 +84,28 @@ class RunStore:
             self._fit(view)
             return view
 
-    def add_frame(self, view: RunView, frame) -> None:
-        """`view.add_frame`, then drop the least recently used runs' frames past the memory bounds."""
-        view.save_frame(frame)
+    def add_frame(self, view: RunView, frame, write: bool = True) -> None:
+        """Write the step's picture and show it (`view.save_frame`; a reopened run's, not `write`, is only
+        shown), keep the frame, and drop the least recently used runs' frames past the memory bounds."""
+        if write:
+            view.save_frame(frame)
+        else:
+            view.show_frame(frame)
         with self._lock:
             if view.id in self._memory:
                 view.keep_frame(frame)
                 self._memory.move_to_end(view.id)
                 self._fit(view)
+
+    def restore(self, request, session: str | None, frames: list, origin: str) -> RunView:
+        """A saved run's frames (`pipelines.outputs.OutputsFolder.load_frames`) back in memory for the
+        timeline, as a new run of `session` with its own folder (for exports), within the bounds;
+        `origin` says where it came from in its label. Nothing is written."""
+        view = self.new_run(request, session)
+        view.origin = origin
+        for frame in frames:
+            self.add_frame(view, frame, write=False)
+        return view
 
     def views(self, ids: list[str] | None) -> list[RunView]:
         """The runs of `ids` still on disk, in order; those in memory count as just used."""
@@ -170,6 +184,7 @@ class RunView:
     nbytes: int = 0  # memory held for the timeline: frames and input images
     disk_bytes: int = 0  # files written into `folder`
     dropped: str | None = None  # why the frames are no longer kept, once they are not
+    origin: str = ""  # a run reopened from the outputs folder: which saved run it is
     _gallery_sent: int = 0
     _seen: set = field(default_factory=set, repr=False)  # ids of arrays counted in nbytes
 
@@ -182,7 +197,9 @@ class RunView:
     def label(self) -> str:
         r = self.request
         gone = " · steps dropped" if self.dropped else ""
-        return f"#{self.id[-8:]} · {r.mode} · seed {r.seed} · {r.steps} steps · CFG {r.guidance_scale}{gone}"
+        origin = f" · saved {self.origin}" if self.origin else ""
+        return (f"#{self.id[-8:]} · {r.mode} · seed {r.seed} · {r.steps} steps · CFG {r.guidance_scale}{origin}"
+                f"{gone}")
 
     def add_frame(self, frame) -> None:
         self.save_frame(frame)
@@ -191,14 +208,19 @@ class RunView:
 
     def save_frame(self, frame) -> None:
         """Write the step's picture once and show it: preview, gallery, progress."""
+        self.show_frame(frame)
+        path = self.save(frame.image, f"step_{frame.step:04d}.jpg")
+        self.gallery.append((path, frame.caption))
+        self.preview = path
+        if frame.depth is not None:
+            self.depth = self.save(frame.depth, "depth.png")
+
+    def show_frame(self, frame) -> None:
+        """Progress and noise levels up to this step."""
         if frame.schedule_t is not None:
             self.levels = frame.schedule_levels()
             self.flow_matching = frame.schedule.flow_matching
-        path = self.save(frame.image, f"step_{frame.step:04d}.jpg")
-        self.gallery.append((path, frame.caption))
-        self.preview, self.step, self.total = path, frame.step, frame.total
-        if frame.depth is not None:
-            self.depth = self.save(frame.depth, "depth.png")
+        self.step, self.total = frame.step, frame.total
 
     def keep_frame(self, frame) -> None:
         """Keep the frame for the timeline, and count the bytes it holds."""
