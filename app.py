@@ -211,8 +211,6 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
         outputs=outputs,
         private_history=shared_deployment(args) and not args.shared_history,
     )
-    if outputs is not None:
-        log.info("saving every run in %s (--no-save keeps none)", outputs.root)
     return build_app(spec).queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
 
 
@@ -259,8 +257,10 @@ def serve(args: argparse.Namespace, app: gr.Blocks) -> None:
     if args.share:
         log.warning("--share makes a PUBLIC link: anyone with it can use this machine. Add --auth USER:PASS.")
     launch = launch_options(args.host, args.port, auth)
-    print(f"Stepwise serving on http://{args.host}:{args.port}" + ("" if args.share else " (--share for a public link)"),
-          flush=True)
+    saved = "; --no-save: runs are not saved" if args.no_save else (
+        f"; saving runs in {Path(args.outputs) if args.outputs else DEFAULT_OUTPUTS}")
+    print(f"Stepwise serving on http://{args.host}:{args.port}" + ("" if args.share else " (--share for a public link)")
+          + saved, flush=True)
     try:
         app.launch(share=args.share, **launch)
     except Exception as err:  # noqa: BLE001 - only the share tunnel gets a second chance

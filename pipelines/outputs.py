@@ -443,7 +443,7 @@ class OutputsFolder:
         for leftover in ("-journal", "-wal", "-shm"):  # the old file's: SQLite would apply them to the new one
             (self.root / f"{INDEX}{leftover}").unlink(missing_ok=True)
         os.replace(fresh, self.root / INDEX)
-        log.info("index %s rebuilt from %d run folder(s)", self.root / INDEX, len(runs))
+        log.debug("index %s rebuilt from %d run folder(s)", self.root / INDEX, len(runs))  # damage is warned above
 
     def _scan(self) -> list[SavedRun]:
         """Every run folder's record; folders without a readable record are skipped (logged), and
@@ -508,15 +508,19 @@ def _bytes(path: Path) -> int:
 
 
 def _steps_record(frames: list, missing: str | None) -> dict[str, Any]:
-    """What the timeline's text needs beside the pictures: per step its timestep, total and time;
-    the run's noise levels (start and after every step) and their kind; the attention's tokens."""
+    """What the timeline's text and pictures need beside the saved pictures and tensors: per step its
+    timestep, total and time; the run's noise levels (start and after every step), their kind and the
+    model's prediction type; the attention's tokens; the latent->RGB map the noise pictures use."""
     if not frames:
         return {"saved": 0, "total": 0, "missing": missing}
     first = frames[0]
+    rgb = first.latent_rgb
     return {"saved": len(frames), "total": first.total, "missing": None,
             "step": [f.step for f in frames], "timesteps": [f.timestep for f in frames],
             "seconds": [f.seconds for f in frames], "levels": first.schedule_levels(),
-            "flow_matching": first.schedule.flow_matching, "tokens": list(first.tokens)}
+            "flow_matching": first.schedule.flow_matching, "prediction_type": first.schedule.prediction_type,
+            "tokens": list(first.tokens),
+            "latent_rgb": {"matrix": rgb.matrix.tolist(), "bias": rgb.bias.tolist()} if rgb is not None else None}
 
 
 def _frames(run: SavedRun) -> list:
@@ -525,13 +529,14 @@ def _frames(run: SavedRun) -> list:
     from safetensors.torch import load_file
 
     from .generate import Frame
-    from .previews import HostCopy, NoiseSchedule
+    from .previews import HostCopy, LatentRGB, NoiseSchedule
 
     class SavedSchedule(NoiseSchedule):
         """A saved run's noise levels, read back instead of computed from a scheduler."""
 
-        def __init__(self, timesteps: list[float], levels: list[float], flow_matching: bool):
+        def __init__(self, timesteps: list[float], levels: list[float], flow_matching: bool, prediction_type: str):
             self.flow_matching, self.sigma_space, self.sigmas = flow_matching, False, None
+            self.prediction_type = prediction_type
             self.timesteps = HostCopy(torch.tensor(timesteps, dtype=torch.float64))
             self.__dict__["levels"] = list(levels)  # the cached_property's slot
 
@@ -546,7 +551,9 @@ def _frames(run: SavedRun) -> list:
     def row(name: str, i: int) -> HostCopy | None:
         return HostCopy(tensors[name][i : i + 1]) if name in tensors else None
 
-    schedule = SavedSchedule(steps["timesteps"], steps["levels"], steps["flow_matching"])
+    schedule = SavedSchedule(steps["timesteps"], steps["levels"], steps["flow_matching"],
+                             steps.get("prediction_type", "epsilon"))
+    latent_rgb = LatentRGB.from_dict(steps["latent_rgb"]) if steps.get("latent_rgb") else None
     view, tokens = run.record["run"]["view"], tuple(steps["tokens"])
     frames = []
     per_step = zip(steps["step"], steps["timesteps"], steps["seconds"], strict=True)
@@ -560,7 +567,8 @@ def _frames(run: SavedRun) -> list:
             start_pixels=picture("start.png") if first else None, start_latents=row("latents", 0) if first else None,
             x0=row("x0", i), noise_pred=row("noise_pred", i), noise_pred_text=row("noise_pred_text", i),
             noise_pred_uncond=row("noise_pred_uncond", i),
-            attention=HostCopy(tensors["attention"][i]) if "attention" in tensors else None, tokens=tokens))
+            attention=HostCopy(tensors["attention"][i]) if "attention" in tensors else None, tokens=tokens,
+            latent_rgb=latent_rgb))
     return frames
 
 

@@ -87,14 +87,14 @@ def test_16_bit_grey_case_is_scaled_to_8_bits_with_a_note(app_py):
     # the 0..65535 ramp (dark left, light right) survives: measured 65 and 163; clipped to 8 bits, as
     # Gradio's gr.Image did, the input is white from its 255th value on and both sides came out about 245
     assert pixels[:, :8].mean() < 100 and pixels[:, -8:].mean() > 130
-    assert info.endswith("\n\n⚠ image: 16-bit grey (I;16) scaled to 8 bits: 0..65535 became 0..255")
+    assert "\n\n⚠ image: 16-bit grey (I;16) scaled to 8 bits: 0..65535 became 0..255\n\n" in info
 
 
 def test_transparent_case_is_composited_on_white_with_a_note(app_py):
     pixels, info = img2img(app_py.url, "rgba_transparent.png")
     # the transparent corners: measured 239 on white; about 18 when transparency turned black
     assert pixels[:6, :6].mean() > 200 and pixels[-6:, -6:].mean() > 200
-    assert info.endswith("\n\n⚠ image: its transparent areas (RGBA) were composited on white, as AUTOMATIC1111 does")
+    assert "\n\n⚠ image: its transparent areas (RGBA) were composited on white, as AUTOMATIC1111 does\n\n" in info
 
 
 def test_dynamic_prompts_settings_case_loads_its_settings_and_reports_the_template_lines(app_py):
@@ -123,7 +123,8 @@ def test_output_is_one_line_with_the_flag_to_share(app_py):
     depth estimator's image processor loads then): no torchvision warnings, no share=True hint."""
     list(Client(app_py.url, verbose=False).submit(**RUN, steps=2, image=handle_file(str(CASES / "gray16.png")),
                                                   strength=1.0, api_name="/depth2img"))
-    assert app_py.log.read_text() == f"Stepwise serving on http://127.0.0.1:{app_py.port} (--share for a public link)\n"
+    assert app_py.log.read_text() == (f"Stepwise serving on http://127.0.0.1:{app_py.port} (--share for a public link); "
+                                      f"saving runs in {app_py.outputs}\n")
 
 
 def test_unknown_model_exits_with_a_clear_message(tmp_path):

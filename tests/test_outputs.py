@@ -103,7 +103,7 @@ def test_a_run_through_the_api_is_saved_with_its_settings_in_the_png_and_an_inde
 def test_after_a_restart_the_history_lists_the_run_and_opens_the_steps_shown_live(serve, tmp_path):
     outputs = tmp_path / "outputs"
     first = serve("--outputs", str(outputs))
-    final = run_api(first, steps=4)[-1][OUT["final"]]
+    final = run_api(first, steps=4, record_attention=True)[-1][OUT["final"]]
     live_id = Path(final["path"]).parent.name  # the run's folder in Gradio's cache is its id in the run store
     live = first.run_store.views([live_id])
     first.close()
@@ -123,6 +123,17 @@ def test_after_a_restart_the_history_lists_the_run_and_opens_the_steps_shown_liv
         assert reopened[3] == shown[3] and reopened[5] == shown[5]  # the step's text and the schedule plot
         assert [np.array_equal(pixels(a), pixels(b)) for (a, _), (b, _) in zip(shown[4], reopened[4], strict=True)] \
             == [True] * 4  # the latent channels
+        # inside the denoiser: the same notes, plot, labels and pictures (update, guidance, each token's map)
+        inside, inside_back = inspector.inside(live, live_id, step, 1), inspector.inside(back, runs[0], step, 1)
+        pictures = [*inside.update, *inside.guidance, *inside.grid, *([inside.overlay] if inside.overlay else [])]
+        back_pictures = [*inside_back.update, *inside_back.guidance, *inside_back.grid,
+                         *([inside_back.overlay] if inside_back.overlay else [])]
+        assert [label for _, label in pictures] == [label for _, label in back_pictures]
+        assert all(np.array_equal(pixels(a), pixels(b)) for (a, _), (b, _) in zip(pictures, back_pictures))
+        assert (inside.update_note, inside.guidance_note, inside.guidance_plot, inside.attention_note, inside.tokens) \
+            == (inside_back.update_note, inside_back.guidance_note, inside_back.guidance_plot,
+                inside_back.attention_note, inside_back.tokens)
+        assert step == 0 or (len(pictures) == 4 + 3 + len(inside.tokens) + 1 and inside.tokens)
     with zipfile.ZipFile(inspector.export(live, live_id, "zip")) as a, \
             zipfile.ZipFile(inspector.export(back, runs[0], "zip")) as b:  # the export: the same PNGs
         assert [a.read(n) for n in a.namelist()] == [b.read(n) for n in b.namelist()] and len(a.namelist()) == 4
