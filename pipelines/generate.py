@@ -215,11 +215,14 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
     # inside the denoiser: the guidance pair always, cross-attention per token when asked
     pair = GuidancePair()
     attention, tokens = None, ()
+    notes = request.notes + _truncation_notes(pipe, family, request) + _unused_notes(pipe, request)
     if request.record_attention:
         positions, tokens = prompt_tokens(pipe, family, request.prompt)
-        attention = AttentionRecorder(positions, _latent_grid(pipe, request))
+        if positions:
+            attention = AttentionRecorder(positions, _latent_grid(pipe, request))
+        else:
+            notes += ("record_attention: the prompt has no tokens, so there are no maps to record",)
     control = depth_control(pipe, request, cache, source)
-    notes = request.notes + _truncation_notes(pipe, family, request) + _unused_notes(pipe, request)
 
     # 2. The preview decoder
     decode = checkpoint.decoder(request.preview)
@@ -389,13 +392,15 @@ class _Decoder:
 
 def _truncation_notes(pipe, family: Family, request: GenerationRequest) -> tuple[str, ...]:
     """Say what each text encoder cut off, as diffusers only logs it (`Family.text_tokens`:
-    CLIP reads 77 tokens, T5 256 for SD3 and 512 for Flux, the end-of-text token included)."""
+    CLIP reads 77 tokens, T5 256 for SD3 and 512 for Flux, the end-of-text token included; a
+    tokenizer with a shorter `model_max_length`, as the bundled model's 20, that many)."""
     notes = []
     for field in ("prompt", "negative_prompt"):
-        for name, limit in family.text_tokens.items():
+        for name, family_limit in family.text_tokens.items():
             tokenizer = getattr(pipe, name, None)
             if tokenizer is None:
                 continue
+            limit = min(family_limit, tokenizer.model_max_length)
             ids = tokenizer(getattr(request, field), truncation=False).input_ids
             if len(ids) > limit:
                 cut = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True)

@@ -120,3 +120,63 @@ def test_a_run_through_the_app_returns_its_tensors_file(url):
         assert f.get_slice("attention").get_shape()[:1] == [4] and f.get_slice("latents").get_shape()[0] == 5
     with pytest.raises(Exception, match="record_attention: must be true or false, got 'yes'"):
         client.predict(prompt="p", width=64, height=64, record_attention="yes", api_name="/txt2img")
+
+
+def test_an_empty_prompt_records_no_maps_and_says_so(micro, scene):
+    frames, final = run(micro_request("txt2img", scene, prompt="", record_attention=True), micro)
+    assert all(f.attention is None and f.tokens == () for f in frames)
+    assert "record_attention: the prompt has no tokens, so there are no maps to record" in final.notes
+
+
+def test_a_prompt_past_the_models_own_token_limit_is_noted_at_that_limit(micro, scene):
+    # the bundled tokenizer reads 20 tokens (its model_max_length), not CLIP's usual 77
+    frames, final = run(micro_request("txt2img", scene, prompt=" ".join([PROMPT] * 3), record_attention=True), micro)
+    assert len(frames[0].tokens) == 18  # 20 less the start and end markers
+    # 27 words and the two markers: the first 18 words are read, the third caption is cut
+    assert [n for n in final.notes if n.startswith("prompt:")] == [
+        "prompt: 29 tokens, CLIP reads 20; cut off: “a red circle on the left , blue background”"]
+
+
+def test_a_stopped_run_gives_the_tensors_of_the_steps_it_made(micro, tmp_path):
+    from types import SimpleNamespace
+
+    from ui.events import API_OUTPUTS as OUT
+    from ui.events import Runner
+    from ui.inspect import Inspector
+    from ui.stream import RunStore
+
+    def stop_after_three(req, token):
+        for item in generate(req, micro, token):
+            yield item
+            if isinstance(item, Frame) and item.step == 3:
+                token.cancel()
+
+    store = RunStore(tmp_path)
+    handler = Runner(stop_after_three, store, micro.checkpoint("bundled").limits(), "micro").handler("txt2img")
+    *_, last = handler(SimpleNamespace(session_hash="s"), prompt=PROMPT, seed=1, steps=12, width=64, height=64,
+                       scheduler="DDIM", record_attention=True)
+    assert last[OUT["info"]].startswith("Stopped at step 3/12")
+    with safe_open(last[OUT["tensors"]], framework="pt") as f:
+        assert f.get_slice("latents").get_shape()[0] == 4 and f.get_slice("attention").get_shape()[:2] == [3, 9]
+    views = store.views(last[-1])
+    assert Inspector(None).tensors_file(views, views[0].id) == last[OUT["tensors"]]
+
+
+def test_download_tensors_of_a_running_run_says_to_wait(tmp_path):
+    import gradio as gr
+
+    from ui.inspect import Inspector
+    from ui.stream import RunStore
+
+    view = RunStore(tmp_path).new_run(micro_request("txt2img", None))
+    with pytest.raises(gr.Error, match="no tensors file yet: it is still running"):
+        Inspector(None).tensors_file([view], view.id)
+    view.ended = True
+    with pytest.raises(gr.Error, match="were not saved: the disk refused them"):
+        Inspector(None).tensors_file([view], view.id)
+
+
+def test_token_chips_hand_over_a_token_of_the_run_shown_before():
+    from ui.fields import TokenChips
+
+    assert TokenChips(choices=[]).preprocess(3) == 3  # gr.Radio would refuse it: not in the (new) choices

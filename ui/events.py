@@ -41,7 +41,7 @@ class RunUpdate(NamedTuple):
     final: str | None  # the final PNG's path, once done
     status: str  # progress HTML
     info: str  # the run's settings and notes once done, or where it stopped
-    tensors: str | None  # once done: the run's tensors (.safetensors path; pipelines.export.save_run_tensors)
+    tensors: str | None  # once done or stopped: the run's tensors (.safetensors path; export.save_run_tensors)
     runs: list  # the session's run ids, newest last
     depth: str | None = None  # depth2img only: the depth map used (PNG path)
 
@@ -131,7 +131,7 @@ class Runner:
         return withdrawn
 
     def _save_tensors(self, view: RunView, model: str) -> str | None:
-        """Write the finished run's tensors beside its images (`save_run_tensors`); None, with a
+        """Write the finished (or stopped) run's tensors beside its images (`save_run_tensors`); None, with a
         warning, when its steps already left memory (the store's bounds) or the disk refused."""
         if view.dropped or len(view.frames) != view.step:
             gr.Warning("The run's tensors were not saved: its steps left the server's memory "
@@ -226,14 +226,17 @@ class Runner:
                 yield self._outputs(view, gallery, None, status, "", runs, with_depth)
             # the frames ended without a final image: the run was stopped
             note = f"Stopped at step {view.step}/{view.total}; the steps so far stay in the gallery."
-            if view.step:
+            tensors = None
+            if view.step:  # the steps it made, as a finished run's
+                tensors = self._save_tensors(view, label)
                 note += self._keep(view, label, "stopped", owner, req.notes)
             yield self._outputs(view, view.gallery, None, progress_html(view.step, view.total, "stopped", view.levels,
                                                                          view.flow_matching),
-                                note, runs if view.step else before, with_depth)
+                                note, runs if view.step else before, with_depth, tensors)
         except (ModelLoadError, GenerationError, ValueError) as err:
             raise gr.Error(str(err)) from None
         finally:
+            view.ended = True
             token.cancel()
             with self._lock:
                 if self._tokens.get(session) is token:

@@ -58,6 +58,17 @@ class Radio(gr.Radio):
         return _named(self, super().preprocess, payload)
 
 
+class TokenChips(gr.Radio):
+    """The token chips of the run shown. Their choices change with the run, so the browser may
+    still send a token of the run shown before (gr.Radio would refuse it with an error): it is
+    handed over as sent, and the handler takes it only where it is one of the run's tokens."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return payload
+
+
 class ImageFile(gr.Image):
     """An image input that hands the handler the file the user sent, as a path.
 

@@ -129,6 +129,8 @@ class History:
         except OutputsError as err:
             raise gr.Error(str(err), title="Cannot open this run") from None
         view = self.store.restore(run.request(), request.session_hash, frames, run.caption.split(" · ")[0])
+        if run.tensors is not None and run.tensors.is_file():  # served from the run's cache folder, as a live run's
+            view.tensors = str(shutil.copyfile(run.tensors, view.folder / run.tensors.name))
         before = list(runs or [])
         runs = [*before, view.id][-KEEP_SESSION_RUNS:]
         self.store.drop([i for i in before if i not in runs], "It left its session's newest runs.")

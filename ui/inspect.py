@@ -171,8 +171,9 @@ class Inspector:
                   (noise, f"noise_pred ({prediction}) · max |value| {noise_max:.3g}"),
                   (removed, f"x_t − x_{{t-1}} · max |value| {removed_max:.3g}"),
                   (frame.xt_pixels.pil(), f"x_{{t-1}} (after step {step})")]
+        after_cfg = ", after CFG" if frame.noise_pred_text is not None else ""
         update_note = (f"**The update at step {step}/{frame.total}**, timestep t={frame.timestep:.0f}: the scheduler "
-                       f"takes x_t and noise_pred ({prediction}, after CFG) to x_{{t-1}}; x_t − x_{{t-1}} is what "
+                       f"takes x_t and noise_pred ({prediction}{after_cfg}) to x_{{t-1}}; x_t − x_{{t-1}} is what "
                        f"it removed. Latent tensors through the latent→RGB map without its bias: {SIGNED}.")
         attention_note = (f"**Cross-attention at step {step}**: each prompt token's share of every latent pixel's "
                           "attention, averaged over heads and layers, upsampled bilinear over a grey x0. Heat "
@@ -282,11 +283,11 @@ class Inspector:
         view = _pick(runs, pick if pick is not None else len(runs or []) - 1)
         if view is None:
             raise gr.Error("Nothing to download yet: run a generation first, then download its tensors.")
-        if view.tensors is None and view.final is None:
-            raise gr.Error("This run has no tensors file: it is still running or was stopped, and the file is "
-                           "written when a run finishes. Let it finish, or run it again, to download its tensors.")
+        if view.tensors is None and not view.ended:
+            raise gr.Error("This run has no tensors file yet: it is still running, and the file is written when it "
+                           "finishes or is stopped. Download them then.")
         if view.tensors is None:
-            why = "its steps left the server's memory before it finished" if view.dropped else "the disk refused them"
+            why = "its steps left the server's memory during the run" if view.dropped else "the disk refused them"
             raise gr.Error(f"This run's tensors were not saved: {why}. Run it again (same seed and settings) to "
                            "download them.")
         if not Path(view.tensors).is_file():  # the run store deleted the folder: it keeps only the newest runs

@@ -242,17 +242,17 @@ def build_app(spec: AppSpec) -> gr.Blocks:
             with gr.Accordion("Where each word looks (cross-attention)", elem_id="inside-attention"):
                 attention_note = gr.Markdown(elem_id="inside-attention-info")
                 with gr.Column(visible=False) as attention_box:
-                    token = gr.Radio(choices=[], label="Token", elem_id="attention-token")
+                    token = fields.TokenChips(choices=[], label="Token", elem_id="attention-token")
                     with gr.Row():
                         overlay = gr.Image(label="Token over x0", interactive=False, height=256,
                                            elem_id="inside-overlay")
-                        token_grid = gr.Gallery(label="Every token's map at this step", columns=6, height=256,
+                        token_grid = gr.Gallery(label="Every token's map at this step", columns=4, height=256,
                                                 object_fit="contain", elem_id="inside-token-grid")
             with gr.Row():
                 export_buttons = {kind: gr.Button(f"Download {label}", elem_id=f"export-{kind}") for kind, label in
                                   (("gif", "GIF"), ("webp", "WebP"), ("mp4", "MP4"), ("zip", "PNGs (zip)"))}
                 tensors_button = gr.Button("Download tensors", elem_id="export-tensors")
-                download = gr.File(label="Download", elem_id="export-file", height=90)
+            download = gr.File(label="Download", elem_id="export-file", height=90)  # its own row: names show whole
 
         # each run field's control in each mode's tab (one shared by all tabs, or the tab's own)
         shared = dict(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, guidance_scale=guidance,

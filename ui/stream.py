@@ -102,7 +102,7 @@ class RunStore:
         timeline, as a new run of `session` with its own folder (for exports), within the bounds;
         `origin` says where it came from in its label. Nothing is written."""
         view = self.new_run(request, session)
-        view.origin = origin
+        view.origin, view.ended = origin, True
         for frame in frames:
             self.add_frame(view, frame, write=False)
         return view
@@ -175,7 +175,8 @@ class RunView:
     levels: list[float] = field(default_factory=list)  # noise level of x_t at the start and after every step
     flow_matching: bool = False  # the levels are sigma (flow matching), not sqrt(1 - alpha_bar)
     final: str | None = None
-    tensors: str | None = None  # the run's .safetensors file, once finished
+    tensors: str | None = None  # the run's .safetensors file, once finished or stopped
+    ended: bool = False  # finished, stopped or failed: no more frames come
     gallery: list[tuple[str, str]] = field(default_factory=list, repr=False)  # (path, caption), one per step
     preview: str | None = None
     depth: str | None = None
