@@ -667,10 +667,11 @@ def test_download_tensors_gives_the_runs_file_or_says_why_not(cache, tiny_dir, i
     assert path == views[0].tensors and load_file(path)["latents"].shape == (3, 4, 32, 32)
     assert inspector.tensors_file(views, None) == path  # no pick yet: the newest run
     running = RunView(tmp_path / "running", request=views[0].request)
-    with pytest.raises(gr.Error, match="still running or was stopped, and the file is written when a run finishes"):
+    with pytest.raises(gr.Error, match="no tensors file yet: it is still running, and the file is written when it "
+                                       "finishes or is stopped"):
         inspector.tensors_file([running], 0)
-    running.final, running.dropped = "final.png", "dropped"
-    with pytest.raises(gr.Error, match="not saved: its steps left the server's memory before it finished"):
+    running.ended, running.dropped = True, "dropped"
+    with pytest.raises(gr.Error, match="not saved: its steps left the server's memory during the run"):
         inspector.tensors_file([running], 0)
     Path(path).unlink()
     with pytest.raises(gr.Error, match="This run's files are gone"):
