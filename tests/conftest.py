@@ -47,6 +47,25 @@ def tiny_families(tmp_path_factory):
     return folder
 
 
+@pytest.fixture
+def serve_tiny(tiny_dir, cache):
+    """serve_tiny(*flags): `python app.py --model <tiny> *flags` as create_demo builds it, launched on
+    localhost; every app it started is closed after the test."""
+    import app as app_module
+
+    demos = []
+
+    def start(*flags):
+        demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir), *flags]), cache)
+        demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
+        demos.append(demo)
+        return demo
+
+    yield start
+    for demo in demos:
+        demo.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -144,25 +144,31 @@ def test_depth_tab_with_an_uploaded_image(page, scene):
     page.wait_for_selector("#final-image img")
 
 
-def test_scrub_the_timeline_and_download_an_animation(page):
-    set_number(page, "steps", 8)
-    page.click("#generate-txt2img")
-    page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('step 8/8')")
-    set_number(page, "timeline-step", 3)
-    page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('step 3/8')")
+def scrub_and_export(page, steps: int, one: int, other: int) -> Image.Image:
+    """On the run the timeline shows (`steps` steps): step `one`, step 0 (the start), step `other`,
+    whose x0 must differ from step `one`'s; then the GIF download, opened."""
+    def at(step: int, says: str) -> None:
+        set_number(page, "timeline-step", step)
+        page.wait_for_function(f"document.querySelector('#timeline-info').innerText.includes('{says}')")
+
+    at(one, f"step {one}/{steps}")
     first = page.locator("#timeline-x0 img").get_attribute("src")
-    set_number(page, "timeline-step", 0)
-    page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('starting noise')")
-    set_number(page, "timeline-step", 6)
-    page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('step 6/8')")
+    at(0, "starting noise")
+    at(other, f"step {other}/{steps}")
     assert page.locator("#timeline-x0 img").get_attribute("src") != first
     page.click("#export-gif")
     link = page.locator("#export-file a").first
     link.wait_for()
     with page.expect_download() as download:
         link.click()
-    path = download.value.path()
-    assert Image.open(path).n_frames == 8
+    return Image.open(download.value.path())
+
+
+def test_scrub_the_timeline_and_download_an_animation(page):
+    set_number(page, "steps", 8)
+    page.click("#generate-txt2img")
+    page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('step 8/8')")
+    assert scrub_and_export(page, 8, 3, 6).n_frames == 8
 
 
 def picture(page, elem_id: str, n: int = 0) -> np.ndarray:

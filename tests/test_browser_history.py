@@ -2,30 +2,15 @@
 reopened into the Inspect timeline; on a shared deployment each browser sees only its own runs."""
 
 import pytest
-from PIL import Image
 
-import app as app_module
-from pipelines import ModelCache
 
-from .conftest import free_port
-from .test_browser import SHOTS, browser, set_number  # noqa: F401 - browser: the module's Chromium fixture
+from .test_browser import SHOTS, browser, scrub_and_export, set_number  # noqa: F401 - browser: a fixture
 
 
 @pytest.fixture
-def serve(tiny_dir, tmp_path):
+def serve(serve_tiny, tmp_path):
     """serve(*flags): the app on the tiny model saving in tmp_path/outputs; closed after the test."""
-    demos, cache = [], ModelCache(device="cpu")
-
-    def start(*flags):
-        args = ["--model", str(tiny_dir), "--preset", "micro-txt2img", "--outputs", str(tmp_path / "outputs"), *flags]
-        demo = app_module.create_demo(app_module.parse_args(args), cache)
-        demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
-        demos.append(demo)
-        return demo
-
-    yield start
-    for demo in demos:
-        demo.close()
+    return lambda *flags: serve_tiny("--preset", "micro-txt2img", "--outputs", str(tmp_path / "outputs"), *flags)
 
 
 @pytest.fixture
@@ -85,20 +70,7 @@ def test_three_runs_a_restart_then_the_history_reopens_a_past_run(serve, pages):
     page.click("#history-open")
     page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('step 3/3')")
     assert "seed 12 · 3 steps" in page.locator("#timeline-run input").input_value()
-    set_number(page, "timeline-step", 1)
-    page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('step 1/3')")
-    first = page.locator("#timeline-x0 img").get_attribute("src")
-    set_number(page, "timeline-step", 0)
-    page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('starting noise')")
-    set_number(page, "timeline-step", 2)
-    page.wait_for_function("document.querySelector('#timeline-info').innerText.includes('step 2/3')")
-    assert page.locator("#timeline-x0 img").get_attribute("src") != first
-    page.click("#export-gif")
-    link = page.locator("#export-file a").first
-    link.wait_for()
-    with page.expect_download() as download:
-        link.click()
-    assert Image.open(download.value.path()).n_frames == 3
+    assert scrub_and_export(page, 3, 1, 2).n_frames == 3
     # the search and the filters
     page.locator("#history-search textarea, #history-search input").first.fill("nothing like it")
     page.locator("#history-search textarea, #history-search input").first.press("Enter")

@@ -19,14 +19,14 @@ from gradio_client import Client
 from PIL import Image
 
 import app as app_module
-from pipelines import Final, Frame, Limits, ModelCache, generate, validate_request
+from pipelines import Final, Frame, Limits, generate, validate_request
 from pipelines.metadata import read_parameters, save_png
 from pipelines.outputs import INDEX, OutputsError, OutputsFolder
 from ui.events import API_OUTPUTS as OUT
 from ui.history import ALL, History
 from ui.inspect import Inspector
 
-from .conftest import free_port, pixels
+from .conftest import pixels
 from .test_messages import fire
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,25 +34,9 @@ RUN = dict(prompt="a red square", negative_prompt="blurry", seed=21, steps=3, gu
            scheduler="Euler", preview="full-vae", view="x0")
 
 
-@pytest.fixture(scope="module")
-def server_cache():
-    return ModelCache(device="cpu")
-
-
 @pytest.fixture
-def serve(tiny_dir, server_cache):
-    """serve(*flags): the app on the tiny model with these flags, launched on localhost; closed after the test."""
-    demos = []
-
-    def start(*flags):
-        demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir), *flags]), server_cache)
-        demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
-        demos.append(demo)
-        return demo
-
-    yield start
-    for demo in demos:
-        demo.close()
+def serve(serve_tiny):
+    return serve_tiny
 
 
 def run_api(demo, **overrides) -> list:
@@ -228,10 +212,10 @@ def test_no_save_writes_nothing_and_has_no_history(serve, outputs_default):
     assert not any(getattr(block, "elem_id", None) == "history" for block in demo.blocks.values())
 
 
-def test_outputs_flags_are_checked_at_start(tiny_dir, server_cache):
+def test_outputs_flags_are_checked_at_start(tiny_dir, cache):
     for bad in ("0", "-1"):
         with pytest.raises(ValueError, match=f"--outputs-max-gb must be a positive number of GB, got {float(bad)}"):
-            app_module.create_demo(app_module.parse_args(["--outputs-max-gb", bad]), server_cache)
+            app_module.create_demo(app_module.parse_args(["--outputs-max-gb", bad]), cache)
     with pytest.raises(SystemExit):  # argparse: not allowed with --no-save
         app_module.parse_args(["--outputs", "x", "--no-save"])
     assert app_module.outputs_folder(app_module.parse_args(["--outputs-max-gb", "1.5"])).max_bytes == 1_500_000_000
