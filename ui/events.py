@@ -133,12 +133,12 @@ class Runner:
     def _save_tensors(self, view: RunView, model: str) -> str | None:
         """Write the finished (or stopped) run's tensors beside its images (`save_run_tensors`); None, with a
         warning, when its steps already left memory (the store's bounds) or the disk refused."""
-        if view.dropped or len(view.frames) != view.step:
+        if not view.whole:
             gr.Warning("The run's tensors were not saved: its steps left the server's memory "
                        f"({view.dropped or 'over the memory bound'}).")
             return None
         try:
-            path = save_run_tensors(view.frames, view.folder / _tensors_name(view),
+            path = save_run_tensors(view.frames, view.folder / view.file_name("safetensors"),
                                     {"model": model, "settings": view.request.settings()})
         except OSError as err:
             gr.Warning(f"The run's tensors were not saved: {err}")
@@ -152,7 +152,7 @@ class Runner:
         run's info saying where, or "" (--no-save, or the disk refused: a warning says so)."""
         if self.outputs is None:
             return ""
-        whole = not view.dropped and len(view.frames) == view.step
+        whole = view.whole
         if not whole and view.final is None:
             gr.Warning("This stopped run was not saved: its steps left the server's memory during the run "
                        f"({view.dropped or 'its bound'}).", title="Run not saved")
@@ -249,11 +249,6 @@ class Runner:
 
 def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
-
-
-def _tensors_name(view: RunView) -> str:
-    # named by run and seed, as the other exports, so a folder of downloads tells them apart
-    return f"{view.request.mode}-seed{view.request.seed}-{view.id[-8:]}.safetensors"
 
 
 def _info(req: GenerationRequest, model: str, final: Final, distilled_guidance: bool = False) -> str:

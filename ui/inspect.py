@@ -268,9 +268,7 @@ class Inspector:
         if view is None or not view.frames:
             raise gr.Error("Nothing to export yet: run a generation first, then download its steps.")
         try:
-            # named by run and seed, so a folder of downloads tells them apart
-            name = f"{view.request.mode}-seed{view.request.seed}-{view.folder.name[-8:]}.{kind}"
-            return str(export([f.image for f in view.frames], view.folder / name))
+            return str(export([f.image for f in view.frames], view.folder / view.file_name(kind)))
         except FileNotFoundError:  # the run store deleted the folder: it keeps only the newest runs
             raise gr.Error("This run's files are gone (the server keeps only its newest runs): run it again "
                            "to download its steps.") from None

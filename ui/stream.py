@@ -195,6 +195,15 @@ class RunView:
         return self.folder.name
 
     @property
+    def whole(self) -> bool:
+        """Whether every step the run made is still in memory (none left it for the store's bounds)."""
+        return not self.dropped and len(self.frames) == self.step
+
+    def file_name(self, suffix: str) -> str:
+        """A download's name, by mode, seed and run, so a folder of downloads tells them apart."""
+        return f"{self.request.mode}-seed{self.request.seed}-{self.id[-8:]}.{suffix}"
+
+    @property
     def label(self) -> str:
         r = self.request
         gone = " · steps dropped" if self.dropped else ""
