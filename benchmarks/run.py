@@ -6,10 +6,12 @@ Prints a table and writes JSON. Every figure is a median over `--repeats` runs, 
 every comparison is measured side by side, interleaved, in this one process.
 1. streaming: the app's generation path (each step decoded and stored as a frame)
    vs the bare diffusers call with no callback, same model, settings and seed.
+   With it, the step callback's own time per step on the denoising thread.
 2. server: Gradio's per-yield work (handler + postprocess) as runs grow.
 3. cache: img2img after txt2img; switching between two checkpoints under a budget.
 4. gpu: full-size SD 1.5 / SD 2-depth architectures with random weights (CUDA);
    on CPU it runs the same code at a reduced size to prove it works.
+End to end through a served app and gradio_client: `python -m benchmarks.e2e`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py sets it, before
 
 import argparse
 import asyncio
+import contextlib
+import functools
+import importlib
 import json
 import platform
 import statistics
@@ -68,6 +73,66 @@ def app_run(cache: ModelCache, req, source: str, folder: Path):
         if hasattr(item, "step"):
             view.add_frame(item)
     return view
+
+
+@contextlib.contextmanager
+def wrapped_step_callbacks(wrap):
+    """Runs started in the block (`pipelines.generate`) call their step callback as `wrap(callback)`
+    returns it, on the denoising thread: for looking at what the callback itself does there. The
+    per-run pipeline gets a subclass whose `__call__` wraps the callback it is given (its signature,
+    which the run reads, kept)."""
+    module = importlib.import_module("pipelines.generate")  # the module: `pipelines.generate` is the function
+    per_run = module._per_run
+
+    def wrapped_per_run(shared, scheduler):
+        pipe = per_run(shared, scheduler)
+        cls = type(pipe)
+
+        @functools.wraps(cls.__call__)
+        def call(self, *args, callback_on_step_end=None, **kwargs):
+            return cls.__call__(self, *args, callback_on_step_end=wrap(callback_on_step_end), **kwargs)
+
+        pipe.__class__ = type(cls.__name__, (cls,), {"__call__": call})
+        return pipe
+
+    module._per_run = wrapped_per_run
+    try:
+        yield
+    finally:
+        module._per_run = per_run
+
+
+def timed_callback(times: list[float]):
+    """A `wrapped_step_callbacks` wrap that appends each call's seconds to `times`."""
+    def wrap(callback):
+        def timed(*args):
+            start = time.perf_counter()
+            out = callback(*args)
+            times.append(time.perf_counter() - start)
+            return out
+
+        return timed
+
+    return wrap
+
+
+def callback_section(source, base: dict, repeats: int, previews: list[str]) -> list[dict]:
+    """The step callback's own time per step on the denoising thread, the app's way (decode thread),
+    for each preview: median and 90th percentile over every step of `repeats` runs after a warm-up."""
+    cache = ModelCache(device="cpu")
+    rows = []
+    for preview in previews:
+        req = validate_request(dict(base, preview=preview, view="x0"))
+        times: list[float] = []
+        with wrapped_step_callbacks(timed_callback(times)):
+            app_run(cache, req, source, Path(tempfile.mkdtemp()))  # warm-up
+            times.clear()
+            for _ in range(repeats):
+                app_run(cache, req, source, Path(tempfile.mkdtemp()))
+        times.sort()
+        rows.append({"preview": preview, "calls": len(times), "callback_us_median": 1e6 * statistics.median(times),
+                     "callback_us_p90": 1e6 * times[int(0.9 * (len(times) - 1))]})
+    return rows
 
 
 def streaming_section(source, base: dict, repeats: int, previews: list[str]) -> list[dict]:
@@ -181,6 +246,7 @@ def main(argv=None) -> dict:
         "model": source,
         "settings": base,
         "streaming": streaming_section(source, base, args.repeats, previews),
+        "callback": callback_section(source, base, args.repeats, previews),
         "server": server_section(cache, source, base),
         "cache": cache_section(source, args.repeats),
     }
@@ -198,6 +264,10 @@ def print_table(r: dict) -> None:
     print("\n1. streaming overhead (median)")
     for row in r["streaming"]:
         print(f"  {row['variant']:<40} {row['seconds']*1000:8.1f} ms  {row['ms_per_step']:7.2f} ms/step  x{row['ratio']:.3f}")
+    print("  the step callback's own time on the denoising thread, per step (decode thread)")
+    for row in r["callback"]:
+        print(f"  {row['preview']:<40} {row['callback_us_median']:8.1f} us median  {row['callback_us_p90']:8.1f} us p90"
+              f"  over {row['calls']} steps")
     print("\n2. Gradio server work per yield (generation excluded)")
     for row in r["server"]:
         print(f"  {row['steps']:>4} steps: {row['server_ms_per_yield_median']:6.2f} ms/yield median, "
