@@ -349,3 +349,29 @@ def test_host_buffers_refuse_a_step_that_does_not_fit_and_host_copies_refuse_dev
     with pytest.raises(ValueError, match="^HostCopy holds host tensors, got one on meta; copy device tensors "
                                          "through HostBuffers$"):
         HostCopy(torch.empty(2, device="meta"))
+
+
+def test_compiled_unet_streams_every_step_without_recompiling(tiny_dir, make_request, monkeypatch):
+    """--compile (ModelCache(compile_unet=True)): previews every step, the final image as the bare
+    pipeline's, and a second run reuses the compiled graphs (the guidance hook and the step callback
+    come new with each run). The eager backend traces as Dynamo does for a GPU, without generating code."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw))
+    torch._dynamo.reset()
+    try:
+        compiled = ModelCache(device="cpu", compile_unet=True)
+        assert compiled.pipeline("txt2img", str(tiny_dir)).unet._compiled_call_impl is not None
+        req = make_request(steps=4, preview="full-vae", view="x0", scheduler="DDIM")
+        run(req, compiled, tiny_dir)  # traces
+        traced = dict(counters["stats"])
+        for _ in range(2):
+            frames, finals = run(req, compiled, tiny_dir)
+            assert [f.step for f in frames] == [1, 2, 3, 4]
+        assert dict(counters["stats"]) == traced and traced["unique_graphs"] > 0  # nothing traced again
+        expected = bare_call(req, bare_pipeline("txt2img", tiny_dir, "DDIM"))
+        assert np.array_equal(pixels(finals[0].image), pixels(expected))
+    finally:
+        torch._dynamo.reset()
