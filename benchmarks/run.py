@@ -22,9 +22,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py sets it, before
 
 import argparse
 import asyncio
-import contextlib
-import functools
-import importlib
 import json
 import platform
 import statistics
@@ -45,6 +42,7 @@ from pipelines.tiny import save_tiny_checkpoint
 from ui.layout import AppSpec, build_app
 from ui.stream import RunView
 
+from .callback import timed_callback, wrapped_step_callbacks
 from .gpu import gpu_section
 
 
@@ -73,47 +71,6 @@ def app_run(cache: ModelCache, req, source: str, folder: Path):
         if hasattr(item, "step"):
             view.add_frame(item)
     return view
-
-
-@contextlib.contextmanager
-def wrapped_step_callbacks(wrap):
-    """Runs started in the block (`pipelines.generate`) call their step callback as `wrap(callback)`
-    returns it, on the denoising thread: for looking at what the callback itself does there. The
-    per-run pipeline gets a subclass whose `__call__` wraps the callback it is given (its signature,
-    which the run reads, kept)."""
-    module = importlib.import_module("pipelines.generate")  # the module: `pipelines.generate` is the function
-    per_run = module._per_run
-
-    def wrapped_per_run(shared, scheduler):
-        pipe = per_run(shared, scheduler)
-        cls = type(pipe)
-
-        @functools.wraps(cls.__call__)
-        def call(self, *args, callback_on_step_end=None, **kwargs):
-            return cls.__call__(self, *args, callback_on_step_end=wrap(callback_on_step_end), **kwargs)
-
-        pipe.__class__ = type(cls.__name__, (cls,), {"__call__": call})
-        return pipe
-
-    module._per_run = wrapped_per_run
-    try:
-        yield
-    finally:
-        module._per_run = per_run
-
-
-def timed_callback(times: list[float]):
-    """A `wrapped_step_callbacks` wrap that appends each call's seconds to `times`."""
-    def wrap(callback):
-        def timed(*args):
-            start = time.perf_counter()
-            out = callback(*args)
-            times.append(time.perf_counter() - start)
-            return out
-
-        return timed
-
-    return wrap
 
 
 def callback_section(source, base: dict, repeats: int, previews: list[str]) -> list[dict]:
@@ -222,6 +179,15 @@ def cache_section(source: str, repeats: int) -> dict:
             "switch_checkpoint_ms_median": 1000 * statistics.median(switches), "loaded_after_switches": small.loaded()}
 
 
+def card_settings(source: str, steps: int) -> dict:
+    """A txt2img request's fields for `source` with its card's settings (size, guidance, sampler)."""
+    settings = layout.read_card(source)
+    side = settings.get("width", 64)
+    return dict(mode="txt2img", prompt="a red circle on the left, blue background", seed=7, steps=steps,
+                guidance_scale=settings.get("guidance_scale", 4.0), width=side, height=settings.get("height", side),
+                scheduler=settings.get("scheduler", "Euler"))
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=BUNDLED)
@@ -233,11 +199,7 @@ def main(argv=None) -> dict:
 
     source = str(bundled_folder()) if args.model == BUNDLED else args.model
     cache = ModelCache(device="cpu")
-    settings = layout.read_card(source)
-    side = settings.get("width", 64)
-    base = dict(mode="txt2img", prompt="a red circle on the left, blue background", seed=7, steps=args.steps,
-                guidance_scale=settings.get("guidance_scale", 4.0), width=side, height=settings.get("height", side),
-                scheduler=settings.get("scheduler", "Euler"))
+    base = card_settings(source, args.steps)
     previews = ["latent-rgb", "full-vae"] + (["tiny-vae"] if cache.checkpoint(source).tiny_vae else [])
     results = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -278,7 +240,8 @@ def print_table(r: dict) -> None:
     if "gpu" in r:
         print("\n4. GPU section")
         for row in r["gpu"].get("rows", []):
-            print(f"  {row['variant']:<40} {row['seconds']:8.3f} s  x{row.get('ratio', 1):.3f}")
+            callback = f"  callback {row['callback_us_median']:.0f} us/step" if "callback_us_median" in row else ""
+            print(f"  {row['variant']:<40} {row['seconds']:8.3f} s  x{row.get('ratio', 1):.3f}{callback}")
         print(f"  ({r['gpu'].get('note', '')})")
 
 

@@ -18,7 +18,16 @@ from .cache import BUNDLED, ModelCache
 from .capture import AttentionRecorder, GuidancePair, denoiser, prompt_tokens
 from .depth import control_image
 from .families import Family
-from .previews import HostBuffers, HostCopy, LatentRGB, NoiseSchedule, SchedulerStep, X0Recorder, heat_overlay, to_pixels
+from .previews import (
+    HostBuffers,
+    HostCopy,
+    LatentRGB,
+    NoiseSchedule,
+    SchedulerStep,
+    X0Recorder,
+    heat_overlay,
+    to_pixels,
+)
 from .protocol import CancelToken, Final, GenerationError
 from .request import GenerationRequest
 from .schedulers import make_scheduler

@@ -282,7 +282,7 @@ def test_a_runs_host_memory_is_allocated_once_per_kind_not_per_step(cache, tiny_
         assert host.nbytes == sum(c.nbytes for c in copies)  # every row holds a frame's copy
         pipe, expected = bare_pipeline("txt2img", tiny_dir, req.scheduler), []
 
-        def keep(p, i, t, tensors):
+        def keep(p, i, t, tensors, expected=expected):
             expected.append(tensors["latents"] / (p.scheduler.sigmas[p.scheduler.step_index] ** 2 + 1) ** 0.5)
             return tensors
 
@@ -314,7 +314,7 @@ def test_the_step_callback_only_hands_over_references(cache, inline_cache, tiny_
     """On the denoising thread the step callback touches no tensor (no x0, no scaling, no copy): the
     decode thread does all of that. Inline decoding does it in the callback, which shows the check
     sees what a callback does."""
-    from benchmarks.run import wrapped_step_callbacks
+    from benchmarks.callback import wrapped_step_callbacks
 
     def watched(seen):
         def wrap(callback):
