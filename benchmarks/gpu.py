@@ -23,6 +23,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from pipelines import ModelCache, generate, layout, validate_request
 from pipelines.tiny import tiny_components, tiny_tokenizer
 
+from .callback import timed_callback, wrapped_step_callbacks
+
 SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 
@@ -90,8 +92,10 @@ def gpu_section(repeats: int = 3, on_row=None) -> dict:
     device_name = torch.cuda.get_device_name() if cuda else "cpu (reduced size: proves the code runs, not GPU speed)"
     rows = []
 
-    def add(variant: str, seconds: float, ratio: float) -> None:
+    def add(variant: str, seconds: float, ratio: float, callback: list[float] | None = None) -> None:
         rows.append({"variant": variant, "seconds": seconds, "ratio": ratio})
+        if callback:  # the step callback's own host time per step on the denoising thread
+            rows[-1]["callback_us_median"] = 1e6 * statistics.median(callback)
         if on_row is not None:
             on_row(rows[-1])
 
@@ -116,15 +120,21 @@ def gpu_section(repeats: int = 3, on_row=None) -> dict:
             shared(req.prompt, num_inference_steps=steps, guidance_scale=7.5,
                    generator=torch.Generator().manual_seed(1), **kwargs)
 
-        def app(preview):
+        def app(preview, callback: list[float]):
             req = validate_request(dict(base, preview=preview))
-            return lambda: list(generate(req, cache, source=str(folder)))
+
+            def run():
+                with wrapped_step_callbacks(timed_callback(callback)):
+                    list(generate(req, cache, source=str(folder)))
+
+            return run
 
         t_bare = timed(bare, repeats, cuda)
         add(f"{name}: bare diffusers (SDPA)", t_bare, 1.0)
         for preview in ("latent-rgb", "tiny-vae", "full-vae"):
-            t = timed(app(preview), repeats, cuda)
-            add(f"{name}: app, {preview} every step", t, t / t_bare)
+            callback = []
+            t = timed(app(preview, callback), repeats, cuda)
+            add(f"{name}: app, {preview} every step", t, t / t_bare, callback)
         if cuda and importlib.util.find_spec("xformers") is not None:
             shared.enable_xformers_memory_efficient_attention()
             t = timed(bare, repeats, cuda)
@@ -133,8 +143,14 @@ def gpu_section(repeats: int = 3, on_row=None) -> dict:
         if cuda and not depth:
             compiled = ModelCache(device="cuda", compile_unet=True)
             req = validate_request(dict(base, preview="latent-rgb"))
-            t = timed(lambda: list(generate(req, compiled, source=str(folder))), repeats, cuda)
-            add(f"{name}: app --compile, latent-rgb", t, t / t_bare)
+            callback = []
+
+            def run_compiled():
+                with wrapped_step_callbacks(timed_callback(callback)):
+                    list(generate(req, compiled, source=str(folder)))
+
+            t = timed(run_compiled, repeats, cuda)
+            add(f"{name}: app --compile, latent-rgb", t, t / t_bare, callback)
     return {"device": device_name, "size": size, "steps": steps, "rows": rows,
             "note": f"{device_name}; {size}x{size}, {steps} steps, guidance 7.5, median of {repeats}"}
 

@@ -6,10 +6,12 @@ Prints a table and writes JSON. Every figure is a median over `--repeats` runs, 
 every comparison is measured side by side, interleaved, in this one process.
 1. streaming: the app's generation path (each step decoded and stored as a frame)
    vs the bare diffusers call with no callback, same model, settings and seed.
+   With it, the step callback's own time per step on the denoising thread.
 2. server: Gradio's per-yield work (handler + postprocess) as runs grow.
 3. cache: img2img after txt2img; switching between two checkpoints under a budget.
 4. gpu: full-size SD 1.5 / SD 2-depth architectures with random weights (CUDA);
    on CPU it runs the same code at a reduced size to prove it works.
+End to end through a served app and gradio_client: `python -m benchmarks.e2e`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pipelines.tiny import save_tiny_checkpoint
 from ui.layout import AppSpec, build_app
 from ui.stream import RunView
 
+from .callback import timed_callback, wrapped_step_callbacks
 from .gpu import gpu_section
 
 
@@ -68,6 +71,25 @@ def app_run(cache: ModelCache, req, source: str, folder: Path):
         if hasattr(item, "step"):
             view.add_frame(item)
     return view
+
+
+def callback_section(source, base: dict, repeats: int, previews: list[str]) -> list[dict]:
+    """The step callback's own time per step on the denoising thread, the app's way (decode thread),
+    for each preview: median and 90th percentile over every step of `repeats` runs after a warm-up."""
+    cache = ModelCache(device="cpu")
+    rows = []
+    for preview in previews:
+        req = validate_request(dict(base, preview=preview, view="x0"))
+        times: list[float] = []
+        with wrapped_step_callbacks(timed_callback(times)):
+            app_run(cache, req, source, Path(tempfile.mkdtemp()))  # warm-up
+            times.clear()
+            for _ in range(repeats):
+                app_run(cache, req, source, Path(tempfile.mkdtemp()))
+        times.sort()
+        rows.append({"preview": preview, "calls": len(times), "callback_us_median": 1e6 * statistics.median(times),
+                     "callback_us_p90": 1e6 * times[int(0.9 * (len(times) - 1))]})
+    return rows
 
 
 def streaming_section(source, base: dict, repeats: int, previews: list[str]) -> list[dict]:
@@ -157,6 +179,15 @@ def cache_section(source: str, repeats: int) -> dict:
             "switch_checkpoint_ms_median": 1000 * statistics.median(switches), "loaded_after_switches": small.loaded()}
 
 
+def card_settings(source: str, steps: int) -> dict:
+    """A txt2img request's fields for `source` with its card's settings (size, guidance, sampler)."""
+    settings = layout.read_card(source)
+    side = settings.get("width", 64)
+    return dict(mode="txt2img", prompt="a red circle on the left, blue background", seed=7, steps=steps,
+                guidance_scale=settings.get("guidance_scale", 4.0), width=side, height=settings.get("height", side),
+                scheduler=settings.get("scheduler", "Euler"))
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=BUNDLED)
@@ -168,11 +199,7 @@ def main(argv=None) -> dict:
 
     source = str(bundled_folder()) if args.model == BUNDLED else args.model
     cache = ModelCache(device="cpu")
-    settings = layout.read_card(source)
-    side = settings.get("width", 64)
-    base = dict(mode="txt2img", prompt="a red circle on the left, blue background", seed=7, steps=args.steps,
-                guidance_scale=settings.get("guidance_scale", 4.0), width=side, height=settings.get("height", side),
-                scheduler=settings.get("scheduler", "Euler"))
+    base = card_settings(source, args.steps)
     previews = ["latent-rgb", "full-vae"] + (["tiny-vae"] if cache.checkpoint(source).tiny_vae else [])
     results = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -181,6 +208,7 @@ def main(argv=None) -> dict:
         "model": source,
         "settings": base,
         "streaming": streaming_section(source, base, args.repeats, previews),
+        "callback": callback_section(source, base, args.repeats, previews),
         "server": server_section(cache, source, base),
         "cache": cache_section(source, args.repeats),
     }
@@ -198,6 +226,10 @@ def print_table(r: dict) -> None:
     print("\n1. streaming overhead (median)")
     for row in r["streaming"]:
         print(f"  {row['variant']:<40} {row['seconds']*1000:8.1f} ms  {row['ms_per_step']:7.2f} ms/step  x{row['ratio']:.3f}")
+    print("  the step callback's own time on the denoising thread, per step (decode thread)")
+    for row in r["callback"]:
+        print(f"  {row['preview']:<40} {row['callback_us_median']:8.1f} us median  {row['callback_us_p90']:8.1f} us p90"
+              f"  over {row['calls']} steps")
     print("\n2. Gradio server work per yield (generation excluded)")
     for row in r["server"]:
         print(f"  {row['steps']:>4} steps: {row['server_ms_per_yield_median']:6.2f} ms/yield median, "
@@ -208,7 +240,8 @@ def print_table(r: dict) -> None:
     if "gpu" in r:
         print("\n4. GPU section")
         for row in r["gpu"].get("rows", []):
-            print(f"  {row['variant']:<40} {row['seconds']:8.3f} s  x{row.get('ratio', 1):.3f}")
+            callback = f"  callback {row['callback_us_median']:.0f} us/step" if "callback_us_median" in row else ""
+            print(f"  {row['variant']:<40} {row['seconds']:8.3f} s  x{row.get('ratio', 1):.3f}{callback}")
         print(f"  ({r['gpu'].get('note', '')})")
 
 

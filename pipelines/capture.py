@@ -145,7 +145,7 @@ class AttentionRecorder:
       image and text tokens in one softmax, as the model takes it, of which the text columns
       are kept: a pixel's probabilities over the text sum to at most 1, the rest being its
       attention to image tokens.
-    `take()` returns the maps of the denoiser call since the last `take()`: each layer's
+    `take()` returns the maps of the denoiser call since the last `take()` (or `take_sum()`): each layer's
     probabilities at `positions`, averaged over heads, upsampled (bilinear) from the layer's
     grid (UNet: its resolution; SD 3 patches and Flux's packed tokens: h/2 x w/2) to the
     (h, w) latent grid, then averaged over layers; float32 on the device, each value in
@@ -170,10 +170,16 @@ class AttentionRecorder:
         self._layers += 1
 
     def take(self) -> torch.Tensor | None:
+        taken = self.take_sum()
+        return None if taken is None else taken[0] / taken[1]
+
+    def take_sum(self) -> tuple[torch.Tensor, int] | None:
+        """What `take` divides: the sum of the layers' maps and how many layers it holds, handed over
+        as they are (the step callback's share; the division runs on the decode thread)."""
         if self._sum is None:
             return None
-        maps, self._sum, self._layers = self._sum / self._layers, None, 0
-        return maps
+        taken, self._sum, self._layers = (self._sum, self._layers), None, 0
+        return taken
 
     @contextlib.contextmanager
     def hooked(self, module: torch.nn.Module):

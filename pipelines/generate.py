@@ -18,7 +18,16 @@ from .cache import BUNDLED, ModelCache
 from .capture import AttentionRecorder, GuidancePair, denoiser, prompt_tokens
 from .depth import control_image
 from .families import Family
-from .previews import HostCopy, LatentRGB, NoiseSchedule, X0Recorder, heat_overlay, to_pixels
+from .previews import (
+    HostBuffers,
+    HostCopy,
+    LatentRGB,
+    NoiseSchedule,
+    SchedulerStep,
+    X0Recorder,
+    heat_overlay,
+    to_pixels,
+)
 from .protocol import CancelToken, Final, GenerationError
 from .request import GenerationRequest
 from .schedulers import make_scheduler
@@ -192,9 +201,9 @@ def generate(
 ) -> Iterator[Frame | Final]:
     """Yield a `Frame` after every denoising step, then one `Final`.
 
-    The diffusers call runs in a worker thread; its step callback hands the
-    step's latents to the preview decoder, whose frames come back over a queue
-    (a callback cannot yield). Each frame keeps both views as pictures (and the
+    The diffusers call runs in a worker thread; its step callback hands
+    references to the step's tensors to the decoder, whose frames come back over
+    a queue (a callback cannot yield). Each frame keeps both views as pictures (and the
     first frame the run's starting latents), so the timeline shows what the run
     made without touching a model. Closing this iterator early (a client went
     away) cancels the run. The run holds its checkpoint in `cache` (never evicted) until it ends.
@@ -227,53 +236,65 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
     # 2. The preview decoder
     decode = checkpoint.decoder(request.preview)
 
-    # 3. Step callback: hand the step's latents to the decoder, which turns them
-    #    into a Frame (on its own thread, overlapping the next UNet step, where the
-    #    cache says so)
+    # 3. Step callback: on the denoising thread, between UNet calls, it only hands references to
+    #    the step's tensors to the decoder, which makes the Frame (x0, pictures, host copies into
+    #    memory allocated once for the run) on its own thread, overlapping the next UNet step,
+    #    where the cache says so
     frames: queue.Queue = queue.Queue()
     started = time.perf_counter()
     interruptible = hasattr(pipe, "_interrupt")
-    schedule: NoiseSchedule | None = None  # made in the first callback, once the scheduler has its timesteps
+    host = HostBuffers(cache.device)
 
     def on_step_end(p, i, t, tensors):
-        nonlocal schedule
         if cancel.cancelled:
             if not interruptible:  # depth2img: no interrupt flag
                 raise Cancelled
             p._interrupt = True
             return tensors
-        if i == 0:
-            schedule = NoiseSchedule(scheduler, scheduler.timesteps[-p._num_timesteps:], family.flow_matching)
-        # what every picture of this step is made from, as (1, C, h, w); the frame keeps the pictures
-        views = {"x_t": schedule.shown(unpack(tensors["latents"]), i + 1), "x0": unpack(recorder.x0)}
-        if i == 0:
-            views["start"] = schedule.shown(unpack(recorder.start), 0)
-        depth = None
-        if i == 0 and "depth_mask" in tensors:
-            depth = HostCopy(_depth_pixels(tensors["depth_mask"]))
-        elif i == 0 and control is not None:  # the picture the ControlNet (or Flux's VAE) is given
-            depth = HostCopy(to_pixels(control * 2 - 1))
-        maps = attention.take() if attention is not None else None
-        guided = pair.noise_pred_text is not None
-        fields = dict(step=i + 1, total=p._num_timesteps, t=HostCopy(torch.as_tensor(t)), view=request.view,
-                      seconds=time.perf_counter() - started, depth_pixels=depth, schedule=schedule,
-                      latents=HostCopy(views["x_t"]),
-                      start_latents=HostCopy(views["start"]) if i == 0 else None,
-                      x0=HostCopy(views["x0"]), noise_pred=HostCopy(unpack(recorder.noise_pred)),
-                      noise_pred_text=HostCopy(unpack(pair.noise_pred_text)) if guided else None,
-                      noise_pred_uncond=HostCopy(unpack(pair.noise_pred_uncond)) if guided else None,
-                      attention=HostCopy(maps.half()) if maps is not None else None, tokens=tokens,
-                      latent_rgb=checkpoint.latent_rgb)
-
-        def make_frame(pictures: dict[str, HostCopy]) -> Frame:
-            return Frame(xt_pixels=pictures["x_t"], x0_pixels=pictures["x0"], start_pixels=pictures.get("start"),
-                         **fields)
-
-        decoder.submit(views, make_frame)
+        first = i == 0
+        decoder.submit(_Step(
+            index=i, total=p._num_timesteps, t=t, seconds=time.perf_counter() - started, latents=tensors["latents"],
+            scheduler_step=recorder.latest, noise_pred_text=pair.noise_pred_text,
+            noise_pred_uncond=pair.noise_pred_uncond, attention=attention.take_sum() if attention is not None else None,
+            start=recorder.start if first else None, depth_mask=tensors.get("depth_mask") if first else None,
+            timesteps=scheduler.timesteps if first else None,
+            step_index=getattr(scheduler, "step_index", None) if first else None))
         return tensors
 
-    def unpack(latents: torch.Tensor) -> torch.Tensor:
-        return family.unpack(latents, pipe, request.width, request.height)
+    schedule: NoiseSchedule | None = None  # made with the first frame, from what the first callback saw
+
+    def make_frame(step: _Step) -> Frame:
+        """The step's pictures and host copies, on the decode thread (on CUDA its side stream)."""
+        nonlocal schedule
+        i, first = step.index, step.index == 0
+        if first:
+            timesteps = host.copies({"timesteps": step.timesteps[-step.total:]})["timesteps"]
+            schedule = NoiseSchedule(scheduler, timesteps, step.step_index, family.flow_matching)
+        # what every picture of this step is made from, as (1, C, h, w); the frame keeps the pictures
+        views = {"x_t": schedule.shown(unpack(step.latents), i + 1), "x0": unpack(recorder.x0_of(step.scheduler_step))}
+        if first:
+            views["start"] = schedule.shown(unpack(step.start), 0)
+        pictures = {name: decode(latents) for name, latents in views.items()}
+        maps = step.attention[0] / step.attention[1] if step.attention is not None else None
+        kept = host.copies(dict(
+            t=torch.as_tensor(step.t), latents=views["x_t"], x0=views["x0"],
+            noise_pred=unpack(step.scheduler_step.model_output),
+            noise_pred_text=unpack(step.noise_pred_text), noise_pred_uncond=unpack(step.noise_pred_uncond),
+            attention=maps.half() if maps is not None else None,
+            xt_pixels=pictures["x_t"], x0_pixels=pictures["x0"]), row=i, rows=step.total)
+        if first:
+            depth = None
+            if step.depth_mask is not None:
+                depth = _depth_pixels(step.depth_mask)
+            elif control is not None:  # the picture the ControlNet (or Flux's VAE) is given
+                depth = to_pixels(control * 2 - 1)
+            kept |= host.copies({"start_latents": views["start"], "start_pixels": pictures["start"],
+                                 "depth_pixels": depth})
+        return Frame(step=i + 1, total=step.total, view=request.view, seconds=step.seconds, schedule=schedule,
+                     tokens=tokens, latent_rgb=checkpoint.latent_rgb, **kept)
+
+    def unpack(latents: torch.Tensor | None) -> torch.Tensor | None:
+        return None if latents is None else family.unpack(latents, pipe, request.width, request.height)
 
     # 4. The diffusers call, as the bare pipeline would be called
     call = dict(
@@ -306,7 +327,7 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
             decoder.finish(err)
 
     # 5. Run, relay frames, finish with the final image
-    decoder = _Decoder(decode, frames, cache.device, threaded=cache.overlap_decode)
+    decoder = _Decoder(make_frame, frames, cache.device, threaded=cache.overlap_decode)
     worker = threading.Thread(target=work, name="stepwise-run", daemon=True)
     worker.start()
     try:
@@ -325,14 +346,42 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
         worker.join()
 
 
-class _Decoder:
-    """Turns each step's views (x_t, x0, ...) into pictures, then a Frame, in the
-    order steps arrive.
+@dataclass
+class _Step:
+    """What the step callback hands over: references to one step's tensors, not copies (diffusers
+    makes new latents, noise predictions and scheduler outputs every step and changes none of them
+    in place; a CUDA-graph compile mode, which reuses output memory, would break this)."""
 
-    Threaded (the default): the step callback only queues latents and a
-    thread decodes them, on CUDA on a side stream that first waits for the
-    step's latents, so decoding overlaps the next UNet step and the loop never
-    syncs with the host. Inline: the callback decodes before the loop goes on.
+    index: int  # 0-based
+    total: int  # the run's UNet evaluations (`Frame.total`)
+    t: torch.Tensor  # the timestep, as the loop passed it
+    seconds: float  # since the run started
+    latents: torch.Tensor  # x_t after the step, as the scheduler keeps it (packed for Flux)
+    scheduler_step: SchedulerStep  # noise_pred and what `scheduler.step` returned: x0 comes from it
+    noise_pred_text: torch.Tensor | None  # the guidance pair (`GuidancePair`), or None
+    noise_pred_uncond: torch.Tensor | None
+    attention: tuple[torch.Tensor, int] | None  # with record_attention: `AttentionRecorder.take_sum()`
+    start: torch.Tensor | None = None  # first step: the latents the run started from
+    depth_mask: torch.Tensor | None = None  # first step, SD 2-depth: the depth the UNet sees
+    timesteps: torch.Tensor | None = None  # first step: the scheduler's timesteps
+    step_index: int | None = None  # first step: the scheduler's step index then (`NoiseSchedule`)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor it refers to."""
+        refs = [self.t, self.latents, self.noise_pred_text, self.noise_pred_uncond, self.start, self.depth_mask,
+                self.timesteps, self.attention[0] if self.attention is not None else None]
+        return [t for t in refs if isinstance(t, torch.Tensor)] + self.scheduler_step.tensors()
+
+
+class _Decoder:
+    """Turns each step the callback hands over into a Frame (`make_frame`: x0, the pictures of
+    every view, the host copies), in the order steps arrive.
+
+    Threaded (the default): the step callback only queues references to the step's tensors,
+    on CUDA after recording one event on the pipeline's stream, and a thread makes the frame:
+    on CUDA on a side stream that first waits for that event, so it overlaps the next UNet step
+    and the loop never syncs with the host or allocates host memory. Inline: the callback makes
+    the frame before the loop goes on.
     Every view is decoded by the run's own decoder, one call per view: free with
     latent->RGB, cheap with the tiny VAE. With the full VAE it is a second VAE
     decode per step, kept so that the timeline's other view is as exact as the
@@ -345,24 +394,22 @@ class _Decoder:
     the pixels (different kernels), and doubles the decode's peak memory.
     """
 
-    def __init__(self, decode, out: queue.Queue, device: torch.device, threaded: bool):
-        self._decode, self._out = decode, out
+    def __init__(self, make_frame, out: queue.Queue, device: torch.device, threaded: bool):
+        self._make, self._out = make_frame, out
         self._in: queue.Queue | None = queue.Queue() if threaded else None
         self._stream = torch.cuda.Stream(device) if threaded and device.type == "cuda" else None
         if threaded:
             threading.Thread(target=self._run, name="stepwise-decode", daemon=True).start()
 
-    def submit(self, views: dict[str, torch.Tensor], make_frame) -> None:
+    def submit(self, step: _Step) -> None:
         if self._in is None:
-            self._out.put(make_frame(self._pictures(views)))
+            self._out.put(self._make(step))
             return
         ready = None
         if self._stream is not None:
             ready = torch.cuda.Event()
             ready.record()
-            for latents in views.values():
-                latents.record_stream(self._stream)  # keep the allocator off it until the side stream is done
-        self._in.put((views, ready, make_frame))
+        self._in.put((step, ready, None))
 
     def finish(self, item) -> None:
         """Pass the run's end (final image, None when cancelled, or an error) on after the frames."""
@@ -371,20 +418,20 @@ class _Decoder:
         else:
             self._in.put((None, None, item))
 
-    def _pictures(self, views: dict[str, torch.Tensor]) -> dict[str, HostCopy]:
-        return {name: HostCopy(self._decode(latents)) for name, latents in views.items()}
-
     def _run(self) -> None:
         while True:
-            views, ready, item = self._in.get()
-            if views is None:
-                self._out.put(item)
+            step, ready, end = self._in.get()
+            if step is None:
+                self._out.put(end)
                 return
             try:
                 with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
                     if ready is not None:
                         self._stream.wait_event(ready)
-                    self._out.put(item(self._pictures(views)))
+                        for tensor in step.tensors():
+                            if tensor.is_cuda:  # keep the allocator off it until the side stream is done with it
+                                tensor.record_stream(self._stream)
+                    self._out.put(self._make(step))
             except Exception as err:  # noqa: BLE001 - surfaces in the caller's thread
                 self._out.put(err)
                 return

@@ -146,16 +146,23 @@ class OutputsFolder:
 
     # ---- saving ----
 
+    def reserve(self, request: GenerationRequest) -> Path:
+        """The folder a run of `request` is saved in by `save(..., folder=...)`, named now: the local
+        date, then time, mode, seed and a random id. Nothing is written."""
+        now = datetime.now().astimezone()
+        return self.root / f"{now:%Y-%m-%d}" / f"{now:%Y%m%d-%H%M%S}-{request.mode}-seed{request.seed}-{os.urandom(4).hex()}"
+
     def save(self, request: GenerationRequest, model: str, frames: list, *, status: str = "finished",
              final: str | Path | None = None, tensors: str | Path | None = None, owner: str | None = None,
-             notes: tuple[str, ...] = (), missing_steps: str | None = None) -> SavedRun:
-        """Save one run: `final` (a PNG written by `metadata.save_png`; None for a stopped run) and
-        `tensors` (its .safetensors file; None: written here from `frames`) are copied; `frames`
-        (`generate.Frame`s, in order from step 1; empty with `missing_steps`, why they are gone)
-        become step pictures; `owner` is the History's user key. Raises OutputsError."""
+             notes: tuple[str, ...] = (), missing_steps: str | None = None, folder: Path | None = None) -> SavedRun:
+        """Save one run, in `folder` (from `reserve`; default: reserved now): `final` (a PNG written by
+        `metadata.save_png`; None for a stopped run) and `tensors` (its .safetensors file; None: written
+        here from `frames`) are copied; `frames` (`generate.Frame`s, in order from step 1; empty with
+        `missing_steps`, why they are gone) become step pictures; `owner` is the History's user key.
+        Raises OutputsError."""
         now = datetime.now().astimezone()
-        name = f"{now:%Y%m%d-%H%M%S}-{request.mode}-seed{request.seed}-{os.urandom(4).hex()}"
-        day = self.root / f"{now:%Y-%m-%d}"
+        folder = folder or self.reserve(request)
+        name, day = folder.name, folder.parent
         partial = day / f".{name}{PARTIAL}"
         try:
             partial.mkdir(parents=True)

@@ -10,7 +10,8 @@ Three decoders, cheapest first:
 Flux's packed latents are unpacked (`Family.unpack`) before any of them sees them.
 
 Decoders run on the device that holds the latents and return uint8 pixels there;
-`HostCopy` brings them over without stalling the loop. Decoders only read
+`HostBuffers` brings them over, into memory allocated once per run, without stalling
+the loop. Decoders only read
 latents; they never touch the generator or the scheduler, so previews cannot
 change the final image.
 """
@@ -35,19 +36,15 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 class HostCopy:
-    """A tensor on its way to host memory. On CUDA the copy is queued behind the
-    work that produces it (pinned memory, non_blocking), so the denoising loop
-    never waits for it; reading it waits, on the thread that wants it."""
+    """A tensor in host memory, or on its way there. On CUDA it is a slice of the run's pinned
+    `HostBuffers` that a non-blocking copy is landing in, queued behind the work that produces it,
+    with the event recorded after that copy: reading it waits, on the thread that wants it."""
 
-    def __init__(self, tensor: torch.Tensor):
-        self._ready = None
-        if tensor.is_cuda:
-            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self._host.copy_(tensor, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = tensor.detach().contiguous()
+    def __init__(self, host: torch.Tensor, ready: torch.cuda.Event | None = None):
+        if host.device.type != "cpu":
+            raise ValueError(f"HostCopy holds host tensors, got one on {host.device}; copy device tensors through "
+                             "HostBuffers")
+        self._host, self._ready = host.detach(), ready
 
     def tensor(self) -> torch.Tensor:
         if self._ready is not None:
@@ -58,9 +55,67 @@ class HostCopy:
         return Image.fromarray(self.tensor().numpy())
 
     @property
+    def shape(self) -> torch.Size:
+        """Known before the copy lands."""
+        return self._host.shape
+
+    @property
     def nbytes(self) -> int:
-        """Host memory the copy holds (known before it lands)."""
+        """Host memory the copy holds (known before it lands): its own slice, not the run's whole buffer."""
         return self._host.numel() * self._host.element_size()
+
+
+class HostBuffers:
+    """One run's host memory for what its frames keep, allocated once per kind rather than per step.
+
+    Each kind of tensor a frame keeps (latents, x0, noise_pred, preview pixels, ...) gets one
+    buffer with a row for every step of the run, allocated when the kind is first copied (its
+    shape and dtype known), pinned on CUDA; each step's copy lands in its row. So a run makes one
+    allocation per kind, however many steps it has (`allocations` counts them): a pinned
+    allocation (`cudaHostAlloc`) is slow, takes the GIL, and was made four or five times a step
+    before. The price: the rows of steps a stopped run never made stay allocated until its frames
+    go. Copies run on the calling thread's current stream (the decode thread's side stream on
+    CUDA), non-blocking into pinned memory, with one event per call after the last of them.
+    Used by one thread at a time (the decode thread, or the step callback when decoding inline).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.allocations = 0
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory allocated so far, in all kinds."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def copies(self, tensors: dict[str, torch.Tensor | None], row: int | None = None,
+               rows: int = 1) -> dict[str, HostCopy | None]:
+        """Copy each tensor (None stays None) into its kind's buffer: into row `row` of a buffer of
+        `rows` rows, or, with `row` None, into a buffer of the tensor's own shape (a kind a run copies
+        once: its start, its timesteps). Raises ValueError when a kind's shape or dtype differs from
+        its buffer's (a run's steps all have the same)."""
+        pinned = self.device.type == "cuda"
+        ready = torch.cuda.Event() if pinned else None
+        out = {}
+        for kind, tensor in tensors.items():
+            if tensor is None:
+                out[kind] = None
+                continue
+            buffer = self._buffers.get(kind)
+            shape = tensor.shape if row is None else (rows, *tensor.shape)
+            if buffer is None:
+                buffer = self._buffers[kind] = torch.empty(shape, dtype=tensor.dtype, pin_memory=pinned)
+                self.allocations += 1
+            elif buffer.shape != shape or buffer.dtype != tensor.dtype:
+                raise ValueError(f"{kind}: {tuple(shape)} {tensor.dtype} does not fit the run's buffer of "
+                                 f"{tuple(buffer.shape)} {buffer.dtype}")
+            slot = buffer if row is None else buffer[row]
+            slot.copy_(tensor.detach(), non_blocking=pinned)
+            out[kind] = HostCopy(slot, ready)
+        if ready is not None:
+            ready.record()
+        return out
 
 
 @dataclass
@@ -168,16 +223,34 @@ class VAEDecoder:
         return to_pixels(self.decode(latents))
 
 
+@dataclass
+class SchedulerStep:
+    """One `scheduler.step` call as it was given and returned its tensors: references, not copies
+    (diffusers' schedulers and pipelines make new tensors each step and change none of these in
+    place). `sigma_index`: the index into `sigmas` of the sigma the step used, for schedulers that
+    keep a step index (None for DDIM and PNDM)."""
+
+    model_output: torch.Tensor
+    timestep: torch.Tensor
+    sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None
+    sigma_index: int | None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.model_output, self.timestep, self.sample, self.pred_original_sample)
+                if isinstance(t, torch.Tensor)]
+
+
 class X0Recorder:
-    """Keeps the latest clean-image estimate x0 of one run's own scheduler, the
-    `noise_pred` it was given (the model output after guidance), and the latents the
-    run started from.
+    """Keeps the latest step of one run's own scheduler (`latest`: the `noise_pred` it was given,
+    the model output after guidance, and what it returned) and the latents the run started from;
+    the clean-image estimate x0 of a step is worked out from those when asked (`x0_of`), so the
+    denoising loop itself does nothing more.
 
     `callback_on_step_end` sees only x_t after a step, so this wraps `step` on the
-    run's scheduler instance (never the class, never a shared one). It takes the
-    scheduler's `pred_original_sample` where it returns one (DDIM, Euler, Euler a)
-    and otherwise computes x0 from the model output and the step's noise level (flow
-    matching: x0 = x_t - sigma v).
+    run's scheduler instance (never the class, never a shared one). x0 is the scheduler's
+    `pred_original_sample` where it returns one (DDIM, Euler, Euler a) and otherwise is
+    computed from the model output and the step's noise level (flow matching: x0 = x_t - sigma v).
     `start` is the `sample` of the first `step` call: the seed's noise for txt2img,
     the noised input image's latents for img2img and depth2img, in the scheduler's
     own space (sigma-scaled for Euler). It is only read, never changed.
@@ -185,8 +258,7 @@ class X0Recorder:
 
     def __init__(self, scheduler, flow_matching: bool = False):
         self.scheduler, self.flow_matching = scheduler, flow_matching
-        self.x0: torch.Tensor | None = None
-        self.noise_pred: torch.Tensor | None = None
+        self.latest: SchedulerStep | None = None
         self.start: torch.Tensor | None = None
         original = scheduler.step
 
@@ -196,21 +268,37 @@ class X0Recorder:
         def step(model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
             if self.start is None:
                 self.start = sample
-            self.noise_pred = model_output
             out = original(model_output, timestep, sample, *args, return_dict=True, **kwargs)
-            x0 = getattr(out, "pred_original_sample", None)
-            self.x0 = x0 if x0 is not None else self._x0_from_output(model_output, timestep, sample)
+            index = getattr(scheduler, "step_index", None)  # `step` has just moved past the sigma it used
+            self.latest = SchedulerStep(model_output, timestep, sample, getattr(out, "pred_original_sample", None),
+                                        None if index is None else index - 1)
             return out if return_dict else (out.prev_sample,)
 
         scheduler.step = step
 
-    def _x0_from_output(self, model_output, timestep, sample):
+    @property
+    def noise_pred(self) -> torch.Tensor | None:
+        return self.latest.model_output if self.latest is not None else None
+
+    @property
+    def x0(self) -> torch.Tensor | None:
+        """The latest step's x0."""
+        return self.x0_of(self.latest) if self.latest is not None else None
+
+    def x0_of(self, step: SchedulerStep) -> torch.Tensor:
+        """A step's clean-image estimate x0, same shape, device and dtype as its sample (Euler's
+        float32); computed on whichever thread asks, from the step's own tensors."""
+        if step.pred_original_sample is not None:
+            return step.pred_original_sample
+        return self._x0_from_output(step.model_output, step.timestep, step.sample, step.sigma_index)
+
+    def _x0_from_output(self, model_output, timestep, sample, sigma_index: int | None = None):
         s = self.scheduler
         if self.flow_matching:  # x_t = (1 - sigma) x0 + sigma noise and the model predicts v = noise - x0
-            sigma = s.sigmas[s.step_index - 1].to(sample.device, sample.dtype)
+            sigma = s.sigmas[sigma_index].to(sample.device, sample.dtype)
             return sample - sigma * model_output
-        if hasattr(s, "_sigma_to_alpha_sigma_t"):  # DPM++ / UniPC: `step` just moved past the sigma it used
-            alpha_t, sigma_t = s._sigma_to_alpha_sigma_t(s.sigmas[s.step_index - 1])
+        if hasattr(s, "_sigma_to_alpha_sigma_t"):  # DPM++ / UniPC
+            alpha_t, sigma_t = s._sigma_to_alpha_sigma_t(s.sigmas[sigma_index])
         else:  # PNDM and other alpha-bar schedulers
             alpha_bar = s.alphas_cumprod[int(timestep)]
             alpha_t, sigma_t = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
@@ -233,21 +321,23 @@ class NoiseSchedule:
     keep `sigmas` on the CPU, and x_t after step k is at `sigmas[begin + k]`
     (0 after the last step); alpha-bar schedulers (DDIM, PNDM) take x_t to the next
     timestep the UNet sees, and after the last step to `final_alpha_cumprod`.
-    Built in the first step callback without a host sync; levels are read later.
+    Built from what the first step callback saw (`timesteps`, the run's n timesteps on their way
+    to the host, and the scheduler's `step_index` then: None for schedulers without one) without a
+    host sync; levels are read later.
     """
 
-    def __init__(self, scheduler, timesteps: torch.Tensor, flow_matching: bool = False):
-        n = len(timesteps)
+    def __init__(self, scheduler, timesteps: HostCopy, step_index: int | None, flow_matching: bool = False):
+        n = timesteps.shape[0]
         self.flow_matching = flow_matching  # x_t = (1 - sigma) x0 + sigma noise: sigma is the share of noise
         # what `noise_pred` is: "epsilon", "v_prediction" or "sample"; "flow" (a velocity) for flow matching
         self.prediction_type = "flow" if flow_matching else scheduler.config.get("prediction_type", "epsilon")
-        self.timesteps = HostCopy(timesteps)  # the n timesteps the UNet sees
+        self.timesteps = timesteps  # the n timesteps the UNet sees
         # Euler-type samplers carry x_t = x0 + sigma * noise (init_noise_sigma > 1);
         # DDIM, DPM++, UniPC and PNDM carry sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise
         self.sigma_space = float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0
         self.sigmas = None
-        if getattr(scheduler, "sigmas", None) is not None and getattr(scheduler, "step_index", None) is not None:
-            begin = scheduler.step_index - 1  # called after the first step
+        if getattr(scheduler, "sigmas", None) is not None and step_index is not None:
+            begin = step_index - 1  # seen after the first step
             self.sigmas = scheduler.sigmas[begin : begin + n + 1].float()
         else:
             self.alphas_cumprod = scheduler.alphas_cumprod

@@ -119,3 +119,37 @@ def test_attention_cost_benchmark_times_off_and_on_in_a_child_process():
     assert 0 < saved["now off"] * 20 - (21 + 4 * 20) * 4 * 16 * 16 * 4 < 4096
     assert 0 <= (saved["now on"] - saved["now off"]) * 20 - 20 * 9 * 16 * 16 * 2 < 1024
     assert result["on_over_off"]["median"] > 0 and len(result["on_over_off"]["rounds"]) == 1
+
+
+def test_callback_section_times_the_step_callback_of_every_step():
+    import torch
+
+    from benchmarks.run import callback_section, card_settings
+    from pipelines.cache import bundled_folder
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        source = str(bundled_folder())
+        rows = callback_section(source, card_settings(source, 3), repeats=2, previews=["latent-rgb", "full-vae"])
+    finally:
+        torch.set_num_threads(before)
+    assert [(r["preview"], r["calls"]) for r in rows] == [("latent-rgb", 6), ("full-vae", 6)]  # warm-up not counted
+    assert all(0 < r["callback_us_median"] <= r["callback_us_p90"] for r in rows)
+
+
+def test_e2e_benchmark_breaks_submit_to_final_image_down(tmp_path, capsys):
+    import json
+    import re
+
+    from benchmarks.e2e import PARTS, main
+    result = main(["--steps", "2", "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "e.json")])
+    [row] = result["app"]
+    assert row["steps"] == 2 and row["bare_threads"] == 1 and row["bare_seconds"] > 0
+    assert all(row[part] > 0 for part in PARTS) and row["final_to_done"] > 0
+    assert abs(sum(row[part] for part in PARTS) - row["submit_to_final"]) < 1e-9  # one run: the parts add up
+    assert row["ratio"] == row["submit_to_final"] / row["bare_seconds"]
+    # the page's start values, seed and steps set by the benchmark
+    assert result["settings"]["seed"] == 7 and {"width", "height", "scheduler", "preview"} <= set(result["settings"])
+    assert json.loads((tmp_path / "e.json").read_text())["app"][0]["steps"] == 2
+    out = capsys.readouterr().out
+    assert re.search(r"\n +2 +\d+\.\d{3} +\d+\.\d{3} +\d+\.\d\d" + r" +\d+\.\d{3}" * 5 + "\n", out), out

@@ -1,3 +1,4 @@
+import sys
 import threading
 import time
 
@@ -14,7 +15,7 @@ from diffusers import (
 from transformers import DPTForDepthEstimation, DPTImageProcessor
 
 from pipelines import CancelToken, Final, Frame, ModelCache, generate, layout
-from pipelines.previews import LatentRGB, X0Recorder, latent_rgb_for
+from pipelines.previews import HostBuffers, HostCopy, LatentRGB, X0Recorder, latent_rgb_for
 from pipelines.families import FLUX_LATENT_RGB, SD3_LATENT_RGB, SD_LATENT_RGB, SDXL_LATENT_RGB, family_named
 from pipelines.schedulers import SCHEDULER_NAMES, make_scheduler
 
@@ -250,3 +251,127 @@ def test_decode_thread_stops_with_a_cancelled_run(cache, tiny_dir, make_request)
     time.sleep(0.2)
     assert not any(t.name in ("stepwise-run", "stepwise-decode") for t in threading.enumerate())
     assert not cache.run_lock.locked()
+
+
+# Frame fields that are host copies of the run's tensors and pictures
+HOST_COPIES = ("t", "xt_pixels", "x0_pixels", "latents", "depth_pixels", "start_pixels", "start_latents", "x0",
+               "noise_pred", "noise_pred_text", "noise_pred_uncond", "attention")
+
+
+def test_a_runs_host_memory_is_allocated_once_per_kind_not_per_step(cache, tiny_dir, make_request, monkeypatch):
+    """Every host copy a frame keeps is a row of a buffer its run allocated once: as many allocations
+    (and distinct storages) for 12 steps as for 4, nothing allocated that no frame holds, and each row
+    holds its own step's values, as the bare pipeline made them."""
+    made = []
+
+    class Counted(HostBuffers):
+        def __init__(self, device):
+            super().__init__(device)
+            made.append(self)
+
+    monkeypatch.setattr(sys.modules["pipelines.generate"], "HostBuffers", Counted)
+    allocations, storages = {}, {}
+    for steps in (4, 12):
+        req = make_request(steps=steps, preview="full-vae", view="x0", record_attention=True)  # every kind of copy
+        frames, finals = run(req, cache, tiny_dir)
+        host = made[-1]
+        copies = [getattr(f, name) for f in frames for name in HOST_COPIES if getattr(f, name) is not None]
+        copies.append(frames[0].schedule.timesteps)
+        allocations[steps] = host.allocations
+        storages[steps] = {c.tensor().untyped_storage().data_ptr() for c in copies}
+        assert host.nbytes == sum(c.nbytes for c in copies)  # every row holds a frame's copy
+        pipe, expected = bare_pipeline("txt2img", tiny_dir, req.scheduler), []
+
+        def keep(p, i, t, tensors, expected=expected):
+            expected.append(tensors["latents"] / (p.scheduler.sigmas[p.scheduler.step_index] ** 2 + 1) ** 0.5)
+            return tensors
+
+        final = bare_call(req, pipe, callback_on_step_end=keep)
+        assert len(frames) == len(expected) == steps
+        for frame, latents in zip(frames, expected):
+            assert torch.allclose(frame.latents.tensor(), latents, atol=1e-6)
+        assert np.array_equal(pixels(finals[0].image), pixels(final))
+    assert len(made) == 2
+    # the run's timesteps; per step t, x_t, x0, noise_pred, the guidance pair, attention and both views'
+    # pictures; the start's latents and picture
+    assert allocations[4] == allocations[12] == len(storages[4]) == len(storages[12]) == 12
+
+
+class _TensorOps(torch.overrides.TorchFunctionMode):
+    """Every torch function, tensor method and tensor attribute used on this thread while active."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "depth2img"])
+def test_the_step_callback_only_hands_over_references(cache, inline_cache, tiny_dir, make_request, mode):
+    """On the denoising thread the step callback touches no tensor (no x0, no scaling, no copy): the
+    decode thread does all of that. Inline decoding does it in the callback, which shows the check
+    sees what a callback does."""
+    from benchmarks.callback import wrapped_step_callbacks
+
+    def watched(seen):
+        def wrap(callback):
+            def call(*args):
+                with _TensorOps(seen):
+                    return callback(*args)
+
+            return call
+
+        return wrap
+
+    req = make_request(mode, steps=3, scheduler="Euler", record_attention=True, strength=1.0)
+    threaded, inline = [], []
+    with wrapped_step_callbacks(watched(threaded)):
+        frames, _ = run(req, cache, tiny_dir)
+    with wrapped_step_callbacks(watched(inline)):
+        inline_frames, _ = run(req, inline_cache, tiny_dir)
+    assert len(frames) == len(inline_frames) == 3
+    assert threaded == []
+    assert {"div", "copy_"} <= set(inline)  # Euler's x_t scaling, the host copies
+
+
+def test_host_buffers_refuse_a_step_that_does_not_fit_and_host_copies_refuse_device_tensors():
+    host = HostBuffers(torch.device("cpu"))
+    host.copies({"latents": torch.zeros(1, 4, 8, 8)}, row=0, rows=3)
+    with pytest.raises(ValueError, match=r"^latents: \(3, 1, 4, 8, 9\) torch.float32 does not fit the run's buffer "
+                                         r"of \(3, 1, 4, 8, 8\) torch.float32$"):
+        host.copies({"latents": torch.zeros(1, 4, 8, 9)}, row=1, rows=3)
+    with pytest.raises(ValueError, match="^latents: .* torch.float16 does not fit"):
+        host.copies({"latents": torch.zeros(1, 4, 8, 8, dtype=torch.float16)}, row=1, rows=3)
+    assert host.allocations == 1 and host.nbytes == 3 * 4 * 8 * 8 * 4
+    with pytest.raises(ValueError, match="^HostCopy holds host tensors, got one on meta; copy device tensors "
+                                         "through HostBuffers$"):
+        HostCopy(torch.empty(2, device="meta"))
+
+
+def test_compiled_unet_streams_every_step_without_recompiling(tiny_dir, make_request, monkeypatch):
+    """--compile (ModelCache(compile_unet=True)): previews every step, the final image as the bare
+    pipeline's, and a second run reuses the compiled graphs (the guidance hook and the step callback
+    come new with each run). The eager backend traces as Dynamo does for a GPU, without generating code."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw))
+    torch._dynamo.reset()
+    try:
+        compiled = ModelCache(device="cpu", compile_unet=True)
+        assert compiled.pipeline("txt2img", str(tiny_dir)).unet._compiled_call_impl is not None
+        req = make_request(steps=4, preview="full-vae", view="x0", scheduler="DDIM")
+        run(req, compiled, tiny_dir)  # traces
+        traced = dict(counters["stats"])
+        for _ in range(2):
+            frames, finals = run(req, compiled, tiny_dir)
+            assert [f.step for f in frames] == [1, 2, 3, 4]
+        assert dict(counters["stats"]) == traced and traced["unique_graphs"] > 0  # nothing traced again
+        expected = bare_call(req, bare_pipeline("txt2img", tiny_dir, "DDIM"))
+        assert np.array_equal(pixels(finals[0].image), pixels(expected))
+    finally:
+        torch._dynamo.reset()

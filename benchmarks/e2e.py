@@ -1,0 +1,257 @@
+"""End to end: submit to final image through the served app, beside the bare diffusers call.
+
+    python -m benchmarks.e2e [--model bundled] [--steps 20 50] [--repeats 5] [--threads 1 2 ...]
+                             [--no-save] [--json benchmarks/results-e2e.json]
+
+The app runs in its own process as `python app.py` runs it (its CPU thread rule, Gradio's
+queue, each step's JPEG and update, the final PNG, the run's folder in the outputs), with
+marks added around the event handler. This process is a gradio_client (`download_files=False`)
+that submits txt2img runs with the page's start values (the model's preset or defaults; seed
+and steps set here) and notes when each update arrives. The bare diffusers call, same
+settings, runs in a child process per intra-op thread count (OpenMP sizes its pool once per
+process); the fastest count is the comparison. Bare runs first, then the app, each a median
+of `--repeats` after a warm-up.
+
+Submit to final image, broken down with the app's marks (one clock, one machine):
+- queue: submit -> the event handler starts (HTTP, Gradio's queue, preprocessing)
+- generation: handler start -> the final image reaches the handler (validation, the pipeline
+  with its step callback and decode thread, and each step's JPEG and update where the
+  handler falls behind the pipeline)
+- encoding: the final image reaches the handler -> its update is yielded (final PNG, tensors)
+- transport: that update yielded -> the client has it (Gradio's postprocess and event
+  stream, and gradio_client, which looks for new messages every 50 ms when it has none)
+and after it, final -> done: the run's folder written (every file synced), the event's end.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py sets it, before torch loads
+
+import argparse
+import json
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT, SEED = "a red circle on the left, blue background", 7
+# the request fields the bare call takes too; the rest of the API's parameters keep the page's values
+FIELDS = ("prompt", "negative_prompt", "seed", "guidance_scale", "width", "height", "scheduler", "preview", "view")
+PARTS = ("queue", "generation", "encoding", "transport")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="--model for the app and the bare call (default: the app's)")
+    p.add_argument("--steps", type=int, nargs="+", default=[20, 50])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="intra-op thread counts to try for the bare call (default: 1, 2, 4, ... up to the cores)")
+    p.add_argument("--no-save", action="store_true", help="run the app with --no-save (no outputs folder)")
+    p.add_argument("--json", default="benchmarks/results-e2e.json")
+    p.add_argument("--serve", nargs=2, metavar=("PORT", "MARKS"), help=argparse.SUPPRESS)  # the app's process
+    p.add_argument("--bare", type=int, metavar="THREADS", help=argparse.SUPPRESS)  # a bare call's process
+    p.add_argument("--settings", help=argparse.SUPPRESS)
+    args, app_flags = p.parse_known_args(argv)
+    if args.serve:  # the app's own flags follow `--`
+        return serve(int(args.serve[0]), Path(args.serve[1]), [f for f in app_flags if f != "--"])
+    if app_flags:
+        p.error(f"unrecognized arguments: {' '.join(app_flags)}")
+    if args.bare:
+        return bare(args.bare, json.loads(args.settings), args)
+
+    cores = os.cpu_count() or 1
+    threads = args.threads or sorted({*(2**k for k in range(cores.bit_length()) if 2**k <= cores), cores})
+    work = Path(tempfile.mkdtemp(prefix="stepwise-e2e-"))
+    marks = work / "marks.jsonl"
+    with App(args, work, marks) as url:
+        from gradio_client import Client
+
+        client = Client(url, verbose=False, download_files=False)
+        page = {p["parameter_name"]: p.get("parameter_default")
+                for p in client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/txt2img"]
+                ["parameters"]}
+        settings = {name: page[name] for name in FIELDS if name in page} | {"prompt": PROMPT, "seed": SEED}
+        bare_rows = [bare_child(n, settings, args) for n in threads]
+        app_rows = [app_runs(client, settings, steps, args.repeats, marks) for steps in args.steps]
+    results = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores,
+                    "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+        "settings": settings, "repeats": args.repeats, "save": not args.no_save,
+        "bare": bare_rows, "app": app_rows,
+    }
+    for row in app_rows:
+        best = min((b for b in bare_rows), key=lambda b: b["seconds"][str(row["steps"])])
+        row["bare_seconds"], row["bare_threads"] = best["seconds"][str(row["steps"])], best["threads"]
+        row["ratio"] = row["submit_to_final"] / row["bare_seconds"]
+    print_table(results)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.json}")
+    return results
+
+
+class App:
+    """The app in its own process (`--serve`), served on a free localhost port; its handler's marks go to
+    `marks`, one JSON line per run. A context manager giving the URL; the process is stopped after."""
+
+    def __init__(self, args, work: Path, marks: Path):
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            self.port = free.getsockname()[1]
+        flags = ["--no-save"] if args.no_save else ["--outputs", str(work / "outputs")]
+        flags += ["--model", args.model] if args.model else []
+        self.command = [sys.executable, "-m", "benchmarks.e2e", "--serve", str(self.port), str(marks), "--", *flags]
+        self.env = dict(os.environ, GRADIO_TEMP_DIR=str(work / "gradio"), PYTHONUNBUFFERED="1")
+        self.log = work / "app.txt"
+
+    def __enter__(self) -> str:
+        import httpx
+
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{self.port}/"
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the app exited: {self.log.read_text()}")
+            if time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"the app did not serve within 300 s: {self.log.read_text()}")
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def serve(port: int, marks: Path, flags: list[str]) -> dict:
+    """`python app.py --port PORT *flags`, with marks around the event handler (`PARTS`)."""
+    import app as app_module  # first: it sets the environment torch reads as it loads
+    from pipelines import Final
+    from ui.events import Runner, RunUpdate
+
+    current: dict = {}
+    generate, run = app_module.generate, Runner._run
+    final_at = RunUpdate._fields.index("final")
+
+    def marked_generate(*a, **kw):
+        for item in generate(*a, **kw):
+            if isinstance(item, Final):
+                current["final_in"] = time.time()
+            yield item
+
+    def marked_run(self, *a, **kw):
+        current.clear()
+        current["handler_start"] = time.time()
+        try:
+            for update in run(self, *a, **kw):
+                if update[final_at] is not None and "final_out" not in current:
+                    current["final_out"] = time.time()
+                yield update
+        finally:
+            current["handler_end"] = time.time()
+            with open(marks, "a") as f:
+                f.write(json.dumps(current) + "\n")
+
+    app_module.generate, Runner._run = marked_generate, marked_run
+    app_module.main(["--port", str(port), *flags])
+    return {}
+
+
+def bare_child(threads: int, settings: dict, args) -> dict:
+    """The bare call's times at `threads` intra-op threads, in a process of its own."""
+    command = [sys.executable, "-m", "benchmarks.e2e", "--bare", str(threads), "--settings", json.dumps(settings),
+               "--repeats", str(args.repeats), "--steps", *map(str, args.steps)]
+    command += ["--model", args.model] if args.model else []
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"the bare call at {threads} threads failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bare(threads: int, settings: dict, args) -> dict:
+    """Print the bare call's median seconds per step count, as one JSON line."""
+    import torch
+
+    from pipelines import ModelCache, validate_request
+    from pipelines.cache import BUNDLED, bundled_folder
+
+    from .run import bare_run
+
+    torch.set_num_threads(threads)
+    source = args.model or str(bundled_folder())
+    source = str(bundled_folder()) if source == BUNDLED else source
+    cache = ModelCache(device="cpu")
+    seconds = {}
+    for steps in args.steps:
+        req = validate_request(dict(settings, mode="txt2img", steps=steps))
+        bare_run(cache, req, source)  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            bare_run(cache, req, source)
+            times.append(time.perf_counter() - start)
+        seconds[str(steps)] = statistics.median(times)
+    result = {"threads": threads, "seconds": seconds}
+    print(json.dumps(result))
+    return result
+
+
+def app_runs(client, settings: dict, steps: int, repeats: int, marks: Path) -> dict:
+    """Median submit-to-final-image and its parts over `repeats` runs of `steps` steps, after a warm-up."""
+    from ui.events import API_OUTPUTS
+
+    runs = []
+    for n in range(repeats + 1):
+        start = time.time()
+        first = final = None
+        job = client.submit(**settings, steps=steps, api_name="/txt2img")
+        for update in job:
+            first = first or time.time()
+            if final is None and update[API_OUTPUTS["final"]] is not None:
+                final = time.time()
+        done = time.time()
+        server = json.loads(marks.read_text().splitlines()[-1])
+        if n == 0:
+            continue  # warm-up
+        runs.append({"submit_to_final": final - start, "submit_to_first_step": first - start,
+                     "final_to_done": done - final,
+                     "queue": server["handler_start"] - start,
+                     "generation": server["final_in"] - server["handler_start"],
+                     "encoding": server["final_out"] - server["final_in"],
+                     "transport": final - server["final_out"]})
+    return {"steps": steps, **{key: statistics.median(r[key] for r in runs) for key in runs[0]}, "runs": runs}
+
+
+def print_table(r: dict) -> None:
+    s = r["settings"]
+    print(f"{s['width']}x{s['height']} · {s['scheduler']} · CFG {s['guidance_scale']} · preview {s['preview']}, "
+          f"{s['view']} · {r['machine']['cores']} cores · median of {r['repeats']}"
+          + ("" if r["save"] else " · --no-save"))
+    print("\nbare diffusers call, by intra-op threads")
+    for row in r["bare"]:
+        print(f"  {row['threads']:>3} threads  " + "  ".join(f"{k} steps {v:7.3f} s" for k, v in row["seconds"].items()))
+    print("\napp through gradio_client (download_files=False): submit to final image")
+    print(f"  {'steps':>5} {'bare':>8} {'app':>8} {'x bare':>7}  " + "".join(f"{p:>11}" for p in PARTS)
+          + f"  {'final->done':>11}")
+    for row in r["app"]:
+        print(f"  {row['steps']:>5} {row['bare_seconds']:8.3f} {row['submit_to_final']:8.3f} {row['ratio']:7.2f}  "
+              + "".join(f"{row[p]:11.3f}" for p in PARTS) + f"  {row['final_to_done']:11.3f}")
+    print("  (seconds; bare at its fastest thread count; the parts add up to app)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The final image goes out as soon as it is made: the run's folder in the outputs is written after it,
+and the event ends once that folder is written (or says why it was not)."""
+
+import threading
+import time
+
+from gradio_client import Client
+
+from pipelines.outputs import OutputsFolder
+from ui.events import API_OUTPUTS as OUT
+
+from .test_outputs import RUN, saved_folders
+
+
+def test_the_final_image_does_not_wait_for_the_runs_folder(serve_tiny, tmp_path, monkeypatch):
+    outputs = tmp_path / "outputs"
+    demo = serve_tiny("--outputs", str(outputs))
+    release, saving = threading.Event(), threading.Event()
+    save = OutputsFolder.save
+
+    def held_save(self, *args, **kwargs):  # the folder is written only once the test has seen the final image
+        saving.set()
+        assert release.wait(60)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(OutputsFolder, "save", held_save)
+    job = Client(demo.local_url, verbose=False, download_files=False).submit(**RUN, api_name="/txt2img")
+    try:
+        deadline = time.monotonic() + 60
+        while not any(update[OUT["final"]] for update in job.outputs()):
+            assert time.monotonic() < deadline, "no final image while the run's folder was being written"
+            time.sleep(0.05)
+        assert saving.is_set() and saved_folders(outputs) == [] and not job.done()
+        shown = next(update for update in job.outputs() if update[OUT["final"]])
+    finally:
+        release.set()
+    updates = list(job)  # the rest, once the folder is written
+    [folder] = saved_folders(outputs)
+    assert shown[OUT["info"]].endswith(f"Saved in `{folder}`") and shown[OUT["tensors"]]["path"].endswith(".safetensors")
+    assert len(job.outputs()) == RUN["steps"] + 1  # the final update is still the last
+    assert job.outputs()[-1] == shown and updates[-1] == shown
