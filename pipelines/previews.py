@@ -277,10 +277,6 @@ class X0Recorder:
         scheduler.step = step
 
     @property
-    def noise_pred(self) -> torch.Tensor | None:
-        return self.latest.model_output if self.latest is not None else None
-
-    @property
     def x0(self) -> torch.Tensor | None:
         """The latest step's x0."""
         return self.x0_of(self.latest) if self.latest is not None else None
