@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
 
@@ -93,6 +94,7 @@ class AppSpec:
 def build_app(spec: AppSpec) -> gr.Blocks:
     memory_runs, memory_bytes = spec.run_memory
     store = RunStore(spec.run_root, keep=spec.keep_runs, memory_runs=memory_runs, memory_bytes=memory_bytes)
+    _serve_as_is(store.root)
     first = ModelView(spec.source or "", spec.model_label, spec.untrained, spec.limits, spec.defaults, spec.presets,
                       preset=spec.initial_preset)
     # each model a session may be on, by source: the start one and those picked since (this app's, not global)
@@ -371,6 +373,20 @@ def build_app(spec: AppSpec) -> gr.Blocks:
     store.on_delete = lambda folder: _untrack(demo, folder)
     demo.run_store = store  # what the server keeps of runs: RunStore.usage() for tests and monitoring
     return demo
+
+
+_SERVED_AS_IS: set[Path] = set()  # Gradio's static paths are one list per process: add each root once
+
+
+def _serve_as_is(root) -> None:
+    """Have Gradio serve the run folders' files as they are (`gr.set_static_paths`). For each file in an
+    update Gradio otherwise checks that it may serve it and that it is in its cache: 12 path resolutions
+    a file, twice an update; about 0.14 s of CPU in a 20-step run of the bundled model, taken from the
+    denoising thread through the GIL (BENCHMARKS.md, issue 21). The folders hold only what the runs made."""
+    root = Path(root).resolve()
+    if root not in _SERVED_AS_IS:
+        _SERVED_AS_IS.add(root)
+        gr.set_static_paths([root])
 
 
 def _untrack(demo: gr.Blocks, folder) -> None:
