@@ -102,7 +102,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shared-history", action="store_true",
                    help="on a shared deployment (--share, a Hugging Face Space) every user sees every saved run "
                         "in the History (default there: each user sees only their own)")
-    return p.parse_args(argv)
+    scale = p.add_argument_group("scale-out on Ray Serve (pip install 'ray[serve]==2.60.0')")
+    scale.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="run generation on N Ray Serve replicas, each with its own copy of the model: on this "
+                            "machine (a local Ray is started), or on --ray-address's cluster")
+    scale.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="run generation on an existing Ray cluster, e.g. auto or ray://HEAD:10001; replicas: "
+                            "--workers, else one per GPU of the cluster (per CPU when it has none)")
+    args = p.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
+    return args
 
 
 def model_menu(args: argparse.Namespace) -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -157,10 +167,12 @@ def shared_deployment(args: argparse.Namespace) -> bool:
     return args.share or bool(os.environ.get("SPACE_ID"))
 
 
-def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
+def create_demo(args: argparse.Namespace, cache: ModelCache, workers=None) -> gr.Blocks:
     """Build the app around `cache`, fitted to the start checkpoint (`--model`, else the first of
     `--models-dir`): it is loaded here (so the first click is fast), and the size limits, preview
     decoders, scheduler menu and presets offered come from it. Runs are saved in `outputs_folder(args)`.
+    With `workers` (`pipelines.workers.Workers`) runs go to its replicas, `workers.concurrency` at
+    once, and `cache` only describes the models.
     Raises ModelLoadError, PresetError or ValueError (a bad --outputs-max-gb)."""
     outputs = outputs_folder(args)
     choices, broken = model_menu(args)
@@ -184,6 +196,8 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
         if model not in sources:
             raise GenerationError(f"model {model!r} is not in the model list; pick one of the list")
         source = depth_source if request.mode == "depth2img" and args.depth_model else model
+        if workers is not None:
+            return workers.generate(request, token, source)
         return generate(request, cache, token, source=source)
 
     spec = AppSpec(
@@ -210,6 +224,7 @@ def create_demo(args: argparse.Namespace, cache: ModelCache) -> gr.Blocks:
                                              args.depth_model),
         outputs=outputs,
         private_history=shared_deployment(args) and not args.shared_history,
+        run_concurrency=workers.concurrency if workers is not None else 1,
     )
     return build_app(spec).queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
 
@@ -280,16 +295,32 @@ def main(argv: list[str] | None = None) -> None:
     # on a CPU torch warns that it turns autocast off, which is what should happen: noise at the first depth run
     warnings.filterwarnings("ignore", "In CPU autocast, but the target dtype is not supported", UserWarning)
     args = parse_args(argv)
+    options = dict(device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae, compile_unet=args.compile,
+                   offload=args.offload, single_file_config=args.config, controlnet=args.controlnet,
+                   depth_estimator=args.depth_estimator)
+    workers = None
     try:
-        cache = ModelCache(device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae, compile_unet=args.compile,
-                           offload=args.offload, single_file_config=args.config, controlnet=args.controlnet,
-                           depth_estimator=args.depth_estimator)
+        if args.workers or args.ray_address:
+            workers = start_workers(args, options)
+            # the replicas generate; this process's copy (CPU, the same configs) only describes the models
+            options = dict(options, device="cpu", dtype=None, compile_unet=False, offload=None)
+        cache = ModelCache(**options)
         if cache.device.type == "cpu":
             torch.set_num_threads(app_cpu_threads())
-        demo = create_demo(args, cache)
-    except (ModelLoadError, PresetError, ValueError) as err:
+        demo = create_demo(args, cache, workers)
+    except (ModelLoadError, PresetError, GenerationError, ValueError) as err:
         sys.exit(f"error: {err}")
     serve(args, demo)
+
+
+def start_workers(args: argparse.Namespace, cache_options: dict):
+    """`--workers` / `--ray-address`: the Ray Serve replicas (`pipelines.workers`); Ray is imported only here.
+    Exits with what to install when Ray is missing; raises GenerationError when it cannot start."""
+    try:
+        from pipelines import workers
+    except ImportError as err:
+        sys.exit(f"error: --workers and --ray-address need Ray Serve ({err}): pip install 'ray[serve]==2.60.0'")
+    return workers.Workers(cache_options, replicas=args.workers, address=args.ray_address)
 
 
 if __name__ == "__main__":

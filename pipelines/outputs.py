@@ -527,7 +527,7 @@ def _steps_record(frames: list, missing: str | None) -> dict[str, Any]:
             "seconds": [f.seconds for f in frames], "levels": first.schedule_levels(),
             "flow_matching": first.schedule.flow_matching, "prediction_type": first.schedule.prediction_type,
             "tokens": list(first.tokens),
-            "latent_rgb": {"matrix": rgb.matrix.tolist(), "bias": rgb.bias.tolist()} if rgb is not None else None}
+            "latent_rgb": rgb.to_dict() if rgb is not None else None}
 
 
 def _frames(run: SavedRun) -> list:
@@ -536,16 +536,7 @@ def _frames(run: SavedRun) -> list:
     from safetensors.torch import load_file
 
     from .generate import Frame
-    from .previews import HostCopy, LatentRGB, NoiseSchedule
-
-    class SavedSchedule(NoiseSchedule):
-        """A saved run's noise levels, read back instead of computed from a scheduler."""
-
-        def __init__(self, timesteps: list[float], levels: list[float], flow_matching: bool, prediction_type: str):
-            self.flow_matching, self.sigma_space, self.sigmas = flow_matching, False, None
-            self.prediction_type = prediction_type
-            self.timesteps = HostCopy(torch.tensor(timesteps, dtype=torch.float64))
-            self.__dict__["levels"] = list(levels)  # the cached_property's slot
+    from .previews import HostCopy, LatentRGB, SavedSchedule
 
     steps, files = run.record["steps"], run.record["files"]
     folder = run.folder / files["steps"]

@@ -148,6 +148,10 @@ class LatentRGB:
         """From a folder's `latent_rgb.json` ({"matrix": C x 3, "bias": 3}; see layout.py)."""
         return cls(torch.tensor(data["matrix"], dtype=torch.float32), torch.tensor(data["bias"], dtype=torch.float32))
 
+    def to_dict(self) -> dict:
+        """As `from_dict` reads it."""
+        return {"matrix": self.matrix.tolist(), "bias": self.bias.tolist()}
+
     @classmethod
     @torch.no_grad()
     def fit(cls, vae, samples: int = 8, size: int = 16, seed: int = 0) -> LatentRGB:
@@ -367,3 +371,14 @@ class NoiseSchedule:
         if self.flow_matching:
             return level
         return float("inf") if level >= 1 else level / (1 - level**2) ** 0.5
+
+
+class SavedSchedule(NoiseSchedule):
+    """A run's noise levels read back (a saved run, a frame from a worker process) instead of computed
+    from a scheduler: its timesteps, the levels at positions 0..n, and what its noise_pred is."""
+
+    def __init__(self, timesteps: list[float], levels: list[float], flow_matching: bool, prediction_type: str):
+        self.flow_matching, self.sigma_space, self.sigmas = flow_matching, False, None
+        self.prediction_type = prediction_type
+        self.timesteps = HostCopy(torch.tensor(timesteps, dtype=torch.float64))
+        self.__dict__["levels"] = list(levels)  # the cached_property's slot

@@ -25,6 +25,10 @@ class CancelToken:
     def cancelled(self) -> bool:
         return self._event.is_set()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the run is cancelled (or `timeout` seconds pass); whether it is."""
+        return self._event.wait(timeout)
+
 
 class GenerationError(RuntimeError):
     """A run failed in a way the user can act on; the message says how."""

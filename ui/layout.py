@@ -89,6 +89,7 @@ class AppSpec:
     load_model: Callable[[str], ModelView] | None = None  # loads a source; raises ModelLoadError
     outputs: OutputsFolder | None = None  # where every run is saved, and the History reads; None: --no-save
     private_history: bool = False  # each user's History shows only their runs (a shared deployment)
+    run_concurrency: int = 1  # runs out of the queue at once: 1 on this process's device, more on Ray workers
 
 
 def build_app(spec: AppSpec) -> gr.Blocks:
@@ -272,7 +273,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
 
         outputs = [dict(preview=live, gallery=gallery, final=final, status=status, info=info, tensors=tensors,
                         runs=runs, depth=depth_used)[name] for name in RunUpdate._fields]
-        gpu = dict(concurrency_limit=1, concurrency_id="gpu", show_progress="hidden")
+        gpu = dict(concurrency_limit=spec.run_concurrency, concurrency_id="gpu", show_progress="hidden")
         inspector = Inspector(spec.anatomy, lim, lim.schedulers, models=view_of)
         timeline = [pick, other, scrub]
         # the token chips change only with the run shown, and only the overlay reads them: an event that
@@ -365,7 +366,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
 
             # in the "gpu" group: a load waits for the run in progress, and a run for the load
             picked = picker.input(pick_model, inputs=[picker, model], outputs=[model], api_visibility="private",
-                                  concurrency_limit=1, concurrency_id="gpu")
+                                  concurrency_limit=spec.run_concurrency, concurrency_id="gpu")
             picked.success(fit_controls, inputs=[model], outputs=[c for _, c in fitted], **private).then(
                 inspector.tokens, inputs=[prompt, model], outputs=[tokens], **private)
             picked.failure(lambda source: source, inputs=[model], outputs=[picker], **private)

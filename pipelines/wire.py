@@ -1,0 +1,92 @@
+"""A run's frames as compact messages, for runs made in another process (`pipelines.workers`).
+
+A step travels as a dict of plain values: its numbers, its pictures as PNG (lossless, so the
+timeline shows the run's own pixels, as a saved run's files do) and its latent-space tensors as
+one safetensors blob in their own dtypes; no pickled torch or PIL objects. The first step also
+carries what a run's frames share: the noise schedule's timesteps and levels, the prompt tokens,
+the latent->RGB map. A bundled-model step is about 13 kB; the final image is a PNG. Errors a user
+can act on travel as messages too, so the front raises them with their own message.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from .generate import Frame
+from .previews import HostCopy, LatentRGB, SavedSchedule
+from .protocol import Final, GenerationError, ModelLoadError
+from .request import GenerationRequest
+
+PICTURES = ("xt_pixels", "x0_pixels", "start_pixels", "depth_pixels")  # uint8 (H, W, 3)
+TENSORS = ("t", "latents", "start_latents", "x0", "noise_pred", "noise_pred_text", "noise_pred_uncond", "attention")
+ERRORS = {cls.__name__: cls for cls in (GenerationError, ModelLoadError, ValueError)}  # raised again by name
+PNG_LEVEL = 1  # zlib level: about as small as 6 for these pictures, several times faster to write
+
+
+def message(item: Frame | Final) -> dict:
+    """A frame or the final image as a message (`Reader.read` turns it back)."""
+    if isinstance(item, Final):
+        return {"final": _png(item.image), "seconds": item.seconds, "notes": list(item.notes)}
+    msg = {"step": item.step, "total": item.total, "view": item.view, "seconds": item.seconds,
+           "pictures": {name: _png(copy.tensor().numpy()) for name in PICTURES
+                        if (copy := getattr(item, name)) is not None},
+           "tensors": save_tensors({name: copy.tensor().contiguous() for name in TENSORS
+                                    if (copy := getattr(item, name)) is not None})}
+    if item.step == 1:
+        schedule, rgb = item.schedule, item.latent_rgb
+        msg["run"] = {"timesteps": schedule.timesteps.tensor().double().tolist(), "levels": schedule.levels,
+                      "flow_matching": schedule.flow_matching, "prediction_type": schedule.prediction_type,
+                      "tokens": list(item.tokens), "latent_rgb": rgb.to_dict() if rgb is not None else None}
+    return msg
+
+
+def error(err: Exception) -> dict:
+    """An error as a message: GenerationError, ModelLoadError and ValueError keep their kind."""
+    return {"error": type(err).__name__ if type(err).__name__ in ERRORS else "GenerationError",
+            "message": str(err) if type(err).__name__ in ERRORS else f"the worker failed: {type(err).__name__}: {err}"}
+
+
+class Reader:
+    """Turns one run's messages back into `Frame`s and its `Final`, in the order they were made.
+    Raises the error a message carries (GenerationError, ModelLoadError, ValueError)."""
+
+    def __init__(self, request: GenerationRequest, source: str):
+        self.request, self.source = request, source
+        self.schedule: SavedSchedule | None = None
+        self.tokens: tuple[str, ...] = ()
+        self.latent_rgb: LatentRGB | None = None
+
+    def read(self, msg: dict) -> Frame | Final:
+        if "error" in msg:
+            raise ERRORS[msg["error"]](msg["message"])
+        if "final" in msg:
+            return Final(_image(msg["final"]), self.request, self.source, msg["seconds"], tuple(msg["notes"]))
+        if "run" in msg:
+            run = msg["run"]
+            self.schedule = SavedSchedule(run["timesteps"], run["levels"], run["flow_matching"],
+                                          run["prediction_type"])
+            self.tokens = tuple(run["tokens"])
+            self.latent_rgb = LatentRGB.from_dict(run["latent_rgb"]) if run["latent_rgb"] else None
+        copies = {name: HostCopy(tensor) for name, tensor in load_tensors(msg["tensors"]).items()}
+        copies |= {name: HostCopy(torch.from_numpy(np.array(_image(png)))) for name, png in msg["pictures"].items()}
+        return Frame(step=msg["step"], total=msg["total"], view=msg["view"], seconds=msg["seconds"],
+                     schedule=self.schedule, tokens=self.tokens, latent_rgb=self.latent_rgb, **copies)
+
+
+def _png(pixels: np.ndarray | Image.Image) -> bytes:
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=PNG_LEVEL)
+    return buffer.getvalue()
+
+
+def _image(png: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(png)) as image:
+        image.load()
+        return image
