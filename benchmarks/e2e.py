@@ -1,7 +1,8 @@
 """End to end: submit to final image through the served app, beside the bare diffusers call.
 
     python -m benchmarks.e2e [--model bundled] [--steps 20 50] [--repeats 5] [--threads 1 2 ...]
-                             [--no-save] [--json benchmarks/results-e2e.json]
+                             [--no-save] [--workers N] [--preview NAME]
+                             [--json benchmarks/results-e2e.json]
 
 The app runs in its own process as `python app.py` runs it (its CPU thread rule, Gradio's
 queue, each step's JPEG and update, the final PNG, the run's folder in the outputs), with
@@ -32,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py sets it, before
 import argparse
 import json
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -55,6 +57,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="intra-op thread counts to try for the bare call (default: 1, 2, 4, ... up to the cores)")
     p.add_argument("--no-save", action="store_true", help="run the app with --no-save (no outputs folder)")
+    p.add_argument("--workers", type=int, default=None, help="run the app with --workers N (Ray Serve replicas)")
+    p.add_argument("--preview", default=None, help="the runs' preview decoder (default: the page's)")
     p.add_argument("--json", default="benchmarks/results-e2e.json")
     p.add_argument("--serve", nargs=2, metavar=("PORT", "MARKS"), help=argparse.SUPPRESS)  # the app's process
     p.add_argument("--bare", type=int, metavar="THREADS", help=argparse.SUPPRESS)  # a bare call's process
@@ -71,7 +75,7 @@ def main(argv=None) -> dict:
     threads = args.threads or sorted({*(2**k for k in range(cores.bit_length()) if 2**k <= cores), cores})
     work = Path(tempfile.mkdtemp(prefix="stepwise-e2e-"))
     marks = work / "marks.jsonl"
-    with App(args, work, marks) as url:
+    with App(args, work, marks, ("--workers", str(args.workers)) if args.workers else ()) as url:
         from gradio_client import Client
 
         client = Client(url, verbose=False, download_files=False)
@@ -79,12 +83,13 @@ def main(argv=None) -> dict:
                 for p in client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/txt2img"]
                 ["parameters"]}
         settings = {name: page[name] for name in FIELDS if name in page} | {"prompt": PROMPT, "seed": SEED}
+        settings |= {"preview": args.preview} if args.preview else {}
         bare_rows = [bare_child(n, settings, args) for n in threads]
         app_rows = [app_runs(client, settings, steps, args.repeats, marks) for steps in args.steps]
     results = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores,
                     "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
-        "settings": settings, "repeats": args.repeats, "save": not args.no_save,
+        "settings": settings, "repeats": args.repeats, "save": not args.no_save, "workers": args.workers,
         "bare": bare_rows, "app": app_rows,
     }
     for row in app_rows:
@@ -98,14 +103,15 @@ def main(argv=None) -> dict:
 
 
 class App:
-    """The app in its own process (`--serve`), served on a free localhost port; its handler's marks go to
-    `marks`, one JSON line per run. A context manager giving the URL; the process is stopped after."""
+    """The app in its own process (`--serve`, with the app's `flags`), served on a free localhost port; its
+    handler's marks go to `marks`, one JSON line per run. A context manager giving the URL; the process is
+    stopped after (Ctrl-C, so a local Ray it started shuts down with it)."""
 
-    def __init__(self, args, work: Path, marks: Path):
+    def __init__(self, args, work: Path, marks: Path, flags: tuple[str, ...] = ()):
         with socket.socket() as free:
             free.bind(("127.0.0.1", 0))
             self.port = free.getsockname()[1]
-        flags = ["--no-save"] if args.no_save else ["--outputs", str(work / "outputs")]
+        flags = [*flags, *(["--no-save"] if args.no_save else ["--outputs", str(work / "outputs")])]
         flags += ["--model", args.model] if args.model else []
         self.command = [sys.executable, "-m", "benchmarks.e2e", "--serve", str(self.port), str(marks), "--", *flags]
         self.env = dict(os.environ, GRADIO_TEMP_DIR=str(work / "gradio"), PYTHONUNBUFFERED="1")
@@ -132,8 +138,12 @@ class App:
             time.sleep(0.2)
 
     def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def serve(port: int, marks: Path, flags: list[str]) -> dict:
@@ -143,14 +153,17 @@ def serve(port: int, marks: Path, flags: list[str]) -> dict:
     from ui.events import Runner, RunUpdate
 
     current: dict = {}
-    generate, run = app_module.generate, Runner._run
+    init, run = Runner.__init__, Runner._run
     final_at = RunUpdate._fields.index("final")
 
-    def marked_generate(*a, **kw):
-        for item in generate(*a, **kw):
-            if isinstance(item, Final):
-                current["final_in"] = time.time()
-            yield item
+    def marked_init(self, generate, *a, **kw):  # the app's run function, in one process or on workers
+        def marked_generate(*args, **kwargs):
+            for item in generate(*args, **kwargs):
+                if isinstance(item, Final):
+                    current["final_in"] = time.time()
+                yield item
+
+        init(self, marked_generate, *a, **kw)
 
     def marked_run(self, *a, **kw):
         current.clear()
@@ -165,7 +178,7 @@ def serve(port: int, marks: Path, flags: list[str]) -> dict:
             with open(marks, "a") as f:
                 f.write(json.dumps(current) + "\n")
 
-    app_module.generate, Runner._run = marked_generate, marked_run
+    Runner.__init__, Runner._run = marked_init, marked_run
     app_module.main(["--port", str(port), *flags])
     return {}
 

@@ -37,6 +37,7 @@ from ray.serve.exceptions import RequestCancelledError
 
 from . import wire
 from .cache import ModelCache
+from .devices import app_cpu_threads
 from .generate import generate
 from .protocol import CancelToken, GenerationError
 from .request import GenerationRequest
@@ -99,8 +100,8 @@ class Workers:
     (`address`: an existing cluster), the `Generator` deployment with `replicas` replicas, and runs on it.
 
     `cache_options` are `ModelCache`'s arguments, the same on every replica. On CUDA each replica takes
-    one GPU; on CPU one CPU and `threads` intra-op threads (default: this machine's cores over the
-    replicas, at least 1). Raises GenerationError when Ray cannot start or the replicas cannot be placed.
+    one GPU; on CPU one CPU and `threads` intra-op threads (default: `app_cpu_threads` of this machine's
+    cores over the replicas: one on a 2-core machine, whatever the replicas). Raises GenerationError when Ray cannot start or the replicas cannot be placed.
     """
 
     def __init__(self, cache_options: dict, replicas: int | None = None, address: str | None = None,
@@ -114,11 +115,14 @@ class Workers:
                          include_dashboard=False, logging_level=logging.WARNING)
             else:
                 ray.init(address=address, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
+            kind = "GPU" if gpu else "CPU"
+            free = int(ray.cluster_resources().get(kind, 0))
             if replicas is None:  # from the cluster: a replica per GPU, else per CPU
-                resources = ray.cluster_resources()
-                replicas = max(1, int(resources.get("GPU", 0) if gpu else resources.get("CPU", 1)))
-            if threads is None and not gpu:
-                threads = max(1, (os.cpu_count() or 1) // replicas)
+                replicas = max(1, free)
+            if free < replicas:  # Serve would wait for them for ever
+                raise ValueError(f"{replicas} replicas need {replicas} {kind}s and the Ray cluster has {free}")
+            if threads is None and not gpu:  # the app's own rule, on this machine's share of cores per replica
+                threads = app_cpu_threads(max(1, (os.cpu_count() or 1) // replicas))
             self.replicas = replicas
             self.concurrency = replicas * RUNS_PER_REPLICA  # runs the front lets out of its queue at once
             deployment = Generator.options(

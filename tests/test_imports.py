@@ -77,6 +77,18 @@ def test_importing_app_builds_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_app_in_one_process_never_imports_ray(tiny_dir):
+    """Ray is imported only with --workers or --ray-address (pipelines.workers)."""
+    out = run_fresh(
+        "import sys\n"
+        "import app\n"
+        "from pipelines import ModelCache\n"
+        f"app.create_demo(app.parse_args(['--model', {str(tiny_dir)!r}, '--no-save']), ModelCache(device='cpu'))\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
+    assert out == "[]"
+
+
 def test_the_tiny_checkpoint_has_the_bundled_layout(tiny_dir):
     assert layout.is_pipeline(tiny_dir) and layout.has_depth(tiny_dir) and layout.is_untrained(tiny_dir)
     assert layout.tiny_vae_folder(tiny_dir) == tiny_dir / layout.TINY_VAE
