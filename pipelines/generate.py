@@ -315,6 +315,8 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
         try:
             with (cache.run_lock, _global_rng(request.seed if global_rng else None), pair.hooked(denoiser(pipe)),
                   attention.hooked(denoiser(pipe)) if attention is not None else contextlib.nullcontext()):
+                if cancel.cancelled:  # stopped while it waited for the device: nothing to make
+                    raise Cancelled
                 decoder.finish(pipe(**call).images[0])
         except Cancelled:
             decoder.finish(None)
