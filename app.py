@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import logging
 import os
@@ -320,7 +321,9 @@ def start_workers(args: argparse.Namespace, cache_options: dict):
         from pipelines import workers
     except ImportError as err:
         sys.exit(f"error: --workers and --ray-address need Ray Serve ({err}): pip install 'ray[serve]==2.60.0'")
-    return workers.Workers(cache_options, replicas=args.workers, address=args.ray_address)
+    started = workers.Workers(cache_options, replicas=args.workers, address=args.ray_address)
+    atexit.register(started.shutdown)  # on a cluster the replicas would outlive this process
+    return started
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ A step travels as a dict of plain values: its numbers, its pictures as PNG (loss
 timeline shows the run's own pixels, as a saved run's files do) and its latent-space tensors as
 one safetensors blob in their own dtypes; no pickled torch or PIL objects. The first step also
 carries what a run's frames share: the noise schedule's timesteps and levels, the prompt tokens,
-the latent->RGB map. A bundled-model step is about 13 kB; the final image is a PNG. Errors a user
+the latent->RGB map. A bundled-model step is about 27 kB with attention maps; the final image is
+a PNG. Errors a user
 can act on travel as messages too, so the front raises them with their own message.
 """
 

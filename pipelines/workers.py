@@ -17,7 +17,9 @@ made.
   sets the run's CancelToken, so the pipeline stops after its current step.
 - A replica that dies: the run on it ends with `GenerationError` (its frames so far stay shown), the
   next run goes to a live replica, and Serve starts a new one (about 14 s here).
-Untested here: GPU replicas and a multi-node cluster (this machine has 2 CPU cores and no GPU).
+Untested here: GPU replicas, a multi-node cluster (this machine has 2 CPU cores and no GPU) and
+routing between checkpoints. A risk there: a replica's second run loads its checkpoint (a checkpoint
+switch) or estimates depth outside `run_lock`, so on a GPU that can overlap the first run's denoising.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,12 +42,12 @@ from . import wire
 from .cache import ModelCache
 from .devices import app_cpu_threads
 from .generate import generate
-from .protocol import CancelToken, GenerationError
+from .protocol import CancelToken, Final, GenerationError
 from .request import GenerationRequest
 
 log = logging.getLogger("stepwise.workers")
 
-APP = "stepwise"  # the Serve application's name on the cluster
+APP = "stepwise"  # the Serve applications' names on the cluster start so
 RUNS_PER_REPLICA = 2  # one running, one waiting at the replica (see the module docstring)
 CHECKPOINTS_PER_REPLICA = 2  # Serve's multiplexing keeps this many checkpoint ids per replica, least recently used out
 ROOT = Path(__file__).resolve().parent.parent  # the app's folder: replicas import `pipelines` from it
@@ -106,7 +109,7 @@ class Workers:
 
     def __init__(self, cache_options: dict, replicas: int | None = None, address: str | None = None,
                  threads: int | None = None):
-        gpu = str(cache_options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        device, self.local = cache_options.get("device"), address is None
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         env |= {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "OMP_WAIT_POLICY") if k in os.environ}
         try:
@@ -115,6 +118,8 @@ class Workers:
                          include_dashboard=False, logging_level=logging.WARNING)
             else:
                 ray.init(address=address, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
+            # the replicas' device: the one asked for, else GPUs where the cluster has them
+            gpu = str(device).startswith("cuda") if device else ray.cluster_resources().get("GPU", 0) > 0
             kind = "GPU" if gpu else "CPU"
             free = int(ray.cluster_resources().get(kind, 0))
             if replicas is None:  # from the cluster: a replica per GPU, else per CPU
@@ -129,7 +134,9 @@ class Workers:
                 num_replicas=replicas,
                 ray_actor_options={"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1})
             serve.start(proxy_location="Disabled")  # the Gradio front is the only way in: no Serve HTTP proxy
-            self.handle = serve.run(deployment.bind(cache_options, threads), name=APP, route_prefix=None)
+            # one Serve application per front, so two fronts on one cluster keep their own replicas
+            self.app = f"{APP}-{socket.gethostname()}-{os.getpid()}"
+            self.handle = serve.run(deployment.bind(cache_options, threads), name=self.app, route_prefix=None)
         except (RuntimeError, ConnectionError, ValueError) as err:
             raise GenerationError(f"could not start the Ray Serve workers ({err}); check --ray-address, "
                                   "or run without --workers") from err
@@ -153,8 +160,9 @@ class Workers:
             for msg in stream:
                 item = reader.read(msg)
                 step = getattr(item, "step", step)
+                if isinstance(item, Final):  # the run is whole: its consumer may stop reading here
+                    ended.set()
                 yield item
-            ended.set()
         except (RequestCancelledError, asyncio.CancelledError):
             if not cancel.cancelled:
                 raise GenerationError("the Ray cluster cancelled this run; run it again") from None
@@ -167,6 +175,8 @@ class Workers:
             cancel.cancel()  # as generate's own: wakes the watcher, which stops the replica's run unless it ended
 
     def shutdown(self) -> None:
-        """Delete the deployment and leave (or stop, when started here) Ray."""
-        serve.delete(APP)
+        """Leave Ray: a local instance stops with its replicas; on a cluster this front's Serve application
+        is deleted first (its replicas would outlive the front, holding their devices)."""
+        if not self.local:
+            serve.delete(self.app)
         ray.shutdown()
