@@ -1,6 +1,7 @@
 """Frames as messages between processes (pipelines.wire), and the app's worker path without Ray."""
 
 import pickle
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -87,7 +88,7 @@ class Loopback:
 
 
 def test_the_app_on_workers_streams_their_frames_and_lets_their_concurrency_run(tiny_dir, cache):
-    args = app_module.parse_args(["--model", str(tiny_dir), "--preset", "micro-txt2img", "--no-save"])
+    args = app_module.parse_args(["--model", str(tiny_dir), "--preset", "micro-txt2img"])
     demo = app_module.create_demo(args, cache, Loopback(cache))
     demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
     try:
@@ -100,6 +101,8 @@ def test_the_app_on_workers_streams_their_frames_and_lets_their_concurrency_run(
         reference = bare_call(validate_request({"mode": "txt2img", **settings}),
                               bare_pipeline("txt2img", tiny_dir, "Euler"))
         assert np.array_equal(pixels(Image.open(updates[-1][OUT["final"]])), pixels(reference))
+        saved = Path(updates[-1][OUT["info"]].split("Saved in `")[1].rstrip("`"))  # the outputs folder has it all
+        assert len(list((saved / "steps").glob("x0_*.png"))) == settings["steps"]
     finally:
         demo.close()
 

@@ -1,6 +1,6 @@
 """Generation on Ray Serve (`python app.py --workers 2`): the app in its own process with a local Ray of
 two CPU replicas of the bundled model (one intra-op thread each), driven through gradio_client, against
-the single-process app (`python app.py`).
+what the app makes in one process (`pipelines.generate` at the app's thread count).
 
 CI installs ray (requirements-dev.txt) and sets STEPWISE_REQUIRE_RAY=1, so a missing ray fails there
 instead of skipping. Starting Ray and its replicas takes about 35 s on a 2-core machine.
@@ -18,9 +18,12 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+import torch
 from gradio_client import Client
 from PIL import Image
 
+from pipelines import BUNDLED, ModelCache, generate, validate_request
+from pipelines.devices import app_cpu_threads
 from ui.events import API_OUTPUTS as OUT
 
 from .conftest import free_port, pixels
@@ -31,9 +34,9 @@ else:
     pytest.importorskip("ray", reason="ray is not installed (pip install 'ray[serve]==2.60.0')")
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = dict(prompt="a red circle on the left, blue background", negative_prompt="", steps=8, guidance_scale=4.0,
+RUN = dict(prompt="a red circle on the left, blue background", negative_prompt="", steps=6, guidance_scale=4.0,
            width=64, height=64, scheduler="DDIM", preview="latent-rgb", view="x0")
-REPLICA = "ServeReplica:stepwise:Generator"  # the replicas' process title
+REPLICA = "ServeReplica:stepwise-"  # the replicas' process title: ServeReplica:<app>:Generator
 
 
 class Served:
@@ -73,14 +76,7 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    served = Served([], tmp_path_factory.mktemp("single"))
-    yield served
-    served.stop()
-
-
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory, single):  # after `single`: not both starting at once on two cores
+def workers(tmp_path_factory):
     served = Served(["--workers", "2"], tmp_path_factory.mktemp("workers"))
     yield served
     served.stop()
@@ -94,10 +90,20 @@ def final_pixels(updates: list) -> np.ndarray:
     return pixels(Image.open(updates[-1][OUT["final"]]))
 
 
-def test_four_concurrent_users_get_the_single_process_pixels_one_update_per_step(single, workers):
-    seeds = [3, 4, 5, 6]
-    expected = {seed: final_pixels(list(single.client().submit(**RUN, seed=seed, api_name="/txt2img")))
-                for seed in seeds}
+def single_process_pixels(seeds: list[int]) -> dict[int, np.ndarray]:
+    """The final images the app in one process makes (`pipelines.generate` at its one intra-op thread)."""
+    cache, threads = ModelCache(device="cpu"), torch.get_num_threads()
+    torch.set_num_threads(app_cpu_threads(2))
+    try:
+        return {seed: pixels(list(generate(validate_request({"mode": "txt2img", **RUN, "seed": seed}), cache,
+                                           source=BUNDLED))[-1].image) for seed in seeds}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sixteen_concurrent_users_get_the_single_process_pixels_one_update_per_step(workers):
+    seeds = list(range(3, 19))  # as many as the queue holds: the page's limit is 16 waiting runs
+    expected = single_process_pixels(seeds)
     results: dict[int, list] = {}
 
     def user(seed: int) -> None:
