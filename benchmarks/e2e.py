@@ -138,12 +138,17 @@ class App:
             time.sleep(0.2)
 
     def __exit__(self, *exc) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        interrupt(self.proc)
+
+
+def interrupt(proc: subprocess.Popen) -> None:
+    """Stop an app's process as Ctrl-C does, so a local Ray it started shuts down with it; killed after 60 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def serve(port: int, marks: Path, flags: list[str]) -> dict:

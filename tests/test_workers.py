@@ -22,6 +22,7 @@ import torch
 from gradio_client import Client
 from PIL import Image
 
+from benchmarks.e2e import interrupt
 from pipelines import BUNDLED, ModelCache, generate, validate_request
 from pipelines.devices import app_cpu_threads
 from ui.events import API_OUTPUTS as OUT
@@ -67,12 +68,7 @@ class Served:
         return Client(self.url, verbose=False)
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        interrupt(self.proc)
 
 
 @pytest.fixture(scope="module")
