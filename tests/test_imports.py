@@ -61,32 +61,24 @@ def test_scheduler_names_are_the_scheduler_table_keys():
     assert tuple(SCHEDULERS) == SCHEDULER_NAMES
 
 
-def test_importing_app_builds_nothing(tmp_path):
-    """No model, no cache, no UI, no untrained default folder, torch's thread count untouched."""
+def test_importing_app_builds_nothing_and_the_one_process_app_never_imports_ray(tmp_path, tiny_dir):
+    """No model, no cache, no UI, no untrained default folder, torch's thread count untouched; then the app
+    built to serve in one process (no --workers) has still not imported ray (pipelines.workers)."""
     out = run_fresh(
+        "import sys\n"
         "import torch\n"
         "threads = torch.get_num_threads()\n"
         "import gradio as gr\n"
         "import app\n"
         "from pipelines import ModelCache\n"
         "built = [k for k, v in vars(app).items() if isinstance(v, (gr.Blocks, ModelCache))]\n"
-        "print(built, torch.get_num_threads() == threads)",
+        "print(built, torch.get_num_threads() == threads)\n"
+        f"app.create_demo(app.parse_args(['--model', {str(tiny_dir)!r}, '--no-save']), ModelCache(device='cpu'))\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))",
         STEPWISE_CACHE=str(tmp_path),
     )
-    assert out == "[] True"
+    assert out.splitlines() == ["[] True", "[]"]
     assert list(tmp_path.iterdir()) == []
-
-
-def test_the_app_in_one_process_never_imports_ray(tiny_dir):
-    """Ray is imported only with --workers or --ray-address (pipelines.workers)."""
-    out = run_fresh(
-        "import sys\n"
-        "import app\n"
-        "from pipelines import ModelCache\n"
-        f"app.create_demo(app.parse_args(['--model', {str(tiny_dir)!r}, '--no-save']), ModelCache(device='cpu'))\n"
-        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
-    )
-    assert out == "[]"
 
 
 def test_the_tiny_checkpoint_has_the_bundled_layout(tiny_dir):
