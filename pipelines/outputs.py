@@ -204,7 +204,7 @@ class OutputsFolder:
             _write(folder / files["final"], Path(final).read_bytes())
         if request.image is not None:
             files["input"] = INPUT
-            _write(folder / INPUT, _png(request.image))
+            _write(folder / INPUT, png_bytes(request.image))
         if final is not None:
             with Image.open(folder / files["final"]) as image:
                 thumb = image.convert("RGB")
@@ -230,7 +230,7 @@ class OutputsFolder:
         for f in frames:
             pictures[f"xt_{f.step:04d}.png"] = f.xt_pixels
             pictures[f"x0_{f.step:04d}.png"] = f.x0_pixels
-        list(self._encoders.map(lambda item: _write(steps / item[0], _png(item[1].pil())), pictures.items()))
+        list(self._encoders.map(lambda item: _write(steps / item[0], png_bytes(item[1].pil())), pictures.items()))
         _sync_folder(steps)
         files["steps"] = STEPS
         return files
@@ -570,7 +570,8 @@ def _frames(run: SavedRun) -> list:
     return frames
 
 
-def _png(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
+    """A picture as PNG at `PNG_LEVEL` (lossless: saved runs and worker messages keep the run's pixels)."""
     buffer = io.BytesIO()
     image.save(buffer, "PNG", compress_level=PNG_LEVEL)
     return buffer.getvalue()

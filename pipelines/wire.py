@@ -20,6 +20,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from .generate import Frame
+from .outputs import png_bytes
 from .previews import HostCopy, LatentRGB, SavedSchedule
 from .protocol import Final, GenerationError, ModelLoadError
 from .request import GenerationRequest
@@ -27,15 +28,14 @@ from .request import GenerationRequest
 PICTURES = ("xt_pixels", "x0_pixels", "start_pixels", "depth_pixels")  # uint8 (H, W, 3)
 TENSORS = ("t", "latents", "start_latents", "x0", "noise_pred", "noise_pred_text", "noise_pred_uncond", "attention")
 ERRORS = {cls.__name__: cls for cls in (GenerationError, ModelLoadError, ValueError)}  # raised again by name
-PNG_LEVEL = 1  # zlib level: about as small as 6 for these pictures, several times faster to write
 
 
 def message(item: Frame | Final) -> dict:
     """A frame or the final image as a message (`Reader.read` turns it back)."""
     if isinstance(item, Final):
-        return {"final": _png(item.image), "seconds": item.seconds, "notes": list(item.notes)}
+        return {"final": png_bytes(item.image), "seconds": item.seconds, "notes": list(item.notes)}
     msg = {"step": item.step, "total": item.total, "view": item.view, "seconds": item.seconds,
-           "pictures": {name: _png(copy.tensor().numpy()) for name in PICTURES
+           "pictures": {name: png_bytes(Image.fromarray(copy.tensor().numpy())) for name in PICTURES
                         if (copy := getattr(item, name)) is not None},
            "tensors": save_tensors({name: copy.tensor().contiguous() for name in TENSORS
                                     if (copy := getattr(item, name)) is not None})}
@@ -78,13 +78,6 @@ class Reader:
         copies |= {name: HostCopy(torch.from_numpy(np.array(_image(png)))) for name, png in msg["pictures"].items()}
         return Frame(step=msg["step"], total=msg["total"], view=msg["view"], seconds=msg["seconds"],
                      schedule=self.schedule, tokens=self.tokens, latent_rgb=self.latent_rgb, **copies)
-
-
-def _png(pixels: np.ndarray | Image.Image) -> bytes:
-    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", compress_level=PNG_LEVEL)
-    return buffer.getvalue()
 
 
 def _image(png: bytes) -> Image.Image:

@@ -104,7 +104,8 @@ class Workers:
 
     `cache_options` are `ModelCache`'s arguments, the same on every replica. On CUDA each replica takes
     one GPU; on CPU one CPU and `threads` intra-op threads (default: `app_cpu_threads` of this machine's
-    cores over the replicas: one on a 2-core machine, whatever the replicas). Raises GenerationError when Ray cannot start or the replicas cannot be placed.
+    cores over the replicas: one on a 2-core machine, whatever the replicas). Raises GenerationError when
+    Ray cannot start or the replicas cannot be placed.
     """
 
     def __init__(self, cache_options: dict, replicas: int | None = None, address: str | None = None,
@@ -119,9 +120,10 @@ class Workers:
             else:
                 ray.init(address=address, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
             # the replicas' device: the one asked for, else GPUs where the cluster has them
-            gpu = str(device).startswith("cuda") if device else ray.cluster_resources().get("GPU", 0) > 0
+            resources = ray.cluster_resources()
+            gpu = str(device).startswith("cuda") if device else resources.get("GPU", 0) > 0
             kind = "GPU" if gpu else "CPU"
-            free = int(ray.cluster_resources().get(kind, 0))
+            free = int(resources.get(kind, 0))
             if replicas is None:  # from the cluster: a replica per GPU, else per CPU
                 replicas = max(1, free)
             if free < replicas:  # Serve would wait for them for ever
