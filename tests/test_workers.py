@@ -101,9 +101,13 @@ def test_sixteen_concurrent_users_get_the_single_process_pixels_one_update_per_s
     seeds = list(range(3, 19))  # as many as the queue holds: the page's limit is 16 waiting runs
     expected = single_process_pixels(seeds)
     results: dict[int, list] = {}
+    errors: dict[int, BaseException] = {}
 
     def user(seed: int) -> None:
-        results[seed] = list(workers.client().submit(**RUN, seed=seed, api_name="/txt2img"))
+        job = workers.client().submit(**RUN, seed=seed, api_name="/txt2img")
+        results[seed] = list(job)
+        if job.exception() is not None:
+            errors[seed] = job.exception()
 
     users = [threading.Thread(target=user, args=(seed,)) for seed in seeds]
     for thread in users:
@@ -111,6 +115,7 @@ def test_sixteen_concurrent_users_get_the_single_process_pixels_one_update_per_s
     for thread in users:
         thread.join(timeout=300)
     assert sorted(results) == seeds
+    assert not errors, f"{errors}\n{workers.log.read_text()[-3000:]}"
     for seed, updates in results.items():
         assert len(updates) == RUN["steps"] + 1  # one update per step, then the final image
         assert [u[OUT["final"]] is None for u in updates] == [True] * RUN["steps"] + [False]
