@@ -8,7 +8,9 @@ app for the per-step figure), driven through gradio_client (`download_files=Fals
 start values for the bundled model, `--steps` steps, and `--preview` (default: the page's).
 - Throughput: `--runs` runs submitted at once, each from its own session (one session's new run
   supersedes its old one), as many users would; runs per minute from the first submit to the last
-  final image, median of `--repeats` after a warm-up round. On a 2-core machine two plain processes
+  final image, median of `--repeats` after a warm-up round. Each client receives every step's update
+  and waits on its job's result, since iterating a gradio_client job polls every 1 ms, on the cores
+  the app needs. On a 2-core machine two plain processes
   side by side finish about 1.7x the work of one (../shared/reference/FACTS.md): that is the ceiling.
 - Per step: one run of 50 steps at a time; the client's time from the first step's update to the
   final image over the steps between, median of `--repeats`, for the single-process app and for one
@@ -81,8 +83,8 @@ def throughput(url: str, settings: dict, runs: int, repeats: int) -> dict:
     for n in range(repeats + 1):
         finals: list = [None] * runs
 
-        def one(i: int) -> None:
-            finals[i] = list(clients[i].submit(**{**settings, "seed": i}, api_name="/txt2img"))[-1][2]
+        def one(i: int) -> None:  # result() blocks on the job; iterating it would poll every 1 ms beside the app
+            finals[i] = clients[i].submit(**{**settings, "seed": i}, api_name="/txt2img").result()[2]
 
         start = time.perf_counter()
         threads = [threading.Thread(target=one, args=(i,)) for i in range(runs)]
