@@ -271,11 +271,13 @@ def test_eight_clients_three_runs_each_no_cross_talk(served):
         references[key] = pixels([o for o in generate(req, served.cache, source=served.source)][-1].image)
 
     def client_runs(c):
-        client = Client(served.url, verbose=False)
+        # the final image as the server sent it (its path here), not every step's files downloaded; and
+        # result(), not iterating: a job's iterator polls every 1 ms, on the cores the app needs
+        client = Client(served.url, verbose=False, download_files=False)
         got = {}
         for r in range(3):
-            final = list(client.submit(**{**BASE, "seed": seeds[(c, r)]}, api_name="/txt2img"))[-1]
-            got[(c, r)] = pixels(Image.open(final[OUT["final"]]))
+            final = client.submit(**{**BASE, "seed": seeds[(c, r)]}, api_name="/txt2img").result()
+            got[(c, r)] = pixels(Image.open(final[OUT["final"]]["path"]))
         return got
 
     with futures.ThreadPoolExecutor(8) as pool:
@@ -304,22 +306,23 @@ def test_one_clients_stop_leaves_a_concurrent_run_alone(served, monkeypatch):
     assert np.array_equal(pixels(Image.open(final[OUT["final"]])), reference)
 
 
-def test_queue_full_is_a_clear_refusal(tiny_dir):
-    demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir)]), ModelCache(device="cpu"))
+def test_queue_full_is_a_clear_refusal(tiny_dir, monkeypatch):
+    cache = ModelCache(device="cpu")
+    demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir)]), cache)
     demo.queue(max_size=1)
     demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
     try:
         clients = [Client(demo.local_url, verbose=False) for _ in range(4)]
-        jobs = [c.submit(**{**BASE, "steps": 60}, api_name="/txt2img") for c in clients]
-        outcomes = []
-        for job in jobs:
-            try:
-                job.result(timeout=120)
-                outcomes.append("done")
-            except Exception as err:  # noqa: BLE001
-                outcomes.append(str(err))
-        assert "done" in outcomes
-        assert any("queue is full" in o.lower() for o in outcomes if o != "done"), outcomes
+        gate = hold_at_first_step(cache, str(tiny_dir), monkeypatch)  # the first run holds the device
+        running = clients[0].submit(**BASE, api_name="/txt2img")
+        wait_for(lambda: cache.run_lock.locked(), "the first run to start")
+        queued = clients[1].submit(**BASE, api_name="/txt2img")
+        wait_for(lambda: queued.status().code == Status.IN_QUEUE, "the second run to be queued")
+        for refused in [c.submit(**BASE, api_name="/txt2img") for c in clients[2:]]:  # the queue holds one
+            with pytest.raises(Exception, match="(?i)queue is full"):
+                refused.result(timeout=60)
+        gate.set()
+        assert all(job.result(timeout=120)[OUT["final"]] for job in (running, queued))  # both ran to the end
     finally:
         demo.close()
 

@@ -11,7 +11,7 @@ from pipelines import layout
 from training import scenes as S
 from training import train
 
-TOY = ["--threads", "1", "--vae-steps", "2", "--eval-every-vae", "2", "--n-latents", "64",
+TOY = ["--threads", "2", "--vae-steps", "2", "--eval-every-vae", "2", "--n-latents", "64",
        "--unet-batch", "4", "--unet-steps", "4", "--eval-every-unet", "2", "--shape-steps", "2",
        "--eval-every-shape", "2", "--quick-n", "2", "--steps", "2", "--guidance-grid", "2.0",
        "--depth-steps", "2", "--eval-every-depth", "2", "--quick-n-depth", "2", "--dpt-steps", "2",
@@ -19,8 +19,13 @@ TOY = ["--threads", "1", "--vae-steps", "2", "--eval-every-vae", "2", "--n-laten
 
 
 def run_main(monkeypatch, runs, out, *extra):
+    """`python -m training.train` at TOY sizes on both of CI's cores; the test process keeps its thread count."""
     monkeypatch.setattr(sys, "argv", ["train", "--runs", str(runs), "--out", str(out), *TOY, *extra])
-    train.main()
+    threads = torch.get_num_threads()
+    try:
+        train.main()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
