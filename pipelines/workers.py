@@ -47,7 +47,7 @@ from .request import GenerationRequest
 
 log = logging.getLogger("stepwise.workers")
 
-APP = "stepwise"  # the Serve applications' names on the cluster start so
+APP = "stepwise"  # each front's Serve application is named APP-HOST-PID on the cluster
 RUNS_PER_REPLICA = 2  # one running, one waiting at the replica (see the module docstring)
 CHECKPOINTS_PER_REPLICA = 2  # Serve's multiplexing keeps this many checkpoint ids per replica, least recently used out
 ROOT = Path(__file__).resolve().parent.parent  # the app's folder: replicas import `pipelines` from it

@@ -2,6 +2,7 @@
 
 import pickle
 from pathlib import Path
+
 import numpy as np
 import pytest
 import torch

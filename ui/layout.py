@@ -49,7 +49,6 @@ VIEW_INFO = "x_t: the noisy latent the sampler holds at this step · x0: the cle
 IDLE_STATUS = '<div class="sw-progress"><span>Ready: press Generate to watch every step.</span></div>'
 
 
-
 class StepGallery(gr.Gallery):
     """The "Every step" gallery: a gr.Gallery whose API schema is built once.
 
@@ -65,6 +64,7 @@ class StepGallery(gr.Gallery):
         if StepGallery._schema is None:
             StepGallery._schema = super().api_info()
         return StepGallery._schema
+
 
 @dataclass(frozen=True)
 class ModelView:
@@ -228,7 +228,7 @@ def build_app(spec: AppSpec) -> gr.Blocks:
                     to_depth = fits("send:depth2img", gr.Button("Send to depth", elem_id="send-depth",
                                                                 **fit["send:depth2img"]))
                 gallery = StepGallery(label="Every step", columns=6, height="auto", object_fit="contain",
-                                     elem_id="steps-gallery")
+                                      elem_id="steps-gallery")
         with gr.Accordion("Inspect: scrub the steps, compare runs, export", open=True, elem_id="inspect"):
             with gr.Row():
                 pick = gr.Dropdown(label="Run", choices=[], elem_id="timeline-run")
