@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -18,6 +19,7 @@ from PIL import Image
 
 import app as app_module
 from pipelines import GenerationError, Limits, ModelCache, generate, validate_request
+from ui import events
 from ui.events import API_OUTPUTS as OUT  # a run's API results by name
 from ui.events import Runner
 from ui.stream import RunStore
@@ -207,7 +209,7 @@ def test_strength_that_runs_no_step_is_a_clear_error(served, images):
 def test_info_line_counts_the_steps_that_run(served, images):
     updates = list(Client(served.url, verbose=False).submit(**BASE, image=handle_file(images["gray.png"]),
                                                             strength=0.5, api_name="/img2img"))
-    assert len(updates) == STEPS // 2 + 1
+    assert len(updates[-1][OUT["gallery"]]) == STEPS // 2
     assert f"· {STEPS // 2} of {STEPS} steps (strength 0.5) ·" in updates[-1][OUT["info"]]
 
 
@@ -235,7 +237,7 @@ def test_flat_depth_map_is_refused(served, images, tmp_path):
 @pytest.mark.parametrize("prompt", ["", "ein Kreis, 円, круг 🌀", 12])  # a number is taken as its text
 def test_empty_and_non_ascii_prompts_run(served, prompt):
     updates = list(Client(served.url, verbose=False).submit(**{**BASE, "prompt": prompt}, api_name="/txt2img"))
-    assert len(updates) == STEPS + 1
+    assert len(updates[-1][OUT["gallery"]]) == STEPS and updates[-1][OUT["final"]]
 
 
 def test_long_prompt_is_truncated_and_says_so(served):
@@ -258,7 +260,7 @@ def test_unknown_preset_is_a_clear_exit():
 
 
 def test_still_serving_after_all_that(served):
-    assert len(list(Client(served.url, verbose=False).submit(**BASE, api_name="/txt2img"))) == STEPS + 1
+    assert len(Client(served.url, verbose=False).predict(**BASE, api_name="/txt2img")[OUT["gallery"]]) == STEPS
 
 
 # -- load ----------------------------------------------------------------------
@@ -344,7 +346,7 @@ def test_out_of_memory_is_a_clear_error_and_the_next_run_works(served, monkeypat
     with pytest.raises(Exception, match="ran out of memory at 64x64; lower width and height"):
         Client(served.url, verbose=False).predict(**BASE, api_name="/txt2img")
     assert not served.cache.run_lock.locked()
-    assert len(list(Client(served.url, verbose=False).submit(**BASE, api_name="/txt2img"))) == STEPS + 1
+    assert len(Client(served.url, verbose=False).predict(**BASE, api_name="/txt2img")[OUT["gallery"]]) == STEPS
 
 
 def test_out_of_memory_through_the_python_api(served, monkeypatch):
@@ -404,6 +406,28 @@ def test_gradio_has_the_2026_security_fixes():
     assert (major, minor) >= (6, 24)
     pin = next(line for line in open("requirements.txt") if line.startswith("gradio=="))
     assert tuple(int(x) for x in pin.split("==")[1].split(".")[:2]) >= (6, 24)
+
+
+@pytest.mark.parametrize("interval,delay", [(60.0, 0.0), (0.05, 0.1)])
+def test_steps_faster_than_the_update_interval_share_an_update_and_the_gallery_keeps_every_step(
+        served, tmp_path, monkeypatch, interval, delay):
+    """Steps that come faster than ui.events.UPDATE_INTERVAL wait for the next update (the first step and
+    the final image never wait); slower ones each get their own. Every step is in the final gallery."""
+    monkeypatch.setattr(events, "UPDATE_INTERVAL", interval)
+
+    def paced(req, token):
+        for item in generate(req, served.cache, token, source=served.source):
+            time.sleep(delay)
+            yield item
+
+    handler = Runner(paced, RunStore(tmp_path), Limits(), "tiny").handler("txt2img")
+    updates = list(handler(SimpleNamespace(session_hash="s"), **BASE))
+    previews = [u[OUT["preview"]] for u in updates[:-1]]
+    shown = [1] if delay < interval else list(range(1, STEPS + 1))
+    assert [int(p[-8:-4]) for p in previews] == shown  # step_0001.jpg ...
+    assert [caption.split(" · ")[0] for _, caption in updates[-1][OUT["gallery"]]] == \
+        [f"step {i}/{STEPS}" for i in range(1, STEPS + 1)]
+    assert updates[-1][OUT["final"]].endswith("final.png")
 
 
 # -- disk ----------------------------------------------------------------------

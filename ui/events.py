@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +33,9 @@ from .stream import RunStore, RunView, progress_html
 GenerateFn = Callable[[GenerationRequest, CancelToken], Iterator]
 KEEP_SESSION_RUNS = 4  # runs a session keeps for the timeline and comparisons
 WITHDRAWN = "Stopped before it started: Stop took this run out of the queue."
+# at most one step update per this many seconds: each costs Gradio's loop milliseconds of Python, which the
+# denoising thread waits for through the GIL; faster steps are written and shown with the next (BENCHMARKS.md)
+UPDATE_INTERVAL = 0.1
 
 
 class RunUpdate(NamedTuple):
@@ -212,6 +216,7 @@ class Runner:
         # Outputs (RunUpdate) with nothing new get cheap values (None, "") rather than gr.skip(),
         # for which Gradio rebuilds the component's config (milliseconds); only the gallery,
         # whose resend grows with the run, is skipped between refreshes.
+        shown = float("-inf")  # when a step update last went out
         try:
             for item in self.generate(req, token, **kwargs):
                 if isinstance(item, Final):
@@ -238,6 +243,9 @@ class Runner:
                         yield self._outputs(view, view.gallery, final, status, info, runs, with_depth, tensors)
                     return
                 self.store.add_frame(view, item)
+                if time.monotonic() - shown < UPDATE_INTERVAL:
+                    continue
+                shown = time.monotonic()
                 gallery = view.gallery if view.gallery_due() else gr.skip()
                 status = progress_html(view.step, view.total, f"t={item.timestep:.0f}", view.levels, view.flow_matching)
                 yield self._outputs(view, gallery, None, status, "", runs, with_depth)

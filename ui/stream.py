@@ -2,7 +2,8 @@
 
 Each frame is encoded once, to a small JPEG in this run's folder inside Gradio's
 cache (files there are served as they are, never copied or re-encoded), and is
-referred to by path from then on. The preview updates every step. The gallery is
+referred to by path from then on. The preview shows the newest step at each update (at most
+ten a second: `ui.events.UPDATE_INTERVAL`). The gallery is
 the one output whose server cost grows with the run (Gradio postprocesses every
 item on each update), so it is refreshed only when it has doubled since its last
 refresh, and once more at the end: under 3N items are processed in a run of N
