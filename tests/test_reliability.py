@@ -387,16 +387,22 @@ def test_uploads_over_the_size_limit_are_refused(served):
     assert response.status_code == 413
 
 
-def test_share_warns_and_survives_offline():
-    result = subprocess.run(
-        [sys.executable, "-c",
-         "import sys, app; a = app.parse_args(['--share']); "
-         "app.serve(a, type('D', (), {'launch': lambda self, share, **k: sys.exit(0) if not share "
-         "else (_ for _ in ()).throw(OSError('no network'))})())"],
-        cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0
-    assert "PUBLIC link" in result.stderr and "--auth" in result.stderr
-    assert "could not open a share link (no network); serving on 127.0.0.1:7860 only" in result.stderr
+def test_share_warns_and_survives_offline(caplog):
+    class Offline:  # a share tunnel that cannot open, as on a machine without internet
+        def __init__(self):
+            self.launched = []
+
+        def launch(self, share, **options):
+            if share:
+                raise OSError("no network")
+            self.launched.append(options)
+
+    demo = Offline()
+    app_module.serve(app_module.parse_args(["--share"]), demo)
+    [local] = demo.launched
+    assert local["server_name"] == "127.0.0.1" and local["server_port"] == 7860
+    assert "PUBLIC link" in caplog.text and "--auth" in caplog.text
+    assert "could not open a share link (no network); serving on 127.0.0.1:7860 only" in caplog.text
 
 
 def test_gradio_has_the_2026_security_fixes():
