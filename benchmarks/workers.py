@@ -8,8 +8,8 @@ app for the per-step figure), driven through gradio_client (`download_files=Fals
 start values for the bundled model, `--steps` steps, and `--preview` (default: the page's).
 - Throughput: `--runs` runs submitted at once, each from its own session (one session's new run
   supersedes its old one), as many users would; runs per minute from the first submit to the last
-  final image, median of `--repeats` after a warm-up round. Each client receives every step's update
-  and waits on its job's result, since iterating a gradio_client job polls every 1 ms, on the cores
+  final image, median of `--repeats` after a warm-up round. Each client receives the run's updates
+  (at most ten step updates a second: `ui.events.UPDATE_INTERVAL`) and waits on its job's result, since iterating a gradio_client job polls every 1 ms, on the cores
   the app needs. On a 2-core machine two plain processes
   side by side finish about 1.7x the work of one (../shared/reference/FACTS.md): that is the ceiling.
 - Per step: one run of 50 steps at a time; the client's time from the first step's update to the
@@ -112,7 +112,7 @@ def per_step(url: str, settings: dict, repeats: int, steps: int = 50) -> float:
         arrivals = [time.perf_counter() for _ in client.submit(**{**settings, "steps": steps, "seed": n},
                                                                   api_name="/txt2img")]
         if n:
-            times.append((arrivals[-1] - arrivals[0]) / (len(arrivals) - 1))
+            times.append((arrivals[-1] - arrivals[0]) / steps)  # steps 2..N and the final image, however paced
     return statistics.median(times)
 
 
