@@ -9,9 +9,10 @@ start values for the bundled model, `--steps` steps, and `--preview` (default: t
 - Throughput: `--runs` runs submitted at once, each from its own session (one session's new run
   supersedes its old one), as many users would; runs per minute from the first submit to the last
   final image, median of `--repeats` after a warm-up round. Each client receives the run's updates
-  (at most ten step updates a second: `ui.events.UPDATE_INTERVAL`) and waits on its job's result, since iterating a gradio_client job polls every 1 ms, on the cores
-  the app needs. On a 2-core machine two plain processes
-  side by side finish about 1.7x the work of one (../shared/reference/FACTS.md): that is the ceiling.
+  (at most ten step updates a second: `ui.events.UPDATE_INTERVAL`) and waits on its job's result,
+  since iterating a gradio_client job polls every 1 ms, on the cores the app needs. On a 2-core
+  machine two plain processes side by side finish about 1.7x the work of one
+  (../shared/reference/FACTS.md): that is the ceiling.
 - Per step: one run of 50 steps at a time; the client's time from the first step's update to the
   final image over the steps between, median of `--repeats`, for the single-process app and for one
   replica: their difference is what the Serve hop (message, PNG pictures, object store) adds.

@@ -243,9 +243,10 @@ class Runner:
                         yield self._outputs(view, view.gallery, final, status, info, runs, with_depth, tensors)
                     return
                 self.store.add_frame(view, item)
-                if time.monotonic() - shown < UPDATE_INTERVAL:
+                now = time.monotonic()
+                if now - shown < UPDATE_INTERVAL:
                     continue
-                shown = time.monotonic()
+                shown = now
                 gallery = view.gallery if view.gallery_due() else gr.skip()
                 status = progress_html(view.step, view.total, f"t={item.timestep:.0f}", view.levels, view.flow_matching)
                 yield self._outputs(view, gallery, None, status, "", runs, with_depth)
