@@ -3,6 +3,7 @@
 import gc
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -143,6 +144,19 @@ def hold_at_first_step(cache, source, monkeypatch) -> threading.Event:
     gate, forward = threading.Event(), unet.forward
     monkeypatch.setattr(unet, "forward", lambda *a, **k: (gate.wait(120), forward(*a, **k))[1])
     return gate
+
+
+def test_the_run_folders_are_gradios_first_static_path(server):
+    """Gradio checks each file of an update against its static paths in order, resolving both each time;
+    the run folders come first (`ui.layout._serve_as_is`), and their files go out as they are, not copied."""
+    from gradio.data_classes import _StaticFiles
+    from gradio.utils import is_static_file
+
+    root = server.run_store.root.resolve()
+    assert _StaticFiles.all_paths[0] == root
+    *_, last = stream(Client(server.local_url, verbose=False, download_files=False), "/txt2img", steps=2)
+    files = [item["image"]["path"] for item in last[OUT["gallery"]]] + [last[OUT["final"]]["path"]]
+    assert len(files) == 3 and all(root in Path(f).resolve().parents and is_static_file(f) for f in files)
 
 
 def test_stop_withdraws_the_callers_queued_run(server, server_cache, tiny_dir, monkeypatch):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
+from gradio.data_classes import _StaticFiles
 
 from pipelines import Limits, ModelLoadError
 from pipelines.outputs import OutputsFolder
@@ -393,18 +394,21 @@ def build_app(spec: AppSpec) -> gr.Blocks:
     return demo
 
 
-_SERVED_AS_IS: set[Path] = set()  # Gradio's static paths are one list per process: add each root once
-
-
 def _serve_as_is(root) -> None:
     """Have Gradio serve the run folders' files as they are (`gr.set_static_paths`). For each file in an
     update Gradio otherwise checks that it may serve it and that it is in its cache: 12 path resolutions
     a file, twice an update; about 0.14 s of CPU in a 20-step run of the bundled model, taken from the
-    denoising thread through the GIL (BENCHMARKS.md, issue 21). The folders hold only what the runs made."""
+    denoising thread through the GIL (BENCHMARKS.md, issue 21). The folders hold only what the runs made.
+
+    Gradio tries its static paths in order, resolving the file and the path each time (an lstat a
+    component), and enters two icons of its own at import; the root goes first, so that a file costs
+    two resolutions rather than six (gradio 6.31's `_StaticFiles.all_paths`, pinned in requirements.txt;
+    tests/test_app.py::test_the_run_folders_are_gradios_first_static_path fails if it changes)."""
     root = Path(root).resolve()
-    if root not in _SERVED_AS_IS:
-        _SERVED_AS_IS.add(root)
+    if root not in _StaticFiles.all_paths:  # one list per process: each root once
         gr.set_static_paths([root])
+    paths = _StaticFiles.all_paths
+    paths.insert(0, paths.pop(paths.index(root)))
 
 
 def _untrack(demo: gr.Blocks, folder) -> None:
