@@ -4,8 +4,10 @@ and the event ends once that folder is written (or says why it was not)."""
 import threading
 import time
 
+import gradio as gr
 from gradio_client import Client
 
+import app as app_module
 from pipelines.outputs import OutputsFolder
 from ui.events import API_OUTPUTS as OUT
 
@@ -30,7 +32,7 @@ def test_the_final_image_does_not_wait_for_the_runs_folder(serve_tiny, tmp_path,
         while not any(update[OUT["final"]] for update in job.outputs()):
             assert time.monotonic() < deadline, "no final image while the run's folder was being written"
             time.sleep(0.05)
-        assert saving.is_set() and saved_folders(outputs) == [] and not job.done()
+        assert saving.wait(60) and saved_folders(outputs) == [] and not job.done()
         shown = next(update for update in job.outputs() if update[OUT["final"]])
     finally:
         release.set()
@@ -39,3 +41,23 @@ def test_the_final_image_does_not_wait_for_the_runs_folder(serve_tiny, tmp_path,
     assert shown[OUT["info"]].endswith(f"Saved in `{folder}`") and shown[OUT["tensors"]]["path"].endswith(".safetensors")
     assert len(shown[OUT["gallery"]]) == RUN["steps"]  # every step
     assert job.outputs()[-1] == shown and updates[-1] == shown
+
+
+def test_a_client_that_leaves_at_the_final_image_still_gets_its_run_saved(tiny_dir, cache, tmp_path):
+    """Gradio closes the event's generator at the final update when its client goes: the folder is still
+    written (after that update, on the keeper thread)."""
+    demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir), "--outputs",
+                                                         str(tmp_path / "outputs")]), cache)
+    txt2img = next(f.fn for f in demo.fns.values() if f.api_name == "txt2img")
+    updates = txt2img(gr.Request(session_hash="leaves"), **RUN)
+    for update in updates:
+        if update[OUT["final"]] is not None:
+            break
+    assert saved_folders(tmp_path / "outputs") == []
+    updates.close()  # the client left: GeneratorExit at the yield
+    deadline = time.monotonic() + 60
+    while not saved_folders(tmp_path / "outputs"):
+        assert time.monotonic() < deadline, "the run's folder was not written after its client left"
+        time.sleep(0.05)
+    [folder] = saved_folders(tmp_path / "outputs")
+    assert len(list((folder / "steps").glob("x0_*.png"))) == RUN["steps"]

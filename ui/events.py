@@ -231,14 +231,18 @@ class Runner:
                     if self.outputs is None:
                         yield self._outputs(view, view.gallery, final, status, info, runs, with_depth, tensors)
                         return
-                    # The final image goes out while the keeper thread writes the run's folder (every file
-                    # synced: about 0.1 s for the bundled model's 20 steps, which it used to wait for); the
-                    # event ends once the folder is written, and a client that left does not stop it.
+                    # The final image goes out first; then the keeper thread writes the run's folder (every
+                    # file synced: about 0.1 s for the bundled model's 20 steps). Gradio resumes this generator
+                    # once it has sent the update, so the writing does not take the GIL from the update's
+                    # postprocessing. The event ends once the folder is written; a client that left (the
+                    # generator closed at the yield) does not stop it.
                     folder = self.outputs.reserve(req)
-                    keeping = self._keeper.submit(contextvars.copy_context().run, self._keep, view, label,
-                                                  "finished", owner, item.notes, folder)
-                    yield self._outputs(view, view.gallery, final, status, info + _saved_in(folder), runs,
-                                        with_depth, tensors)
+                    try:
+                        yield self._outputs(view, view.gallery, final, status, info + _saved_in(folder), runs,
+                                            with_depth, tensors)
+                    finally:
+                        keeping = self._keeper.submit(contextvars.copy_context().run, self._keep, view, label,
+                                                      "finished", owner, item.notes, folder)
                     if not keeping.result():  # not saved: its warning says why, and the info no longer says where
                         yield self._outputs(view, view.gallery, final, status, info, runs, with_depth, tensors)
                     return
