@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import queue
 import threading
@@ -33,6 +34,9 @@ from .request import GenerationRequest
 from .schedulers import make_scheduler
 
 
+PICTURE = {"x_t": "xt_pixels", "x0": "x0_pixels", "start": "start_pixels"}  # each view's Frame field
+
+
 class Cancelled(Exception):
     """Raised from the step callback to stop a pipeline that has no interrupt flag."""
 
@@ -41,10 +45,12 @@ class Cancelled(Exception):
 class Frame:
     """One denoising step as the run showed it.
 
-    Both views are pictures made during the run by the run's own preview decoder,
-    from `NoiseSchedule.shown` x_t and the scheduler's x0; the timeline shows these
-    very pixels and never decodes again (so it needs no model, and cannot drift
-    from what streamed).
+    Both views are pictures made by the run's own preview decoder, from
+    `NoiseSchedule.shown` x_t and the scheduler's x0; the timeline shows these very
+    pixels and never decodes again (so it cannot drift from what streamed). On a CPU
+    the view not streamed, and the first frame's start, are made when first read, or
+    by the run once its consumer is done with it (`previews.Deferred`): the same
+    decoder on the same latents, so the same pixels.
     """
 
     step: int  # 1-based
@@ -233,8 +239,11 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
             notes += ("record_attention: the prompt has no tokens, so there are no maps to record",)
     control = depth_control(pipe, request, cache, source)
 
-    # 2. The preview decoder
+    # 2. The preview decoder, and the view the page streams
     decode = checkpoint.decoder(request.preview)
+    streamed = "x0" if request.view == "x0" else "x_t"
+    defer = cache.device.type == "cpu"
+    deferred: list[HostCopy] = []  # the pictures made after their frames (`make_frame`)
 
     # 3. Step callback: on the denoising thread, between UNet calls, it only hands references to
     #    the step's tensors to the decoder, which makes the Frame (x0, pictures, host copies into
@@ -274,22 +283,30 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
         views = {"x_t": schedule.shown(unpack(step.latents), i + 1), "x0": unpack(recorder.x0_of(step.scheduler_step))}
         if first:
             views["start"] = schedule.shown(unpack(step.start), 0)
-        pictures = {name: decode(latents) for name, latents in views.items()}
+        # on a CPU, where a decode costs about a UNet step, the streamed view is decoded now and the others
+        # when first read or once the run is over (`Deferred`); else all now (on CUDA, on the side stream)
+        now = views.keys() if not defer else [streamed]
+        pictures = {name: decode(views[name]) for name in now}
         maps = step.attention[0] / step.attention[1] if step.attention is not None else None
         kept = host.copies(dict(
             t=torch.as_tensor(step.t), latents=views["x_t"], x0=views["x0"],
             noise_pred=unpack(step.scheduler_step.model_output),
             noise_pred_text=unpack(step.noise_pred_text), noise_pred_uncond=unpack(step.noise_pred_uncond),
             attention=maps.half() if maps is not None else None,
-            xt_pixels=pictures["x_t"], x0_pixels=pictures["x0"]), row=i, rows=step.total)
+            **{PICTURE[name]: pictures[name] for name in now if name != "start"}), row=i, rows=step.total)
         if first:
             depth = None
             if step.depth_mask is not None:
                 depth = _depth_pixels(step.depth_mask)
             elif control is not None:  # the picture the ControlNet (or Flux's VAE) is given
                 depth = to_pixels(control * 2 - 1)
-            kept |= host.copies({"start_latents": views["start"], "start_pixels": pictures["start"],
+            kept |= host.copies({"start_latents": views["start"], "start_pixels": pictures.get("start"),
                                  "depth_pixels": depth})
+        for name in [name for name in views if name not in pictures]:
+            rows = dict(row=i, rows=step.total) if name != "start" else {}  # the start is once a run
+            kept[PICTURE[name]] = host.deferred(PICTURE[name], functools.partial(decode, views[name]),
+                                                like=pictures[streamed], **rows)
+            deferred.append(kept[PICTURE[name]])
         return Frame(step=i + 1, total=step.total, view=request.view, seconds=step.seconds, schedule=schedule,
                      tokens=tokens, latent_rgb=checkpoint.latent_rgb, **kept)
 
@@ -346,6 +363,9 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
     finally:
         cancel.cancel()  # no-op after a finished run; stops one whose consumer left
         worker.join()
+        if deferred:  # the pictures no one has read yet, made now that the consumer is done with the run;
+            # not a daemon: one torn down mid-decode at exit aborts the process ("terminate called ...")
+            threading.Thread(target=_make_all, args=(deferred,), name="stepwise-deferred").start()
 
 
 @dataclass
@@ -387,13 +407,14 @@ class _Decoder:
     Every view is decoded by the run's own decoder, one call per view: free with
     latent->RGB, cheap with the tiny VAE. With the full VAE it is a second VAE
     decode per step, kept so that the timeline's other view is as exact as the
-    one streamed (the user asked for exact pictures) without the panel ever
-    running a model. Measured: on the H100 benchmark (SD 1.5, 512x512, fp16) a
-    full-VAE preview cost 3.8 ms per 39 ms step over latent->RGB, mostly hidden
-    on the side stream; on CPU with the micro model one decode costs about 0.8
-    of a UNet step, which the decode thread overlaps where a core is free. One
-    call per view rather than a batch of two: a batch saved ~10% on CPU, changes
-    the pixels (different kernels), and doubles the decode's peak memory.
+    one streamed (the user asked for exact pictures). Measured: on the H100
+    benchmark (SD 1.5, 512x512, fp16) a full-VAE preview cost 3.8 ms per 39 ms
+    step over latent->RGB, mostly hidden on the side stream; on CPU with the micro
+    model one decode costs about 0.8 of a UNet step, so two a step fell behind the
+    UNet and the final image waited for that backlog: on a CPU the view not
+    streamed is decoded later (`make_frame`). One call per view rather than a batch
+    of two: a batch saved ~10% on CPU, changes the pixels (different kernels), and
+    doubles the decode's peak memory.
     """
 
     def __init__(self, make_frame, out: queue.Queue, device: torch.device, threaded: bool):
@@ -437,6 +458,16 @@ class _Decoder:
             except Exception as err:  # noqa: BLE001 - surfaces in the caller's thread
                 self._out.put(err)
                 return
+
+
+def _make_all(copies: list[HostCopy]) -> None:
+    """Make each `Deferred` copy not yet read, so that none holds its latents and decoder past the run.
+    A decode that fails stops here and raises to whoever reads that copy."""
+    try:
+        for copy in copies:
+            copy.tensor()
+    except Exception:  # noqa: BLE001 - the reader gets it
+        return
 
 
 def _truncation_notes(pipe, family: Family, request: GenerationRequest) -> tuple[str, ...]:

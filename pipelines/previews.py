@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +40,10 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
 class HostCopy:
     """A tensor in host memory, or on its way there. On CUDA it is a slice of the run's pinned
     `HostBuffers` that a non-blocking copy is landing in, queued behind the work that produces it,
-    with the event recorded after that copy: reading it waits, on the thread that wants it."""
+    with the event recorded after that copy: reading it waits, on the thread that wants it. A
+    `Deferred` copy is made on the first read."""
 
-    def __init__(self, host: torch.Tensor, ready: torch.cuda.Event | None = None):
+    def __init__(self, host: torch.Tensor, ready: torch.cuda.Event | Deferred | None = None):
         if host.device.type != "cpu":
             raise ValueError(f"HostCopy holds host tensors, got one on {host.device}; copy device tensors through "
                              "HostBuffers")
@@ -63,6 +66,23 @@ class HostCopy:
     def nbytes(self) -> int:
         """Host memory the copy holds (known before it lands): its own slice, not the run's whole buffer."""
         return self._host.numel() * self._host.element_size()
+
+
+class Deferred:
+    """A `HostCopy`'s `ready` whose tensor is made when it is first read, not when its frame was:
+    `make()` runs once, on the first thread that reads (`synchronize`), and lands in the copy's
+    slot. The run's frames defer the pictures the page does not stream (`pipelines.generate`);
+    the same decoder on the same latents gives the same pixels whenever it runs. A `make` that
+    raises raises to that reader, and the next read tries again."""
+
+    def __init__(self, make: Callable[[], torch.Tensor], slot: torch.Tensor):
+        self._make, self._slot, self._lock = make, slot, threading.Lock()
+
+    def synchronize(self) -> None:
+        with self._lock:
+            if self._make is not None:
+                self._slot.copy_(self._make())
+                self._make = None  # let go of the latents and the decoder
 
 
 class HostBuffers:
@@ -102,20 +122,30 @@ class HostBuffers:
             if tensor is None:
                 out[kind] = None
                 continue
-            buffer = self._buffers.get(kind)
-            shape = tensor.shape if row is None else (rows, *tensor.shape)
-            if buffer is None:
-                buffer = self._buffers[kind] = torch.empty(shape, dtype=tensor.dtype, pin_memory=pinned)
-                self.allocations += 1
-            elif buffer.shape != shape or buffer.dtype != tensor.dtype:
-                raise ValueError(f"{kind}: {tuple(shape)} {tensor.dtype} does not fit the run's buffer of "
-                                 f"{tuple(buffer.shape)} {buffer.dtype}")
-            slot = buffer if row is None else buffer[row]
+            slot = self._slot(kind, tensor.shape, tensor.dtype, row, rows)
             slot.copy_(tensor.detach(), non_blocking=pinned)
             out[kind] = HostCopy(slot, ready)
         if ready is not None:
             ready.record()
         return out
+
+    def deferred(self, kind: str, make: Callable[[], torch.Tensor], like: torch.Tensor, row: int | None = None,
+                 rows: int = 1) -> HostCopy:
+        """A copy of what `make()` returns (the shape and dtype of `like`) into its kind's buffer as
+        `copies` makes one, made when it is first read (`Deferred`)."""
+        slot = self._slot(kind, like.shape, like.dtype, row, rows)
+        return HostCopy(slot, Deferred(make, slot))
+
+    def _slot(self, kind: str, shape: torch.Size, dtype: torch.dtype, row: int | None, rows: int) -> torch.Tensor:
+        buffer = self._buffers.get(kind)
+        shape = shape if row is None else (rows, *shape)
+        if buffer is None:
+            buffer = self._buffers[kind] = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+            self.allocations += 1
+        elif buffer.shape != shape or buffer.dtype != dtype:
+            raise ValueError(f"{kind}: {tuple(shape)} {dtype} does not fit the run's buffer of "
+                             f"{tuple(buffer.shape)} {buffer.dtype}")
+        return buffer if row is None else buffer[row]
 
 
 @dataclass

@@ -84,6 +84,43 @@ def test_a_frame_keeps_both_views_and_counts_its_bytes(cache, tiny_dir, make_req
     assert np.array_equal(pixels(frames[0].image), pixels(frames[0].x0_pixels.pil()))  # the x0 view streams
 
 
+@pytest.mark.parametrize("view", ["x0", "x_t"])
+def test_on_a_cpu_the_view_not_streamed_is_decoded_after_the_final_image_or_when_read(cache, tiny_dir, make_request,
+                                                                                     monkeypatch, view):
+    """A full-VAE decode costs about a UNet step on a CPU: before the final image the run decodes only the view
+    it streams, one call a step; the other view and the start are decoded once the run's consumer is done, or
+    by the first reader, once each. Every picture is the decoder's own on its frame's latents."""
+    checkpoint = cache.checkpoint(str(tiny_dir))
+    vae, calls = checkpoint.full_vae, []
+
+    def counted(latents):
+        calls.append(threading.current_thread().name)
+        return vae(latents)
+
+    monkeypatch.setattr(type(checkpoint), "decoder", lambda self, preview: counted)
+    other = "xt_pixels" if view == "x0" else "x0_pixels"
+    frames, before_final = [], None
+    for item in generate(make_request(steps=4, preview="full-vae", view=view), cache, source=str(tiny_dir)):
+        if isinstance(item, Final):
+            before_final = list(calls)
+        else:
+            frames.append(item)
+            if item.step == 2:  # read during the run: this thread decodes it
+                early = getattr(frames[0], other).tensor().clone()
+    assert before_final.count("stepwise-decode") == 4 and before_final.count("MainThread") == 1
+    for thread in threading.enumerate():
+        if thread.name == "stepwise-deferred":
+            thread.join(30)
+    assert len(calls) == 4 + 4 + 1  # each step's two views, and the start: once each
+    assert calls[5:] == ["stepwise-deferred"] * 4
+    assert torch.equal(early, getattr(frames[0], other).tensor())
+    with torch.no_grad():
+        for f in frames:
+            assert torch.equal(f.xt_pixels.tensor(), vae(f.latents.tensor()).cpu())
+            assert torch.equal(f.x0_pixels.tensor(), vae(f.x0.tensor()).cpu())
+        assert torch.equal(frames[0].start_pixels.tensor(), vae(frames[0].start_latents.tensor()).cpu())
+
+
 def test_x0_view_differs_from_x_t(cache, tiny_dir, make_request):
     xt, _ = run(make_request(view="x_t", preview="full-vae"), cache, tiny_dir)
     x0, _ = run(make_request(view="x0", preview="full-vae"), cache, tiny_dir)
