@@ -109,6 +109,18 @@ def make_request(scene):
     return make
 
 
+def app_exit(*argv: str) -> str:
+    """`python app.py *argv` run in this process up to its exit: the message it exits with (SystemExit).
+    Fails if it would have served instead. This process keeps its torch thread count."""
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            app_module.main(list(argv))
+    finally:
+        torch.set_num_threads(threads)
+    return str(exited.value.code)
+
+
 def pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB") if not isinstance(image, np.ndarray) else image)
 

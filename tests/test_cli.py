@@ -13,7 +13,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from .conftest import CASES  # ../shared/cases: the issue-16 inputs
+from .conftest import CASES, app_exit  # CASES: ../shared/cases, the issue-16 inputs
 from .test_app import OUT, free_port
 from .test_messages import load, png
 
@@ -127,9 +127,6 @@ def test_output_is_one_line_with_the_flag_to_share(app_py):
                                       f"saving runs in {app_py.outputs}\n")
 
 
-def test_unknown_model_exits_with_a_clear_message(tmp_path):
-    result = subprocess.run([sys.executable, "app.py", "--model", "nobody/missing-model", "--port", str(free_port())],
-                            cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path)),
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "error: model 'nobody/missing-model' is not in the local Hugging Face cache" in result.stderr
+def test_unknown_model_exits_with_a_clear_message():
+    assert "error: model 'nobody/missing-model' is not in the local Hugging Face cache" in app_exit(
+        "--model", "nobody/missing-model")

@@ -24,7 +24,7 @@ from ui.events import API_OUTPUTS as OUT  # a run's API results by name
 from ui.events import Runner
 from ui.stream import RunStore
 
-from .conftest import CASES, pixels  # CASES: ../shared/cases, the issue-16 inputs
+from .conftest import CASES, app_exit, pixels  # CASES: ../shared/cases, the issue-16 inputs
 from .test_app import COMMON, free_port, hold_at_first_step, wait_for
 
 STEPS = 4
@@ -254,9 +254,7 @@ def test_python_api_validates_the_same_way():
 
 
 def test_unknown_preset_is_a_clear_exit():
-    result = subprocess.run([sys.executable, "app.py", "--preset", "nope", "--port", str(free_port())],
-                            cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "--preset 'nope' is unknown or does not fit 'bundled'; choose one of" in result.stderr
+    assert "--preset 'nope' is unknown or does not fit 'bundled'; choose one of" in app_exit("--preset", "nope")
 
 
 def test_still_serving_after_all_that(served):
