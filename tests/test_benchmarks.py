@@ -137,6 +137,26 @@ def test_callback_section_times_the_step_callback_of_every_step():
     assert all(0 < r["callback_us_median"] <= r["callback_us_p90"] for r in rows)
 
 
+def test_streaming_section_times_the_final_image_and_every_picture_made():
+    """On a CPU the view not streamed is made after the final image: the section times both, and each
+    app run returns with every picture made, so none of its work lands in the next variant's time."""
+    import torch
+
+    from benchmarks.run import card_settings, streaming_section
+    from pipelines.cache import bundled_folder
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        source = str(bundled_folder())
+        rows = streaming_section(source, card_settings(source, 3), repeats=1, previews=["full-vae"])
+    finally:
+        torch.set_num_threads(before)
+    assert [r["variant"] for r in rows] == ["bare diffusers (no callback)"] + [
+        f"app: full-vae, {view}, decode {how}" for view in ("x_t", "x0") for how in ("inline", "thread")]
+    assert all(0 < r["seconds"] < r["every_picture_seconds"] for r in rows[1:])
+    assert all(r["every_picture_ratio"] == r["every_picture_seconds"] / rows[0]["seconds"] for r in rows[1:])
+
+
 def test_e2e_benchmark_breaks_submit_to_final_image_down(tmp_path, capsys):
     import json
     import re
