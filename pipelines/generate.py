@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import queue
 import threading
@@ -35,6 +34,7 @@ from .schedulers import make_scheduler
 
 
 PICTURE = {"x_t": "xt_pixels", "x0": "x0_pixels", "start": "start_pixels"}  # each view's Frame field
+LATENTS = {"x_t": "latents", "x0": "x0", "start": "start_latents"}  # and the field of what it is decoded from
 
 
 class Cancelled(Exception):
@@ -211,8 +211,9 @@ def generate(
     references to the step's tensors to the decoder, whose frames come back over
     a queue (a callback cannot yield). Each frame keeps both views as pictures (and the
     first frame the run's starting latents), so the timeline shows what the run
-    made without touching a model. Closing this iterator early (a client went
-    away) cancels the run. The run holds its checkpoint in `cache` (never evicted) until it ends.
+    made without loading a model; on a CPU the view not streamed is made after the
+    final image (`Frame`). Closing this iterator early (a client went away) cancels
+    the run. The run holds its checkpoint in `cache` (never evicted) until it ends.
     """
     with cache.running(source):
         yield from _run(request, cache, cancel or CancelToken(), source)
@@ -243,7 +244,6 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
     decode = checkpoint.decoder(request.preview)
     streamed = "x0" if request.view == "x0" else "x_t"
     defer = cache.device.type == "cpu"
-    deferred: list[HostCopy] = []  # the pictures made after their frames (`make_frame`)
 
     # 3. Step callback: on the denoising thread, between UNet calls, it only hands references to
     #    the step's tensors to the decoder, which makes the Frame (x0, pictures, host copies into
@@ -302,11 +302,11 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
                 depth = to_pixels(control * 2 - 1)
             kept |= host.copies({"start_latents": views["start"], "start_pixels": pictures.get("start"),
                                  "depth_pixels": depth})
-        for name in [name for name in views if name not in pictures]:
+        for name in [name for name in views if name not in pictures]:  # from the host copies of its latents
             rows = dict(row=i, rows=step.total) if name != "start" else {}  # the start is once a run
-            kept[PICTURE[name]] = host.deferred(PICTURE[name], functools.partial(decode, views[name]),
+            latents = kept[LATENTS[name]]
+            kept[PICTURE[name]] = host.deferred(PICTURE[name], lambda latents=latents: decode(latents.tensor()),
                                                 like=pictures[streamed], **rows)
-            deferred.append(kept[PICTURE[name]])
         return Frame(step=i + 1, total=step.total, view=request.view, seconds=step.seconds, schedule=schedule,
                      tokens=tokens, latent_rgb=checkpoint.latent_rgb, **kept)
 
@@ -349,10 +349,12 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
     decoder = _Decoder(make_frame, frames, cache.device, threaded=cache.overlap_decode)
     worker = threading.Thread(target=work, name="stepwise-run", daemon=True)
     worker.start()
+    shown: list[Frame] = []
     try:
         while True:
             item = frames.get()
             if isinstance(item, Frame):
+                shown.append(item)
                 yield item
                 continue
             if isinstance(item, BaseException):
@@ -363,9 +365,9 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
     finally:
         cancel.cancel()  # no-op after a finished run; stops one whose consumer left
         worker.join()
-        if deferred:  # the pictures no one has read yet, made now that the consumer is done with the run;
-            # not a daemon: one torn down mid-decode at exit aborts the process ("terminate called ...")
-            threading.Thread(target=_make_all, args=(deferred,), name="stepwise-deferred").start()
+        if defer and shown:  # the pictures of its frames no one has read yet, made now that the consumer is done;
+            # not a daemon (one torn down mid-decode at exit aborts the process), but it stops at exit
+            threading.Thread(target=_make_all, args=(shown,), name="stepwise-deferred").start()
 
 
 @dataclass
@@ -460,14 +462,23 @@ class _Decoder:
                 return
 
 
-def _make_all(copies: list[HostCopy]) -> None:
-    """Make each `Deferred` copy not yet read, so that none holds its latents and decoder past the run.
-    A decode that fails stops here and raises to whoever reads that copy."""
-    try:
-        for copy in copies:
-            copy.tensor()
-    except Exception:  # noqa: BLE001 - the reader gets it
-        return
+_EXITING = threading.Event()
+threading._register_atexit(_EXITING.set)  # before non-daemon threads are joined (as concurrent.futures does)
+
+
+def _make_all(frames: list[Frame]) -> None:
+    """Make every picture of `frames` not yet made (`Deferred`), so that none holds its latents and
+    decoder past the run; stops when the process exits. A decode that fails raises to whoever reads
+    that picture."""
+    for frame in frames:
+        for copy in (frame.xt_pixels, frame.x0_pixels, frame.start_pixels):
+            if _EXITING.is_set():
+                return
+            try:
+                if copy is not None:
+                    copy.tensor()
+            except Exception:  # noqa: BLE001 - the reader gets it
+                pass
 
 
 def _truncation_notes(pipe, family: Family, request: GenerationRequest) -> tuple[str, ...]:

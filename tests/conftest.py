@@ -114,7 +114,8 @@ def app_exit(*argv: str) -> str:
     Fails if it would have served instead. This process keeps its torch thread count."""
     threads = torch.get_num_threads()
     try:
-        with pytest.raises(SystemExit) as exited:
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as exited:
+            mp.setattr(app_module, "serve", lambda *_: pytest.fail(f"app.py {' '.join(argv)} would have served"))
             app_module.main(list(argv))
     finally:
         torch.set_num_threads(threads)

@@ -43,17 +43,22 @@ def test_the_final_image_does_not_wait_for_the_runs_folder(serve_tiny, tmp_path,
     assert job.outputs()[-1] == shown and updates[-1] == shown
 
 
-def test_a_client_that_leaves_at_the_final_image_still_gets_its_run_saved(tiny_dir, cache, tmp_path):
-    """Gradio closes the event's generator at the final update when its client goes: the folder is still
-    written (after that update, on the keeper thread)."""
+def test_the_folder_is_written_once_the_final_update_is_sent_even_if_the_client_left(tiny_dir, cache, tmp_path,
+                                                                                     monkeypatch):
+    """Gradio resumes the event's generator once it has sent an update, and closes it there when the
+    client went: the folder is written only then (so not beside the final update's postprocessing),
+    and still when the client left at the final image."""
     demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir), "--outputs",
                                                          str(tmp_path / "outputs")]), cache)
+    saves, save = [], OutputsFolder.save
+    monkeypatch.setattr(OutputsFolder, "save", lambda self, *a, **kw: saves.append(1) or save(self, *a, **kw))
     txt2img = next(f.fn for f in demo.fns.values() if f.api_name == "txt2img")
     updates = txt2img(gr.Request(session_hash="leaves"), **RUN)
     for update in updates:
         if update[OUT["final"]] is not None:
             break
-    assert saved_folders(tmp_path / "outputs") == []
+    time.sleep(0.5)  # time enough for a keeper started before the yield
+    assert saves == [] and saved_folders(tmp_path / "outputs") == []
     updates.close()  # the client left: GeneratorExit at the yield
     deadline = time.monotonic() + 60
     while not saved_folders(tmp_path / "outputs"):

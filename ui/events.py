@@ -232,7 +232,8 @@ class Runner:
                         yield self._outputs(view, view.gallery, final, status, info, runs, with_depth, tensors)
                         return
                     # The final image goes out first; then the keeper thread writes the run's folder (every
-                    # file synced: about 0.1 s for the bundled model's 20 steps). Gradio resumes this generator
+                    # file synced: 0.1-0.5 s for the bundled model's 20 steps, the most with full-VAE previews on a
+                    # CPU, whose view not streamed is decoded then: `pipelines.generate`). Gradio resumes this generator
                     # once it has sent the update, so the writing does not take the GIL from the update's
                     # postprocessing. The event ends once the folder is written; a client that left (the
                     # generator closed at the yield) does not stop it.

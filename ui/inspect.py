@@ -152,7 +152,8 @@ class Inspector:
         predictions, their difference and its size over the run; with recorded attention, token
         `token`'s map over x0 (the first token where `token` is not one of the run's) and every
         token's. Latent-space tensors are pictures of the run's latent->RGB map without its bias
-        (`Frame.picture`); nothing here runs a model."""
+        (`Frame.picture`); nothing here loads a model (on a CPU the run's own decoder may still be making
+        the view it did not stream: `pipelines.generate.Frame`)."""
         view, step = _at(runs, pick, step)
         if view is None:
             return Inside("", [], "", [], "", "", [], None, None, [])
