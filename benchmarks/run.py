@@ -132,9 +132,11 @@ def streaming_section(source, base: dict, repeats: int, previews: list[str]) -> 
 def server_section(cache, source, base: dict, step_counts=(10, 50, 100, 150)) -> list[dict]:
     """Gradio's own work per yield, generation taken out: a real run's frames are
     replayed through the UI handler, and each yielded update is postprocessed the
-    way Gradio's queue does it (handler time + `postprocess_data`)."""
+    way Gradio's queue does it (handler time + `postprocess_data`). Replayed frames come
+    faster than `ui.events.UPDATE_INTERVAL`, so the interval is 0 here: an update a step."""
     from gradio.state_holder import SessionState
 
+    from ui import events
     from ui.events import Runner
     from ui.stream import RunStore
 
@@ -142,28 +144,32 @@ def server_section(cache, source, base: dict, step_counts=(10, 50, 100, 150)) ->
     frames, final = recorded[:-1], recorded[-1]
     root = str(Path(gr.utils.get_upload_folder()) / "stepwise-bench")  # where the app keeps runs
     rows = []
-    for n in step_counts:
-        def replay(_request, _token, n=n):
-            for f in frames[:n]:
-                yield replace(f, total=n)
-            yield final
+    interval, events.UPDATE_INTERVAL = events.UPDATE_INTERVAL, 0.0
+    try:
+        for n in step_counts:
+            def replay(_request, _token, n=n):
+                for f in frames[:n]:
+                    yield replace(f, total=n)
+                yield final
 
-        demo = build_app(AppSpec(generate=replay, model_label="bench", run_root=root))
-        block_fn = next(fn for fn in demo.fns.values() if fn.api_name == "txt2img")
-        handler = Runner(replay, RunStore(root), Limits(), "bench").handler("txt2img")
-        updates = handler(SimpleNamespace(session_hash="bench"), **{k: v for k, v in base.items() if k != "mode"})
-        state, loop, per_yield = SessionState(demo), asyncio.new_event_loop(), []
-        while True:
-            start = time.perf_counter()
-            out = next(updates, None)
-            if out is None:
-                break
-            loop.run_until_complete(demo.postprocess_data(block_fn, list(out), state))
-            per_yield.append(time.perf_counter() - start)
-        loop.close()
-        rows.append({"steps": n, "yields": len(per_yield),
-                     "server_ms_per_yield_median": 1000 * statistics.median(per_yield),
-                     "server_ms_per_step_mean": 1000 * sum(per_yield) / n})
+            demo = build_app(AppSpec(generate=replay, model_label="bench", run_root=root))
+            block_fn = next(fn for fn in demo.fns.values() if fn.api_name == "txt2img")
+            handler = Runner(replay, RunStore(root), Limits(), "bench").handler("txt2img")
+            updates = handler(SimpleNamespace(session_hash="bench"), **{k: v for k, v in base.items() if k != "mode"})
+            state, loop, per_yield = SessionState(demo), asyncio.new_event_loop(), []
+            while True:
+                start = time.perf_counter()
+                out = next(updates, None)
+                if out is None:
+                    break
+                loop.run_until_complete(demo.postprocess_data(block_fn, list(out), state))
+                per_yield.append(time.perf_counter() - start)
+            loop.close()
+            rows.append({"steps": n, "yields": len(per_yield),
+                         "server_ms_per_yield_median": 1000 * statistics.median(per_yield),
+                         "server_ms_per_step_mean": 1000 * sum(per_yield) / n})
+    finally:
+        events.UPDATE_INTERVAL = interval
     return rows
 
 

@@ -157,6 +157,20 @@ def test_streaming_section_times_the_final_image_and_every_picture_made():
     assert all(r["every_picture_ratio"] == r["every_picture_seconds"] / rows[0]["seconds"] for r in rows[1:])
 
 
+def test_server_section_postprocesses_an_update_a_step():
+    """The replayed frames come faster than the page's update interval; the section times every step's update
+    all the same (its figures are per yield), and leaves the interval as it found it."""
+    from benchmarks.run import card_settings, server_section
+    from pipelines import ModelCache
+    from pipelines.cache import bundled_folder
+    from ui import events
+
+    source = str(bundled_folder())
+    [row] = server_section(ModelCache(device="cpu"), source, card_settings(source, 3), step_counts=(3,))
+    assert row["steps"] == 3 and row["yields"] == 3 + 1  # each step, then the final image
+    assert 0 < row["server_ms_per_yield_median"] and events.UPDATE_INTERVAL == 0.1
+
+
 def test_e2e_benchmark_breaks_submit_to_final_image_down(tmp_path, capsys):
     import json
     import re
