@@ -230,14 +230,14 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
     recorder = X0Recorder(scheduler, family.flow_matching)
     # inside the denoiser: the guidance pair always, cross-attention per token when asked
     pair = GuidancePair()
-    attention, tokens = None, ()
-    notes = request.notes + _truncation_notes(pipe, family, request) + _unused_notes(pipe, request)
-    if request.record_attention:
-        positions, tokens = prompt_tokens(pipe, family, request.prompt)
-        if positions:
-            attention = AttentionRecorder(positions, _latent_grid(pipe, request))
-        else:
-            notes += ("record_attention: the prompt has no tokens, so there are no maps to record",)
+    # transformers' fast tokenizers set padding and truncation on their one shared backend at every call,
+    # so another run's encode_prompt beside these reads could lose its padding: they too hold run_lock
+    with cache.run_lock:
+        notes = request.notes + _truncation_notes(pipe, family, request) + _unused_notes(pipe, request)
+        positions, tokens = prompt_tokens(pipe, family, request.prompt) if request.record_attention else ([], ())
+    attention = AttentionRecorder(positions, _latent_grid(pipe, request)) if positions else None
+    if request.record_attention and not positions:
+        notes += ("record_attention: the prompt has no tokens, so there are no maps to record",)
     control = depth_control(pipe, request, cache, source)
 
     # 2. The preview decoder, and the view the page streams

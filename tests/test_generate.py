@@ -121,6 +121,50 @@ def test_on_a_cpu_the_view_not_streamed_is_decoded_after_the_final_image_or_when
         assert torch.equal(frames[0].start_pixels.tensor(), vae(frames[0].start_latents.tensor()).cpu())
 
 
+def test_a_runs_reads_of_the_pipelines_tokenizer_hold_the_run_lock(cache, tiny_dir, make_request, monkeypatch):
+    """transformers' fast tokenizers set padding and truncation on one shared backend at every call: a run's
+    own reads (truncation notes, the attention tokens) beside another run's encode_prompt once cut that run's
+    empty negative prompt to 2 tokens instead of the tokenizer's 20 (two runs on one Ray replica)."""
+    tokenizer = cache.pipeline("txt2img", str(tiny_dir)).tokenizer
+    call, held = type(tokenizer).__call__, []
+
+    def watched(self, *args, **kwargs):
+        if self is tokenizer:
+            held.append(cache.run_lock.locked())
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", watched)
+    long = " ".join(["a red circle on the left"] * 8)  # longer than the tokenizer reads: a truncation note
+    frames, finals = run(make_request(prompt=long, record_attention=True), cache, tiny_dir)
+    assert frames[0].tokens and any(note.startswith("prompt:") for note in finals[0].notes)
+    assert len(held) >= 4 and all(held)  # notes, attention tokens, the pipeline's prompt and negative prompt
+
+
+def test_concurrent_runs_in_one_process_make_each_runs_own_pixels(cache, tiny_dir, make_request):
+    """Two runs at once on one cache, as on a replica (`pipelines.workers.RUNS_PER_REPLICA`): one denoises,
+    the other waits for the device; the views each run defers are made beside the next run."""
+    requests = {seed: make_request(seed=seed, preview="full-vae", view="x0", record_attention=True)
+                for seed in range(4)}
+    alone = {seed: run(req, cache, tiny_dir) for seed, req in requests.items()}
+    together: dict[int, tuple] = {}
+
+    def user(seeds):
+        for seed in seeds:
+            together[seed] = run(requests[seed], cache, tiny_dir)
+
+    users = [threading.Thread(target=user, args=(seeds,)) for seeds in ([0, 2], [1, 3])]
+    for thread in users:
+        thread.start()
+    for thread in users:
+        thread.join(120)
+    assert sorted(together) == list(range(4))
+    for seed, (frames, finals) in together.items():
+        assert np.array_equal(pixels(finals[0].image), pixels(alone[seed][1][0].image))
+        for mine, theirs in zip(frames, alone[seed][0], strict=True):
+            assert torch.equal(mine.xt_pixels.tensor(), theirs.xt_pixels.tensor())
+            assert torch.equal(mine.x0_pixels.tensor(), theirs.x0_pixels.tensor())
+
+
 def test_x0_view_differs_from_x_t(cache, tiny_dir, make_request):
     xt, _ = run(make_request(view="x_t", preview="full-vae"), cache, tiny_dir)
     x0, _ = run(make_request(view="x0", preview="full-vae"), cache, tiny_dir)
