@@ -68,9 +68,8 @@ def app_run(cache: ModelCache, req, source: str, folder: Path, marks: dict | Non
         elif marks is not None:
             marks["final"] = time.perf_counter()
     for frame in view.frames:
-        for copy in (frame.xt_pixels, frame.x0_pixels, frame.start_pixels):
-            if copy is not None:
-                copy.tensor()
+        for copy in frame.decoded:
+            copy.tensor()
     return view
 
 

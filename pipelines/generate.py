@@ -80,6 +80,12 @@ class Frame:
         return self.x0_pixels if self.view == "x0" else self.xt_pixels
 
     @property
+    def decoded(self) -> tuple[HostCopy, ...]:
+        """Every picture decoded from the run's latents: both views, and the start on the first frame (on a
+        CPU some are `Deferred`: made when first read)."""
+        return tuple(copy for copy in (self.xt_pixels, self.x0_pixels, self.start_pixels) if copy is not None)
+
+    @property
     def schedule_t(self) -> HostCopy | None:
         """First frame only: every timestep of the run."""
         return self.schedule.timesteps if self.step == 1 else None
@@ -471,12 +477,11 @@ def _make_all(frames: list[Frame]) -> None:
     decoder past the run; stops when the process exits. A decode that fails raises to whoever reads
     that picture."""
     for frame in frames:
-        for copy in (frame.xt_pixels, frame.x0_pixels, frame.start_pixels):
+        for copy in frame.decoded:
             if _EXITING.is_set():
                 return
             try:
-                if copy is not None:
-                    copy.tensor()
+                copy.tensor()
             except Exception:  # noqa: BLE001 - the reader gets it
                 pass
 
