@@ -67,6 +67,7 @@ def app_run(cache: ModelCache, req, source: str, folder: Path, marks: dict | Non
             view.add_frame(item)
         elif marks is not None:
             marks["final"] = time.perf_counter()
+    view.complete()
     for frame in view.frames:
         for copy in frame.decoded:
             copy.tensor()

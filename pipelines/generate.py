@@ -278,9 +278,12 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
 
     schedule: NoiseSchedule | None = None  # made with the first frame, from what the first callback saw
 
-    def make_frame(step: _Step) -> Frame:
-        """The step's pictures and host copies, on the decode thread (on CUDA its side stream)."""
-        nonlocal schedule
+    like: torch.Tensor | None = None  # the run's first picture: the shape and dtype of every deferred one
+
+    def make_frame(step: _Step, live: bool = True) -> Frame:
+        """The step's pictures and host copies, on the decode thread (on CUDA its side stream); `live`:
+        no newer step (nor the run's end) waits behind this one."""
+        nonlocal schedule, like
         i, first = step.index, step.index == 0
         if first:
             timesteps = host.copies({"timesteps": step.timesteps[-step.total:]})["timesteps"]
@@ -289,10 +292,13 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
         views = {"x_t": schedule.shown(unpack(step.latents), i + 1), "x0": unpack(recorder.x0_of(step.scheduler_step))}
         if first:
             views["start"] = schedule.shown(unpack(step.start), 0)
-        # on a CPU, where a decode costs about a UNet step, the streamed view is decoded now and the others
-        # when first read or once the run is over (`Deferred`); else all now (on CUDA, on the side stream)
-        now = views.keys() if not defer else [streamed]
+        # on a CPU, where a decode costs about a UNet step, only the streamed view of the newest step is
+        # decoded now (the page shows the newest), the rest when first read or once the run is over
+        # (`Deferred`), so neither the UNet nor the final image waits for previews; on CUDA all now, on the
+        # side stream
+        now = views.keys() if not defer else [streamed] if live or like is None else []
         pictures = {name: decode(views[name]) for name in now}
+        like = pictures[streamed] if like is None else like
         maps = step.attention[0] / step.attention[1] if step.attention is not None else None
         kept = host.copies(dict(
             t=torch.as_tensor(step.t), latents=views["x_t"], x0=views["x0"],
@@ -312,7 +318,7 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
             rows = dict(row=i, rows=step.total) if name != "start" else {}  # the start is once a run
             latents = kept[LATENTS[name]]
             kept[PICTURE[name]] = host.deferred(PICTURE[name], lambda latents=latents: decode(latents.tensor()),
-                                                like=pictures[streamed], **rows)
+                                                like=like, **rows)
         return Frame(step=i + 1, total=step.total, view=request.view, seconds=step.seconds, schedule=schedule,
                      tokens=tokens, latent_rgb=checkpoint.latent_rgb, **kept)
 
@@ -420,7 +426,8 @@ class _Decoder:
     step over latent->RGB, mostly hidden on the side stream; on CPU with the micro
     model one decode costs about 0.8 of a UNet step, so two a step fell behind the
     UNet and the final image waited for that backlog: on a CPU the view not
-    streamed is decoded later (`make_frame`). One call per view rather than a batch
+    streamed is decoded later, and so is the streamed one of a step that a newer
+    step (or the run's end) waits behind (`make_frame`'s `live`). One call per view rather than a batch
     of two: a batch saved ~10% on CPU, changes the pixels (different kernels), and
     doubles the decode's peak memory.
     """
@@ -462,7 +469,7 @@ class _Decoder:
                         for tensor in step.tensors():
                             if tensor.is_cuda:  # keep the allocator off it until the side stream is done with it
                                 tensor.record_stream(self._stream)
-                    self._out.put(self._make(step))
+                    self._out.put(self._make(step, self._in.empty()))
             except Exception as err:  # noqa: BLE001 - surfaces in the caller's thread
                 self._out.put(err)
                 return

@@ -58,6 +58,12 @@ class HostCopy:
         return Image.fromarray(self.tensor().numpy())
 
     @property
+    def made(self) -> bool:
+        """False for a `Deferred` copy not read yet, whose first read makes it (a decode, on a CPU about
+        a UNet step); True for any other, landed or landing."""
+        return not isinstance(self._ready, Deferred) or self._ready.made
+
+    @property
     def shape(self) -> torch.Size:
         """Known before the copy lands."""
         return self._host.shape
@@ -71,12 +77,17 @@ class HostCopy:
 class Deferred:
     """A `HostCopy`'s `ready` whose tensor is made when it is first read, not when its frame was:
     `make()` runs once, on the first thread that reads (`synchronize`), and lands in the copy's
-    slot. The run's frames defer the pictures the page does not stream (`pipelines.generate`);
+    slot. On a CPU a run's frames defer the pictures the page does not stream, and the streamed one
+    of a step a newer step overtook (`pipelines.generate`);
     the same decoder on the same latents gives the same pixels whenever it runs. A `make` that
     raises raises to that reader, and the next read tries again."""
 
     def __init__(self, make: Callable[[], torch.Tensor], slot: torch.Tensor):
         self._make, self._slot, self._lock = make, slot, threading.Lock()
+
+    @property
+    def made(self) -> bool:
+        return self._make is None
 
     def synchronize(self) -> None:
         with self._lock:

@@ -1,3 +1,4 @@
+import queue
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ from diffusers import (
 from transformers import DPTForDepthEstimation, DPTImageProcessor
 
 from pipelines import CancelToken, Final, Frame, ModelCache, generate, layout
+from pipelines.generate import _Decoder
 from pipelines.previews import HostBuffers, HostCopy, LatentRGB, X0Recorder, latent_rgb_for
 from pipelines.families import FLUX_LATENT_RGB, SD3_LATENT_RGB, SD_LATENT_RGB, SDXL_LATENT_RGB, family_named
 from pipelines.schedulers import SCHEDULER_NAMES, make_scheduler
@@ -88,8 +90,9 @@ def test_a_frame_keeps_both_views_and_counts_its_bytes(cache, tiny_dir, make_req
 def test_on_a_cpu_the_view_not_streamed_is_decoded_after_the_final_image_or_when_read(cache, tiny_dir, make_request,
                                                                                      monkeypatch, view):
     """A full-VAE decode costs about a UNet step on a CPU: before the final image the run decodes only the view
-    it streams, one call a step; the other view and the start are decoded once the run's consumer is done, or
-    by the first reader, once each. Every picture is the decoder's own on its frame's latents."""
+    it streams, at most one call a step (a step a newer one overtook waits too: `_Decoder`); the rest is decoded
+    once the run's consumer is done, or by the first reader, once each. Every picture is the decoder's own on
+    its frame's latents."""
     checkpoint = cache.checkpoint(str(tiny_dir))
     vae, calls = checkpoint.full_vae, []
 
@@ -107,18 +110,44 @@ def test_on_a_cpu_the_view_not_streamed_is_decoded_after_the_final_image_or_when
             frames.append(item)
             if item.step == 2:  # read during the run: this thread decodes it
                 early = getattr(frames[0], other).tensor().clone()
-    assert before_final.count("stepwise-decode") == 4 and before_final.count("MainThread") == 1
+    live = before_final.count("stepwise-decode")
+    assert 1 <= live <= 4 and before_final.count("MainThread") == 1  # the first step's streamed view is live
+    assert frames[0].pixels.made and sum(f.pixels.made for f in frames) >= live
     for thread in threading.enumerate():
         if thread.name == "stepwise-deferred":
             thread.join(30)
     assert len(calls) == 4 + 4 + 1  # each step's two views, and the start: once each
-    assert calls[5:] == ["stepwise-deferred"] * 4
+    assert calls[live + 1:] == ["stepwise-deferred"] * (8 - live)
     assert torch.equal(early, getattr(frames[0], other).tensor())
     with torch.no_grad():
         for f in frames:
             assert torch.equal(f.xt_pixels.tensor(), vae(f.latents.tensor()).cpu())
             assert torch.equal(f.x0_pixels.tensor(), vae(f.x0.tensor()).cpu())
         assert torch.equal(frames[0].start_pixels.tensor(), vae(frames[0].start_latents.tensor()).cpu())
+
+
+def test_the_decode_thread_makes_a_step_live_only_when_no_newer_step_or_end_waits():
+    """The page shows the newest step: a step that a newer one (or the run's end) waits behind is made
+    without its live picture (`make_frame`'s `live`), so previews never hold up the final image."""
+    taken, release, made = threading.Event(), threading.Event(), []
+
+    def make(step, live):
+        made.append((step, live))
+        if step == 1:
+            taken.set()
+            release.wait(10)  # steps 2 and 3 and the end queue up meanwhile
+        return step
+
+    out: queue.Queue = queue.Queue()
+    decoder = _Decoder(make, out, torch.device("cpu"), threaded=True)
+    decoder.submit(1)
+    assert taken.wait(10)
+    for step in (2, 3):
+        decoder.submit(step)
+    decoder.finish("final image")
+    release.set()
+    assert [out.get(timeout=10) for _ in range(4)] == [1, 2, 3, "final image"]
+    assert made == [(1, True), (2, False), (3, False)]
 
 
 def test_a_runs_reads_of_the_pipelines_tokenizer_hold_the_run_lock(cache, tiny_dir, make_request, monkeypatch):

@@ -191,6 +191,7 @@ class RunView:
     origin: str = ""  # a run reopened from the outputs folder: which saved run it is
     _gallery_sent: int = 0
     _seen: set = field(default_factory=set, repr=False)  # ids of arrays counted in nbytes
+    _unwritten: list = field(default_factory=list, repr=False)  # frames whose picture is not made yet (`complete`)
 
     @property
     def id(self) -> str:
@@ -220,13 +221,36 @@ class RunView:
             self.keep_frame(frame)
 
     def save_frame(self, frame) -> None:
-        """Write the step's picture once and show it: preview, gallery, progress."""
+        """Write the step's picture once and show it: preview, gallery, progress. A picture not made yet
+        (on a CPU, a step a newer one overtook: `pipelines.generate`) is written by `complete`, so the
+        stream never waits for its decode."""
         self.show_frame(frame)
+        if frame.pixels.made:
+            self._write(frame)
+        else:
+            self._unwritten.append(frame)
+        if frame.depth is not None:
+            self.depth = self.save(frame.depth, "depth.png")
+
+    @property
+    def unwritten(self) -> bool:
+        """Whether `save_frame` left pictures for `complete` to write."""
+        return bool(self._unwritten)
+
+    def complete(self) -> bool:
+        """Write the pictures `save_frame` left (decoding them now), so the gallery holds every step made;
+        whether there were any."""
+        unwritten, self._unwritten = self._unwritten, []
+        for frame in unwritten:
+            self._write(frame)
+        self.gallery.sort()  # by path: step_0001.jpg, ...
+        self.preview = self.gallery[-1][0] if self.gallery else self.preview
+        return bool(unwritten)
+
+    def _write(self, frame) -> None:
         path = self.save(frame.image, f"step_{frame.step:04d}.jpg")
         self.gallery.append((path, frame.caption))
         self.preview = path
-        if frame.depth is not None:
-            self.depth = self.save(frame.depth, "depth.png")
 
     def show_frame(self, frame) -> None:
         """Progress and noise levels up to this step."""
