@@ -210,6 +210,8 @@ def generate(
     cache: ModelCache,
     cancel: CancelToken | None = None,
     source: str = BUNDLED,
+    make_deferred: bool = True,
+    live_interval: float = 0.0,
 ) -> Iterator[Frame | Final]:
     """Yield a `Frame` after every denoising step, then one `Final`.
 
@@ -218,14 +220,20 @@ def generate(
     a queue (a callback cannot yield). Each frame keeps both views as pictures (and the
     first frame the run's starting latents), so the timeline shows what the run
     made without loading a model; on a CPU the view not streamed is made after the
-    final image (`Frame`). Closing this iterator early (a client went away) cancels
-    the run. The run holds its checkpoint in `cache` (never evicted) until it ends.
+    final image (`Frame`), on a thread of its own once the consumer is done, unless
+    `make_deferred` is False (a consumer that reads no picture after the run, as the
+    child process: `pipelines.child`); so is the streamed view of a step that a newer
+    one overtook, or that came less than `live_interval` seconds after the last one
+    made live (the page shows at most one update per `ui.events.UPDATE_INTERVAL`).
+    Closing this iterator early (a client went away) cancels the run. The run holds
+    its checkpoint in `cache` (never evicted) until it ends.
     """
     with cache.running(source):
-        yield from _run(request, cache, cancel or CancelToken(), source)
+        yield from _run(request, cache, cancel or CancelToken(), source, make_deferred, live_interval)
 
 
-def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, source: str) -> Iterator[Frame | Final]:
+def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, source: str,
+         make_deferred: bool, live_interval: float) -> Iterator[Frame | Final]:
     # 1. The shared pipeline, and a per-run one with its own scheduler and interrupt flag
     shared = cache.pipeline(request.mode, source)
     checkpoint = cache.checkpoint(source)
@@ -282,7 +290,7 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
 
     def make_frame(step: _Step, live: bool = True) -> Frame:
         """The step's pictures and host copies, on the decode thread (on CUDA its side stream); `live`:
-        no newer step (nor the run's end) waits behind this one."""
+        no newer step (nor the run's end) waits behind this one, and none was live for `live_interval`."""
         nonlocal schedule, like
         i, first = step.index, step.index == 0
         if first:
@@ -358,7 +366,7 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
             decoder.finish(err)
 
     # 5. Run, relay frames, finish with the final image
-    decoder = _Decoder(make_frame, frames, cache.device, threaded=cache.overlap_decode)
+    decoder = _Decoder(make_frame, frames, cache.device, threaded=cache.overlap_decode, interval=live_interval)
     worker = threading.Thread(target=work, name="stepwise-run", daemon=True)
     worker.start()
     shown: list[Frame] = []
@@ -377,7 +385,7 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
     finally:
         cancel.cancel()  # no-op after a finished run; stops one whose consumer left
         worker.join()
-        if defer and shown:  # the pictures of its frames no one has read yet, made now that the consumer is done;
+        if defer and shown and make_deferred:  # the pictures of its frames no one has read yet, made now that the consumer is done;
             # not a daemon (one torn down mid-decode at exit aborts the process), but it stops at exit
             threading.Thread(target=_make_all, args=(shown,), name="stepwise-deferred").start()
 
@@ -427,13 +435,15 @@ class _Decoder:
     model one decode costs about 0.8 of a UNet step, so two a step fell behind the
     UNet and the final image waited for that backlog: on a CPU the view not
     streamed is decoded later, and so is the streamed one of a step that a newer
-    step (or the run's end) waits behind (`make_frame`'s `live`). One call per view rather than a batch
+    step (or the run's end) waits behind, or that comes less than `interval`
+    seconds after the last live one (`make_frame`'s `live`). One call per view rather than a batch
     of two: a batch saved ~10% on CPU, changes the pixels (different kernels), and
     doubles the decode's peak memory.
     """
 
-    def __init__(self, make_frame, out: queue.Queue, device: torch.device, threaded: bool):
+    def __init__(self, make_frame, out: queue.Queue, device: torch.device, threaded: bool, interval: float = 0.0):
         self._make, self._out = make_frame, out
+        self._interval, self._last_live = interval, float("-inf")
         self._in: queue.Queue | None = queue.Queue() if threaded else None
         self._stream = torch.cuda.Stream(device) if threaded and device.type == "cuda" else None
         if threaded:
@@ -469,7 +479,10 @@ class _Decoder:
                         for tensor in step.tensors():
                             if tensor.is_cuda:  # keep the allocator off it until the side stream is done with it
                                 tensor.record_stream(self._stream)
-                    self._out.put(self._make(step, self._in.empty()))
+                    now = time.perf_counter()
+                    live = self._in.empty() and now - self._last_live >= self._interval
+                    self._last_live = now if live else self._last_live
+                    self._out.put(self._make(step, live))
             except Exception as err:  # noqa: BLE001 - surfaces in the caller's thread
                 self._out.put(err)
                 return

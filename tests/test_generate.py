@@ -150,6 +150,18 @@ def test_the_decode_thread_makes_a_step_live_only_when_no_newer_step_or_end_wait
     assert made == [(1, True), (2, False), (3, False)]
 
 
+def test_the_decode_thread_makes_a_step_live_at_most_once_an_interval():
+    """`live_interval`: the page shows at most one update per `ui.events.UPDATE_INTERVAL`, so a step that
+    comes sooner after the last live one is made later, even with nothing queued behind it."""
+    made, out = [], queue.Queue()
+    decoder = _Decoder(lambda step, live: made.append((step, live)) or step, out, torch.device("cpu"),
+                       threaded=True, interval=60)
+    for step in (1, 2):
+        decoder.submit(step)
+        assert out.get(timeout=10) == step  # each step alone in the queue
+    assert made == [(1, True), (2, False)]
+
+
 def test_a_runs_reads_of_the_pipelines_tokenizer_hold_the_run_lock(cache, tiny_dir, make_request, monkeypatch):
     """transformers' fast tokenizers set padding and truncation on one shared backend at every call: a run's
     own reads (truncation notes, the attention tokens) beside another run's encode_prompt once cut that run's
