@@ -15,22 +15,18 @@ import dataclasses
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline-first: no phoning home
 # CPU: idle OpenMP workers sleep instead of spinning, so the threads that decode and
 # stream frames are not starved between UNet ops (see BENCHMARKS.md). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# transformers warns once per image processor that it falls back to PIL without torchvision;
-# PIL is what we want (torchvision would add a GB for nothing), so that line is only noise.
-logging.getLogger("transformers.utils.import_utils").addFilter(
-    lambda record: "requires torchvision (not installed)" not in record.getMessage())
+from pipelines.quiet import quiet_imports, quiet_runs  # noqa: E402 - imports no library
 
-import diffusers  # noqa: E402
+quiet_imports()
+
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 from pipelines import BUNDLED, GenerationError, ModelCache, ModelLoadError, generate, layout  # noqa: E402
 from pipelines.anatomy import Anatomy  # noqa: E402
@@ -40,6 +36,7 @@ from pipelines.outputs import GB, OutputsFolder  # noqa: E402
 from pipelines.presets import Preset, PresetError, fitting_presets, load_presets  # noqa: E402
 from pipelines.sources import is_single_file, list_models  # noqa: E402
 from ui import CSS, AppSpec, ModelView, build_app  # noqa: E402
+from ui.events import UPDATE_INTERVAL  # noqa: E402
 
 log = logging.getLogger("stepwise")
 
@@ -81,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: the model folder's depth_estimator/)")
     p.add_argument("--tiny-vae", default=None, help="AutoencoderTiny folder or repo id for the tiny-vae preview")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--same-process", action="store_true",
+                   help="on a CPU, generate in the server's own process (default: in a child process, so the "
+                        "denoiser does not share Python's GIL with the server; the child holds a second copy "
+                        "of the model in memory)")
     p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: fp16 on CUDA, else fp32)")
     p.add_argument("--offload", choices=OFFLOAD, default=None,
                    help="CUDA: keep weights in CPU memory and move each model (model) or layer (sequential) to the "
@@ -172,8 +173,9 @@ def create_demo(args: argparse.Namespace, cache: ModelCache, workers=None) -> gr
     """Build the app around `cache`, fitted to the start checkpoint (`--model`, else the first of
     `--models-dir`): it is loaded here (so the first click is fast), and the size limits, preview
     decoders, scheduler menu and presets offered come from it. Runs are saved in `outputs_folder(args)`.
-    With `workers` (`pipelines.workers.Workers`) runs go to its replicas, `workers.concurrency` at
-    once, and `cache` only describes the models.
+    With `workers` (`pipelines.workers.Workers`, or `pipelines.child.GenerationProcess`) runs go to
+    its replicas or child process, `workers.concurrency` at once, and `cache` describes the models
+    (and decodes the pictures a child process left for later).
     Raises ModelLoadError, PresetError or ValueError (a bad --outputs-max-gb)."""
     outputs = outputs_folder(args)
     choices, broken = model_menu(args)
@@ -199,7 +201,7 @@ def create_demo(args: argparse.Namespace, cache: ModelCache, workers=None) -> gr
         source = depth_source if request.mode == "depth2img" and args.depth_model else model
         if workers is not None:
             return workers.generate(request, token, source)
-        return generate(request, cache, token, source=source)
+        return generate(request, cache, token, source=source, live_interval=UPDATE_INTERVAL)
 
     spec = AppSpec(
         generate=run,
@@ -290,16 +292,12 @@ def main(argv: list[str] | None = None) -> None:
     """Parse flags, load the model, build the app and serve it. Importing app.py does none of this."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes
-    diffusers.utils.logging.disable_progress_bar()  # one load, not a screen of bars
-    transformers.utils.logging.disable_progress_bar()
-    # diffusers' depth2img runs the depth estimator under torch.autocast(device, dtype) for fp16; in float32
-    # on a CPU torch warns that it turns autocast off, which is what should happen: noise at the first depth run
-    warnings.filterwarnings("ignore", "In CPU autocast, but the target dtype is not supported", UserWarning)
+    quiet_runs()
     args = parse_args(argv)
     options = dict(device=args.device, dtype=args.dtype, tiny_vae=args.tiny_vae, compile_unet=args.compile,
                    offload=args.offload, single_file_config=args.config, controlnet=args.controlnet,
                    depth_estimator=args.depth_estimator)
-    workers = None
+    workers = child = None
     try:
         if args.workers or args.ray_address:
             workers = start_workers(args, options)
@@ -308,10 +306,30 @@ def main(argv: list[str] | None = None) -> None:
         cache = ModelCache(**options)
         if cache.device.type == "cpu":
             torch.set_num_threads(app_cpu_threads())
+            if workers is None and not args.same_process:
+                workers = child = start_child(args, options, cache)
         demo = create_demo(args, cache, workers)
     except (ModelLoadError, PresetError, GenerationError, ValueError) as err:
+        if child is not None:
+            child.shutdown()
         sys.exit(f"error: {err}")
-    serve(args, demo)
+    try:
+        serve(args, demo)
+    finally:
+        if child is not None:
+            child.shutdown()
+
+
+def start_child(args: argparse.Namespace, cache_options: dict, cache: ModelCache):
+    """On a CPU, generation in a child process (`pipelines.child`) that loads the start model while this
+    process does; the pictures a run leaves for later are made here, by `cache`'s decoders."""
+    from pipelines.child import GenerationProcess
+
+    choices, _ = model_menu(args)
+    child = GenerationProcess(cache_options, app_cpu_threads(), preload=choices[0][1], live_interval=UPDATE_INTERVAL,
+                              decoder=lambda source, preview: cache.checkpoint(source).decoder(preview))
+    atexit.register(child.shutdown)  # main() ends it too; this is for a caller that does not
+    return child
 
 
 def start_workers(args: argparse.Namespace, cache_options: dict):

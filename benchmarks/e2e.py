@@ -1,7 +1,7 @@
 """End to end: submit to final image through the served app, beside the bare diffusers call.
 
     python -m benchmarks.e2e [--model bundled] [--steps 20 50] [--repeats 5] [--threads 1 2 ...]
-                             [--no-save] [--workers N] [--preview NAME]
+                             [--no-save] [--workers N] [--same-process] [--preview NAME]
                              [--json benchmarks/results-e2e.json]
 
 The app runs in its own process as `python app.py` runs it (its CPU thread rule, Gradio's
@@ -58,6 +58,8 @@ def main(argv=None) -> dict:
                    help="intra-op thread counts to try for the bare call (default: 1, 2, 4, ... up to the cores)")
     p.add_argument("--no-save", action="store_true", help="run the app with --no-save (no outputs folder)")
     p.add_argument("--workers", type=int, default=None, help="run the app with --workers N (Ray Serve replicas)")
+    p.add_argument("--same-process", action="store_true",
+                   help="run the app with --same-process (on a CPU, generation in the server's own process)")
     p.add_argument("--preview", default=None, help="the runs' preview decoder (default: the page's)")
     p.add_argument("--json", default="benchmarks/results-e2e.json")
     p.add_argument("--serve", nargs=2, metavar=("PORT", "MARKS"), help=argparse.SUPPRESS)  # the app's process
@@ -75,7 +77,8 @@ def main(argv=None) -> dict:
     threads = args.threads or sorted({*(2**k for k in range(cores.bit_length()) if 2**k <= cores), cores})
     work = Path(tempfile.mkdtemp(prefix="stepwise-e2e-"))
     marks = work / "marks.jsonl"
-    with App(args, work, marks, ("--workers", str(args.workers)) if args.workers else ()) as url:
+    flags = (("--workers", str(args.workers)) if args.workers else ()) + (("--same-process",) if args.same_process else ())
+    with App(args, work, marks, flags) as url:
         from gradio_client import Client
 
         client = Client(url, verbose=False, download_files=False)
@@ -90,6 +93,7 @@ def main(argv=None) -> dict:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores,
                     "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "settings": settings, "repeats": args.repeats, "save": not args.no_save, "workers": args.workers,
+        "same_process": args.same_process,
         "bare": bare_rows, "app": app_rows,
     }
     for row in app_rows:

@@ -12,6 +12,7 @@ can act on travel as messages too, so the front raises them with their own messa
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,24 +20,27 @@ from PIL import Image
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from .generate import Frame
+from .generate import LATENTS, PICTURE, Frame
 from .outputs import png_bytes
-from .previews import HostCopy, LatentRGB, SavedSchedule
+from .previews import Deferred, HostCopy, LatentRGB, SavedSchedule
 from .protocol import Final, GenerationError, ModelLoadError
 from .request import GenerationRequest
 
 PICTURES = ("xt_pixels", "x0_pixels", "start_pixels", "depth_pixels")  # uint8 (H, W, 3)
 TENSORS = ("t", "latents", "start_latents", "x0", "noise_pred", "noise_pred_text", "noise_pred_uncond", "attention")
+DECODED = {PICTURE[view]: LATENTS[view] for view in PICTURE}  # each picture a run decodes, and from what
 ERRORS = {cls.__name__: cls for cls in (GenerationError, ModelLoadError, ValueError)}  # raised again by name
 
 
-def message(item: Frame | Final) -> dict:
-    """A frame or the final image as a message (`Reader.read` turns it back)."""
+def message(item: Frame | Final, unmade: bool = True) -> dict:
+    """A frame or the final image as a message (`Reader.read` turns it back). `unmade` False leaves out the
+    pictures not made yet (`HostCopy.made`; on a CPU the views a run defers) instead of decoding them now:
+    their latents travel, and a `Reader` given the run's decoder makes them when first read."""
     if isinstance(item, Final):
         return {"final": png_bytes(item.image), "seconds": item.seconds, "notes": list(item.notes)}
     msg = {"step": item.step, "total": item.total, "view": item.view, "seconds": item.seconds,
            "pictures": {name: png_bytes(Image.fromarray(copy.tensor().numpy())) for name in PICTURES
-                        if (copy := getattr(item, name)) is not None},
+                        if (copy := getattr(item, name)) is not None and (unmade or copy.made)},
            "tensors": save_tensors({name: copy.tensor().contiguous() for name in TENSORS
                                     if (copy := getattr(item, name)) is not None})}
     if item.step == 1:
@@ -55,13 +59,16 @@ def error(err: Exception) -> dict:
 
 class Reader:
     """Turns one run's messages back into `Frame`s and its `Final`, in the order they were made.
-    Raises the error a message carries (GenerationError, ModelLoadError, ValueError)."""
+    Raises the error a message carries (GenerationError, ModelLoadError, ValueError). A picture a
+    message left out (`message(unmade=False)`) is made from its latents by `decode` (the run's preview
+    decoder: latents (1, C, h, w) -> uint8 (H, W, 3)) when first read (`Deferred`)."""
 
-    def __init__(self, request: GenerationRequest, source: str):
-        self.request, self.source = request, source
+    def __init__(self, request: GenerationRequest, source: str, decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.request, self.source, self.decode = request, source, decode
         self.schedule: SavedSchedule | None = None
         self.tokens: tuple[str, ...] = ()
         self.latent_rgb: LatentRGB | None = None
+        self._like: torch.Tensor | None = None  # the run's first picture: the shape and dtype of the rest
 
     def read(self, msg: dict) -> Frame | Final:
         if "error" in msg:
@@ -76,6 +83,12 @@ class Reader:
             self.latent_rgb = LatentRGB.from_dict(run["latent_rgb"]) if run["latent_rgb"] else None
         copies = {name: HostCopy(tensor) for name, tensor in load_tensors(msg["tensors"]).items()}
         copies |= {name: HostCopy(torch.from_numpy(np.array(_image(png)))) for name, png in msg["pictures"].items()}
+        if self._like is None and msg["pictures"]:
+            self._like = next(copy.tensor() for name, copy in copies.items() if name in msg["pictures"])
+        for name, latents in DECODED.items():
+            if name not in copies and latents in copies and self.decode is not None:
+                slot = torch.empty_like(self._like)
+                copies[name] = HostCopy(slot, Deferred(lambda t=copies[latents]: self.decode(t.tensor()), slot))
         return Frame(step=msg["step"], total=msg["total"], view=msg["view"], seconds=msg["seconds"],
                      schedule=self.schedule, tokens=self.tokens, latent_rgb=self.latent_rgb, **copies)
 
