@@ -10,8 +10,8 @@ marks added around the event handler. This process is a gradio_client (`download
 that submits txt2img runs with the page's start values (the model's preset or defaults; seed
 and steps set here) and notes when each update arrives. The bare diffusers call, same
 settings, runs in a child process per intra-op thread count (OpenMP sizes its pool once per
-process); the fastest count is the comparison. Bare runs first, then the app, each a median
-of `--repeats` after a warm-up.
+process); the fastest count is the comparison, and one bare call at that count runs before
+each app run (`Interleaved`): each a median of `--repeats` after a warm-up.
 
 Submit to final image, broken down with the app's marks (one clock, one machine):
 - queue: submit -> the event handler starts (HTTP, Gradio's queue, preprocessing)
@@ -65,6 +65,7 @@ def main(argv=None) -> dict:
     p.add_argument("--serve", nargs=2, metavar=("PORT", "MARKS"), help=argparse.SUPPRESS)  # the app's process
     p.add_argument("--bare", type=int, metavar="THREADS", help=argparse.SUPPRESS)  # a bare call's process
     p.add_argument("--settings", help=argparse.SUPPRESS)
+    p.add_argument("--bare-on-request", action="store_true", help=argparse.SUPPRESS)  # `Interleaved`'s process
     args, app_flags = p.parse_known_args(argv)
     if args.serve:  # the app's own flags follow `--`
         return serve(int(args.serve[0]), Path(args.serve[1]), [f for f in app_flags if f != "--"])
@@ -88,7 +89,14 @@ def main(argv=None) -> dict:
         settings = {name: page[name] for name in FIELDS if name in page} | {"prompt": PROMPT, "seed": SEED}
         settings |= {"preview": args.preview} if args.preview else {}
         bare_rows = [bare_child(n, settings, args) for n in threads]
-        app_rows = [app_runs(client, settings, steps, args.repeats, marks) for steps in args.steps]
+        fastest = min(bare_rows, key=lambda b: b["seconds"][str(args.steps[0])])["threads"]
+        interleaved = Interleaved(fastest, settings, args)
+        try:
+            app_rows = [app_runs(client, settings, steps, args.repeats, marks, interleaved) for steps in args.steps]
+        finally:
+            interleaved.close()
+        for row in app_rows:
+            row["bare_threads"] = fastest
     results = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores,
                     "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
@@ -96,10 +104,6 @@ def main(argv=None) -> dict:
         "same_process": args.same_process,
         "bare": bare_rows, "app": app_rows,
     }
-    for row in app_rows:
-        best = min((b for b in bare_rows), key=lambda b: b["seconds"][str(row["steps"])])
-        row["bare_seconds"], row["bare_threads"] = best["seconds"][str(row["steps"])], best["threads"]
-        row["ratio"] = row["submit_to_final"] / row["bare_seconds"]
     print_table(results)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")
@@ -217,6 +221,13 @@ def bare(threads: int, settings: dict, args) -> dict:
     source = args.model or str(bundled_folder())
     source = str(bundled_folder()) if source == BUNDLED else source
     cache = ModelCache(device="cpu")
+    if args.bare_on_request:  # one bare call per step count read from stdin, its seconds printed back
+        for line in sys.stdin:
+            req = validate_request(dict(settings, mode="txt2img", steps=int(line)))
+            start = time.perf_counter()
+            bare_run(cache, req, source)
+            print(time.perf_counter() - start, flush=True)
+        return {}
     seconds = {}
     for steps in args.steps:
         req = validate_request(dict(settings, mode="txt2img", steps=steps))
@@ -232,12 +243,40 @@ def bare(threads: int, settings: dict, args) -> dict:
     return result
 
 
-def app_runs(client, settings: dict, steps: int, repeats: int, marks: Path) -> dict:
-    """Median submit-to-final-image and its parts over `repeats` runs of `steps` steps, after a warm-up."""
+class Interleaved:
+    """The bare call at `threads` intra-op threads in a process of its own, one call when asked (`seconds`),
+    so that bare and app runs alternate: this VM's speed drifts by a third within minutes, so a bare
+    median taken before the app's runs was no fair comparison for them."""
+
+    def __init__(self, threads: int, settings: dict, args):
+        command = [sys.executable, "-m", "benchmarks.e2e", "--bare", str(threads), "--bare-on-request",
+                   "--settings", json.dumps(settings)] + (["--model", args.model] if args.model else [])
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+
+    def seconds(self, steps: int) -> float:
+        self.proc.stdin.write(f"{steps}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the bare call's process stopped")
+        return float(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+def app_runs(client, settings: dict, steps: int, repeats: int, marks: Path, bare: Interleaved) -> dict:
+    """Median submit-to-final-image and its parts over `repeats` runs of `steps` steps, after a warm-up,
+    each run after one bare call (`bare`); `bare_seconds` is their median and `ratio` the median of each
+    run's ratio to the bare call before it."""
     from ui.events import API_OUTPUTS
 
     runs = []
     for n in range(repeats + 1):
+        bare_seconds = bare.seconds(steps)
         start = time.time()
         first = final = None
         job = client.submit(**settings, steps=steps, api_name="/txt2img")
@@ -254,7 +293,8 @@ def app_runs(client, settings: dict, steps: int, repeats: int, marks: Path) -> d
                      "queue": server["handler_start"] - start,
                      "generation": server["final_in"] - server["handler_start"],
                      "encoding": server["final_out"] - server["final_in"],
-                     "transport": final - server["final_out"]})
+                     "transport": final - server["final_out"], "bare_seconds": bare_seconds,
+                     "ratio": (final - start) / bare_seconds})
     return {"steps": steps, **{key: statistics.median(r[key] for r in runs) for key in runs[0]}, "runs": runs}
 
 
@@ -272,7 +312,8 @@ def print_table(r: dict) -> None:
     for row in r["app"]:
         print(f"  {row['steps']:>5} {row['bare_seconds']:8.3f} {row['submit_to_final']:8.3f} {row['ratio']:7.2f}  "
               + "".join(f"{row[p]:11.3f}" for p in PARTS) + f"  {row['final_to_done']:11.3f}")
-    print("  (seconds; bare at its fastest thread count; the parts add up to app)")
+    print("  (seconds, medians; bare: one call at its fastest thread count before each app run, x bare the median of\n"
+          "   each run's ratio to it; the parts add up to app)")
 
 
 if __name__ == "__main__":

@@ -182,6 +182,7 @@ def test_e2e_benchmark_breaks_submit_to_final_image_down(tmp_path, capsys):
     assert all(row[part] > 0 for part in PARTS) and row["final_to_done"] > 0
     assert abs(sum(row[part] for part in PARTS) - row["submit_to_final"]) < 1e-9  # one run: the parts add up
     assert row["ratio"] == row["submit_to_final"] / row["bare_seconds"]
+    assert row["runs"][0]["bare_seconds"] == row["bare_seconds"]  # a bare call before each app run
     # the page's start values, seed and steps set by the benchmark
     assert result["settings"]["seed"] == 7 and {"width", "height", "scheduler", "preview"} <= set(result["settings"])
     assert json.loads((tmp_path / "e.json").read_text())["app"][0]["steps"] == 2
