@@ -280,10 +280,18 @@ def app_runs(client, settings: dict, steps: int, repeats: int, marks: Path, bare
         start = time.time()
         first = final = None
         job = client.submit(**settings, steps=steps, api_name="/txt2img")
-        for update in job:
-            first = first or time.time()
-            if final is None and update[API_OUTPUTS["final"]] is not None:
-                final = time.time()
+        seen = 0
+        while True:  # job.outputs(), not the job's iterator, which sleeps 1 ms at a time holding the lock that
+            # gradio_client's receiving thread needs to add each update: that delayed the updates it timed
+            finished, outputs = job.done(), job.outputs()
+            for update in outputs[seen:]:
+                first = first or time.time()
+                if final is None and update[API_OUTPUTS["final"]] is not None:
+                    final = time.time()
+            seen = len(outputs)
+            if finished:
+                break
+            time.sleep(0.001)
         done = time.time()
         server = json.loads(marks.read_text().splitlines()[-1])
         if n == 0:
