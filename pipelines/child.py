@@ -38,7 +38,6 @@ from .protocol import CancelToken, Final, GenerationError  # noqa: E402
 from .request import GenerationRequest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent  # the app's folder: the child runs `-m pipelines.child` from it
-READY_TIMEOUT = 600  # seconds for the child to import torch and load its first checkpoint
 
 
 class GenerationProcess:
@@ -58,6 +57,7 @@ class GenerationProcess:
         self._lock = threading.Lock()  # one run at a time on the child's pipe
         self._runs = 0  # runs sent so far: each run's id, so a late cancel never reaches the next
         self._sending = threading.Lock()
+        self._closed = False
         self._start()
 
     def _start(self) -> None:
@@ -71,26 +71,40 @@ class GenerationProcess:
                 pass_fds=[theirs.fileno()], start_new_session=True)  # Ctrl-C in the terminal is the server's
         self._conn = Connection(ours.detach())
         self._ready = False  # the child loads while the server starts: the first run waits for it
+        self._failed = False  # it died or could not start: the next run starts a new one
 
-    def _wait_ready(self) -> None:
-        if not self._conn.poll(READY_TIMEOUT):
-            raise GenerationError(f"the generation process did not start in {READY_TIMEOUT} s")
-        ready = self._receive(0)
-        if "error" in ready:
-            self._process.wait(10)
-            wire.Reader(None, "").read(ready)  # raises what the child raised
-        self._ready = True
+    def _ready_child(self, cancel: CancelToken) -> bool:
+        """A child that has loaded: a new one in place of one that failed. False when `cancel` came first
+        (a load can take minutes). Raises the error a child that could not start sent."""
+        if self._failed or (self._ready and self._process.poll() is not None):
+            self._end_child()
+            self._start()
+        while not self._ready:
+            if cancel.cancelled:
+                return False
+            try:
+                waiting = self._conn.poll(0.2)
+            except OSError:  # closed by shutdown()
+                raise GenerationError("the server is shutting down; no new run can start") from None
+            if waiting:
+                ready = self._receive(0)
+                if "error" in ready:
+                    self._failed = True
+                    wire.Reader(None, "").read(ready)  # raises what the child raised
+                self._ready = True
+        return True
 
     def generate(self, request: GenerationRequest, cancel: CancelToken, source: str) -> Iterator:
         """As `pipelines.generate(request, cache, cancel, source=source)`, in the child: `Frame`s then one
         `Final`; nothing more after `cancel` (the child stops after its current step). Raises
-        GenerationError when the child dies mid-run, and the errors the run raised there."""
+        GenerationError when the child dies mid-run or the server is shutting down, and the errors the
+        run raised there."""
         decode = self.decoder(source, request.preview)  # before the child hears of the run: this may raise
         with self._lock:
-            if self._process.poll() is not None:
-                self._start()
-            if not self._ready:
-                self._wait_ready()
+            if self._closed:
+                raise GenerationError("the server is shutting down; no new run can start")
+            if not self._ready_child(cancel):
+                return
             self._runs += 1
             run, ended = self._runs, threading.Event()
             self._send(("run", run, request, source, self.live_interval))
@@ -133,24 +147,27 @@ class GenerationProcess:
     def _receive(self, step: int):
         try:
             return self._conn.recv()
-        except (EOFError, OSError):
-            try:
-                code = self._process.wait(5)
-            except subprocess.TimeoutExpired:
-                code = None
+        except (EOFError, OSError, TypeError):  # TypeError: closed by shutdown() while reading
+            self._failed = True
             raise GenerationError(
-                f"the generation process stopped at step {step} (exit code {code}: it died); the steps so far "
-                "stay. Generate again: a new one starts.") from None
+                f"the generation process stopped at step {step} (it died); the steps so far stay. Generate "
+                "again: a new one starts.") from None
 
-    def shutdown(self) -> None:
-        """End the child now (the server is going: a run on it has no one to show it to); again is a no-op."""
-        self._conn.close()
+    def _end_child(self) -> None:
         self._process.terminate()
         try:
             self._process.wait(10)
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+        self._conn.close()
+
+    def shutdown(self) -> None:
+        """End the child now (the server is going: a run on it has no one to show it to); later runs
+        raise GenerationError. Again is a no-op."""
+        with self._sending:
+            self._closed = True
+        self._end_child()
 
 
 def _child(conn: Connection, cache_options: dict, threads: int | None, preload: str | None) -> None:
@@ -169,11 +186,14 @@ def _child(conn: Connection, cache_options: dict, threads: int | None, preload: 
         cache = ModelCache(**cache_options)
         if preload is not None:
             cache.checkpoint(preload)
-        conn.send({"ready": True})
+        ready = {"ready": True}
+    except Exception as err:  # noqa: BLE001 - goes to the front, which raises it
+        cache, ready = None, wire.error(err)
+    try:
+        conn.send(ready)
     except OSError:  # the front left while this loaded
         return
-    except Exception as err:  # noqa: BLE001 - goes to the front, which raises it
-        conn.send(wire.error(err))
+    if cache is None:
         return
     current, cancel, thread = 0, CancelToken(), None
 

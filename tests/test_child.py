@@ -79,8 +79,27 @@ def test_an_error_in_the_child_is_raised_here_with_its_message_and_a_child_that_
         child.shutdown()
 
 
-def test_a_child_that_cannot_load_its_model_says_why_at_the_first_run(tmp_path, make_request):
+def test_a_child_that_cannot_load_its_model_says_why_at_each_run(tmp_path, make_request):
     child = GenerationProcess({"device": "cpu"}, 1, lambda source, preview: None, str(tmp_path / "no-such-model"))
-    with pytest.raises(ModelLoadError, match="no-such-model"):
-        run(child, make_request(), str(tmp_path / "no-such-model"))
-    assert child._process.wait(10) == 0
+    try:
+        for _ in range(2):  # the second run starts a new child, which says the same
+            first = child._process
+            with pytest.raises(ModelLoadError, match="no-such-model"):
+                run(child, make_request(), str(tmp_path / "no-such-model"))
+            assert first.wait(10) == 0
+        assert child._process is not first
+    finally:
+        child.shutdown()
+
+
+def test_stop_before_the_child_has_loaded_ends_the_run_and_a_shut_down_child_takes_no_run(cache, tiny_dir,
+                                                                                         make_request):
+    child = GenerationProcess({"device": "cpu"}, 1, lambda source, preview: None, str(tiny_dir))
+    cancel = CancelToken()
+    cancel.cancel()  # Stop while the child still imports torch: the run ends with nothing, at once
+    assert list(child.generate(make_request(), cancel, str(tiny_dir))) == []
+    child.shutdown()
+    assert child._process.poll() is not None
+    with pytest.raises(GenerationError, match="shutting down"):
+        run(child, make_request(), str(tiny_dir))
+    child.shutdown()  # again: a no-op

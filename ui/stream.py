@@ -240,12 +240,13 @@ class RunView:
     def complete(self) -> bool:
         """Write the pictures `save_frame` left (decoding them now), so the gallery holds every step made;
         whether there were any."""
-        unwritten, self._unwritten = self._unwritten, []
-        for frame in unwritten:
-            self._write(frame)
-        self.gallery.sort()  # by path: step_0001.jpg, ...
-        self.preview = self.gallery[-1][0] if self.gallery else self.preview
-        return bool(unwritten)
+        wrote = bool(self._unwritten)
+        while self._unwritten:  # one at a time: a decode that fails leaves the rest for the next call
+            self._write(self._unwritten[0])
+            self._unwritten.pop(0)
+            self.gallery.sort()  # by path: step_0001.jpg, ...
+            self.preview = self.gallery[-1][0]
+        return wrote
 
     def _write(self, frame) -> None:
         path = self.save(frame.image, f"step_{frame.step:04d}.jpg")
