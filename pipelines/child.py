@@ -204,14 +204,8 @@ def _child(conn: Connection, cache_options: dict, threads: int | None, preload: 
             token.cancel()
 
     def relay(request: GenerationRequest, source: str, live_interval: float, token: CancelToken) -> None:
-        try:
-            for item in generate(request, cache, token, source=source, make_deferred=False,
-                                 live_interval=live_interval):
-                send(wire.message(item, unmade=False), token)
-        except Exception as err:  # noqa: BLE001 - goes to the front as a message
-            send(wire.error(err), token)
-        finally:
-            send(None, token)
+        wire.relay(generate(request, cache, token, source=source, make_deferred=False, live_interval=live_interval),
+                   lambda msg: send(msg, token), unmade=False)
 
     while True:
         try:

@@ -12,7 +12,7 @@ can act on travel as messages too, so the front raises them with their own messa
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -51,6 +51,18 @@ def message(item: Frame | Final, unmade: bool = True) -> dict:
     return msg
 
 
+def relay(items: Iterator[Frame | Final], send: Callable[[dict | None], None], unmade: bool = True) -> None:
+    """Send a run's items as messages (`message`), then `None`; an error the run raised is sent as the
+    last message (`error`) instead of raised. The run's thread in another process calls it."""
+    try:
+        for item in items:
+            send(message(item, unmade))
+    except Exception as err:  # noqa: BLE001 - goes to the front as a message
+        send(error(err))
+    finally:
+        send(None)
+
+
 def error(err: Exception) -> dict:
     """An error as a message: GenerationError, ModelLoadError and ValueError keep their kind."""
     return {"error": type(err).__name__ if type(err).__name__ in ERRORS else "GenerationError",
@@ -63,7 +75,8 @@ class Reader:
     message left out (`message(unmade=False)`) is made from its latents by `decode` (the run's preview
     decoder: latents (1, C, h, w) -> uint8 (H, W, 3)) when first read (`Deferred`)."""
 
-    def __init__(self, request: GenerationRequest, source: str, decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, request: GenerationRequest, source: str,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.request, self.source, self.decode = request, source, decode
         self.schedule: SavedSchedule | None = None
         self.tokens: tuple[str, ...] = ()

@@ -77,13 +77,8 @@ class Generator:
         messages: asyncio.Queue = asyncio.Queue()
 
         def relay(source: str) -> None:  # the run's own thread: the pipeline blocks, the event loop must not
-            try:
-                for item in generate(request, self.cache, cancel, source=source):
-                    loop.call_soon_threadsafe(messages.put_nowait, wire.message(item))
-            except Exception as err:  # noqa: BLE001 - goes to the front as a message
-                loop.call_soon_threadsafe(messages.put_nowait, wire.error(err))
-            finally:
-                loop.call_soon_threadsafe(messages.put_nowait, None)
+            wire.relay(generate(request, self.cache, cancel, source=source),
+                       lambda msg: loop.call_soon_threadsafe(messages.put_nowait, msg))
 
         try:
             source = await self.checkpoint(serve.get_multiplexed_model_id())
