@@ -228,13 +228,17 @@ class Runner:
                         gr.Warning(note)
                     info = _info(req, label, item, limits.distilled_guidance)
                     tensors = self._save_tensors(view, label)
+
+                    def done(gallery, info=info):
+                        return self._outputs(view, gallery, final, status, info, runs, with_depth, tensors)
+
                     # the final image goes out at once; steps whose pictures were left for later (a CPU's
                     # decodes: `RunView.save_frame`) are written after it, and the next update holds them
                     gallery = gr.skip() if view.unwritten else view.gallery
                     if self.outputs is None:
-                        yield self._outputs(view, gallery, final, status, info, runs, with_depth, tensors)
+                        yield done(gallery)
                         if view.complete():
-                            yield self._outputs(view, view.gallery, final, status, info, runs, with_depth, tensors)
+                            yield done(view.gallery)
                         return
                     # The final image goes out first; then the keeper thread writes the run's folder (every
                     # file synced: 0.1-0.5 s for the bundled model's 20 steps, the most with full-VAE previews on a
@@ -244,16 +248,14 @@ class Runner:
                     # generator closed at the yield) does not stop it.
                     folder = self.outputs.reserve(req)
                     try:
-                        yield self._outputs(view, gallery, final, status, info + _saved_in(folder), runs,
-                                            with_depth, tensors)
+                        yield done(gallery, info + _saved_in(folder))
                     finally:
                         keeping = self._keeper.submit(contextvars.copy_context().run, self._keep, view, label,
                                                       "finished", owner, item.notes, folder)
                     if view.complete():
-                        yield self._outputs(view, view.gallery, final, status, info + _saved_in(folder), runs,
-                                            with_depth, tensors)
+                        yield done(view.gallery, info + _saved_in(folder))
                     if not keeping.result():  # not saved: its warning says why, and the info no longer says where
-                        yield self._outputs(view, view.gallery, final, status, info, runs, with_depth, tensors)
+                        yield done(view.gallery)
                     return
                 self.store.add_frame(view, item)
                 now = time.monotonic()

@@ -12,6 +12,7 @@ steps, a constant cost per step.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import shutil
 import threading
@@ -244,14 +245,12 @@ class RunView:
         while self._unwritten:  # one at a time: a decode that fails leaves the rest for the next call
             self._write(self._unwritten[0])
             self._unwritten.pop(0)
-            self.gallery.sort()  # by path: step_0001.jpg, ...
-            self.preview = self.gallery[-1][0]
         return wrote
 
     def _write(self, frame) -> None:
         path = self.save(frame.image, f"step_{frame.step:04d}.jpg")
-        self.gallery.append((path, frame.caption))
-        self.preview = path
+        bisect.insort(self.gallery, (path, frame.caption))  # in step order (by path), written late or not
+        self.preview = self.gallery[-1][0]
 
     def show_frame(self, frame) -> None:
         """Progress and noise levels up to this step."""
