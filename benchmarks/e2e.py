@@ -78,7 +78,8 @@ def main(argv=None) -> dict:
     threads = args.threads or sorted({*(2**k for k in range(cores.bit_length()) if 2**k <= cores), cores})
     work = Path(tempfile.mkdtemp(prefix="stepwise-e2e-"))
     marks = work / "marks.jsonl"
-    flags = (("--workers", str(args.workers)) if args.workers else ()) + (("--same-process",) if args.same_process else ())
+    flags = (("--workers", str(args.workers)) if args.workers else ()) + \
+        (("--same-process",) if args.same_process else ())
     with App(args, work, marks, flags) as url:
         from gradio_client import Client
 
@@ -196,12 +197,18 @@ def serve(port: int, marks: Path, flags: list[str]) -> dict:
     return {}
 
 
+def bare_command(threads: int, settings: dict, args, *more: str) -> tuple[list[str], dict]:
+    """The command and environment of a bare call's process at `threads` intra-op threads (OpenMP sizes
+    its pool once per process)."""
+    command = [sys.executable, "-m", "benchmarks.e2e", "--bare", str(threads), "--settings", json.dumps(settings),
+               *more, *(["--model", args.model] if args.model else [])]
+    return command, dict(os.environ, OMP_NUM_THREADS=str(threads))
+
+
 def bare_child(threads: int, settings: dict, args) -> dict:
     """The bare call's times at `threads` intra-op threads, in a process of its own."""
-    command = [sys.executable, "-m", "benchmarks.e2e", "--bare", str(threads), "--settings", json.dumps(settings),
-               "--repeats", str(args.repeats), "--steps", *map(str, args.steps)]
-    command += ["--model", args.model] if args.model else []
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    command, env = bare_command(threads, settings, args, "--repeats", str(args.repeats),
+                                "--steps", *map(str, args.steps))
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"the bare call at {threads} threads failed:\n{done.stderr[-4000:]}")
@@ -249,11 +256,9 @@ class Interleaved:
     median taken before the app's runs was no fair comparison for them."""
 
     def __init__(self, threads: int, settings: dict, args):
-        command = [sys.executable, "-m", "benchmarks.e2e", "--bare", str(threads), "--bare-on-request",
-                   "--settings", json.dumps(settings)] + (["--model", args.model] if args.model else [])
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+        command, env = bare_command(threads, settings, args, "--bare-on-request")
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
 
     def seconds(self, steps: int) -> float:
         self.proc.stdin.write(f"{steps}\n")

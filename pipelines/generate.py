@@ -385,8 +385,9 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
     finally:
         cancel.cancel()  # no-op after a finished run; stops one whose consumer left
         worker.join()
-        if defer and shown and make_deferred:  # the pictures of its frames no one has read yet, made now that the consumer is done;
-            # not a daemon (one torn down mid-decode at exit aborts the process), but it stops at exit
+        if defer and shown and make_deferred:  # the pictures of its frames no one has read yet, made now that
+            # the consumer is done; not a daemon (one torn down mid-decode at exit aborts the process), but it
+            # stops at exit
             threading.Thread(target=_make_all, args=(shown,), name="stepwise-deferred").start()
 
 
