@@ -452,7 +452,7 @@ class _Decoder:
 
     def submit(self, step: _Step) -> None:
         if self._in is None:
-            self._out.put(self._make(step))
+            self._out.put(self._make(step, self._live()))
             return
         ready = None
         if self._stream is not None:
@@ -467,6 +467,13 @@ class _Decoder:
         else:
             self._in.put((None, None, item))
 
+    def _live(self) -> bool:
+        """Whether the step at hand is made live: no newer one waits, and none was for `interval` seconds."""
+        now = time.perf_counter()
+        live = (self._in is None or self._in.empty()) and now - self._last_live >= self._interval
+        self._last_live = now if live else self._last_live
+        return live
+
     def _run(self) -> None:
         while True:
             step, ready, end = self._in.get()
@@ -480,10 +487,7 @@ class _Decoder:
                         for tensor in step.tensors():
                             if tensor.is_cuda:  # keep the allocator off it until the side stream is done with it
                                 tensor.record_stream(self._stream)
-                    now = time.perf_counter()
-                    live = self._in.empty() and now - self._last_live >= self._interval
-                    self._last_live = now if live else self._last_live
-                    self._out.put(self._make(step, live))
+                    self._out.put(self._make(step, self._live()))
             except Exception as err:  # noqa: BLE001 - surfaces in the caller's thread
                 self._out.put(err)
                 return
