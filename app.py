@@ -13,6 +13,7 @@ import argparse
 import atexit
 import dataclasses
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -36,7 +37,6 @@ from pipelines.outputs import GB, OutputsFolder  # noqa: E402
 from pipelines.presets import Preset, PresetError, fitting_presets, load_presets  # noqa: E402
 from pipelines.sources import is_single_file, list_models  # noqa: E402
 from ui import CSS, AppSpec, ModelView, build_app  # noqa: E402
-from ui.events import UPDATE_INTERVAL  # noqa: E402
 
 log = logging.getLogger("stepwise")
 
@@ -201,7 +201,8 @@ def create_demo(args: argparse.Namespace, cache: ModelCache, workers=None) -> gr
         source = depth_source if request.mode == "depth2img" and args.depth_model else model
         if workers is not None:
             return workers.generate(request, token, source)
-        return generate(request, cache, token, source=source, live_interval=UPDATE_INTERVAL)
+        # on a CPU each page update decodes the picture it shows (`RunView.write_newest`), so the run makes none
+        return generate(request, cache, token, source=source, live_interval=math.inf)
 
     spec = AppSpec(
         generate=run,
@@ -326,7 +327,7 @@ def start_child(args: argparse.Namespace, cache_options: dict, cache: ModelCache
     from pipelines.child import GenerationProcess
 
     choices, _ = model_menu(args)
-    child = GenerationProcess(cache_options, app_cpu_threads(), preload=choices[0][1], live_interval=UPDATE_INTERVAL,
+    child = GenerationProcess(cache_options, app_cpu_threads(), preload=choices[0][1],
                               decoder=lambda source, preview: cache.checkpoint(source).decoder(preview))
     atexit.register(child.shutdown)  # main() ends it too; this is for a caller that does not
     return child

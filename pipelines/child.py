@@ -7,10 +7,13 @@ served app took 1.5-2x the bare pipeline call (BENCHMARKS.md, issue 21). `Genera
 back over a pipe as `pipelines.wire` messages, as a Ray Serve replica does (`pipelines.workers`),
 without Ray: one child, one run at a time.
 
-- Pictures: a step's message carries the pictures the run made (the streamed view) and the latents
-  of the rest; the front makes those with its own copy of the checkpoint's decoder when first read
-  (the same weights on the same kind of device: the same pixels), so the child decodes no more than
-  it would in one process.
+- Pictures: the child makes none but the first step's streamed one (the shape of the rest); a step's
+  message carries its latents, and the front makes each picture with its own copy of the checkpoint's
+  decoder when first read (the same weights on the same kind of device: the same pixels): the page's
+  updates read the newest step's (`ui.stream.RunView.write_newest`), the rest wait for the run's end.
+  So the child's denoising thread shares its GIL with no decodes, and makes each step's frame itself
+  (`overlap_decode=False`): with nothing to decode, a decode thread's GIL hand-offs cost it more than
+  the work they moved (measured: BENCHMARKS.md, eighth session).
 - Stop: the front sends the run's cancel; the child's run stops after its current step.
 - A child that dies: the run on it ends with `GenerationError` (its frames so far stay shown), and
   the next run starts a new child.
@@ -21,6 +24,7 @@ without Ray: one child, one run at a time.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -42,8 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the app's folder: the child run
 
 class GenerationProcess:
     """The front's side: the child process, started here with `ModelCache(**cache_options)`, `threads`
-    intra-op threads and the checkpoint `preload` loaded, and runs on it (with `live_interval`: see
-    `pipelines.generate`). `decoder(source, preview)` gives
+    intra-op threads and the checkpoint `preload` loaded, and runs on it. `decoder(source, preview)` gives
     the front's preview decoder of a checkpoint, for the pictures the child left to the front. The child
     loads while the server starts; the first run waits for it, and raises GenerationError (or the
     ModelLoadError it met) when it could not start."""
@@ -51,9 +54,8 @@ class GenerationProcess:
     concurrency = 1  # runs the front lets out of its queue at once
 
     def __init__(self, cache_options: dict, threads: int | None, decoder: Callable[[str, str], Callable],
-                 preload: str | None = None, live_interval: float = 0.0):
+                 preload: str | None = None):
         self.cache_options, self.threads, self.decoder, self.preload = cache_options, threads, decoder, preload
-        self.live_interval = live_interval  # each run's, as `pipelines.generate` takes it
         self._lock = threading.Lock()  # one run at a time on the child's pipe
         self._runs = 0  # runs sent so far: each run's id, so a late cancel never reaches the next
         self._sending = threading.Lock()
@@ -107,7 +109,7 @@ class GenerationProcess:
                 return
             self._runs += 1
             run, ended = self._runs, threading.Event()
-            self._send(("run", run, request, source, self.live_interval))
+            self._send(("run", run, request, source))
 
             def stop_when_cancelled() -> None:  # Stop reaches the child at once, not at the next frame
                 cancel.wait()
@@ -183,7 +185,7 @@ def _child(conn: Connection, cache_options: dict, threads: int | None, preload: 
     if threads:
         torch.set_num_threads(threads)
     try:
-        cache = ModelCache(**cache_options)
+        cache = ModelCache(**dict(cache_options, overlap_decode=False))
         if preload is not None:
             cache.checkpoint(preload)
         ready = {"ready": True}
@@ -203,8 +205,8 @@ def _child(conn: Connection, cache_options: dict, threads: int | None, preload: 
         except OSError:  # the front is gone: so is the run's reader
             token.cancel()
 
-    def relay(request: GenerationRequest, source: str, live_interval: float, token: CancelToken) -> None:
-        wire.relay(generate(request, cache, token, source=source, make_deferred=False, live_interval=live_interval),
+    def relay(request: GenerationRequest, source: str, token: CancelToken) -> None:
+        wire.relay(generate(request, cache, token, source=source, make_deferred=False, live_interval=math.inf),
                    lambda msg: send(msg, token), unmade=False)
 
     while True:

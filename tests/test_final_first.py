@@ -129,3 +129,27 @@ def test_a_step_whose_picture_is_not_made_is_written_by_complete_in_its_place(tm
     assert [Path(path).name for path, _ in view.gallery] == ["step_0001.jpg", "step_0002.jpg", "step_0003.jpg"]
     assert view.preview == view.gallery[-1][0] and view.gallery[1][1] == "step 2/3"
     assert abs(np.asarray(Image.open(view.gallery[1][0])).astype(int).mean() - 120) < 2  # the deferred picture
+
+
+def test_an_update_writes_the_newest_step_the_run_left_and_complete_the_rest(tmp_path):
+    """`RunView.write_newest`: each page update decodes the picture it shows, only that one."""
+    host, made = HostBuffers("cpu"), []
+
+    def deferred(value: int, row: int):
+        def picture() -> torch.Tensor:
+            made.append(value)
+            return torch.full((8, 8, 3), value, dtype=torch.uint8)
+        return host.deferred("pixels", picture, like=torch.zeros(8, 8, 3, dtype=torch.uint8), row=row, rows=3)
+
+    view = RunView(tmp_path)
+    view.save_frame(_Shown(1, deferred(40, 0)))
+    view.save_frame(_Shown(2, deferred(120, 1)))
+    view.write_newest()  # an update after step 2: its picture, not step 1's
+    assert made == [120] and [Path(path).name for path, _ in view.gallery] == ["step_0002.jpg"]
+    view.write_newest()  # nothing newer: nothing more to decode
+    view.save_frame(_Shown(3, deferred(200, 2)))
+    assert made == [120] and view.preview == view.gallery[-1][0]
+    view.write_newest()
+    assert made == [120, 200] and view.preview.endswith("step_0003.jpg")
+    assert view.complete() and made == [120, 200, 40] and not view.unwritten
+    assert [Path(path).name for path, _ in view.gallery] == ["step_0001.jpg", "step_0002.jpg", "step_0003.jpg"]

@@ -262,6 +262,7 @@ class Runner:
                 if now - shown < UPDATE_INTERVAL:
                     continue
                 shown = now
+                view.write_newest()
                 gallery = view.gallery if view.gallery_due() else gr.skip()
                 status = progress_html(view.step, view.total, f"t={item.timestep:.0f}", view.levels, view.flow_matching)
                 yield self._outputs(view, gallery, None, status, "", runs, with_depth)

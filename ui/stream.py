@@ -238,6 +238,13 @@ class RunView:
         """Whether `save_frame` left pictures for `complete` to write."""
         return bool(self._unwritten)
 
+    def write_newest(self) -> None:
+        """Write the newest step's picture if `save_frame` left it, decoding it now: the one the page's next
+        update shows. On a CPU a run makes no picture as it goes but its first (`pipelines.generate`'s
+        `live_interval`, which the app sets to infinity), so each update decodes the one it shows."""
+        if self._unwritten and self._unwritten[-1].step == self.step:
+            self._write(self._unwritten.pop())
+
     def complete(self) -> bool:
         """Write the pictures `save_frame` left (decoding them now), so the gallery holds every step made;
         whether there were any."""
