@@ -61,6 +61,8 @@ def main(argv=None) -> dict:
     p.add_argument("--same-process", action="store_true",
                    help="run the app with --same-process (on a CPU, generation in the server's own process)")
     p.add_argument("--preview", default=None, help="the runs' preview decoder (default: the page's)")
+    p.add_argument("--ssl-verify", action="store_true",
+                   help="gradio_client's default: load the CA bundle at each of its requests (about 20 ms each)")
     p.add_argument("--json", default="benchmarks/results-e2e.json")
     p.add_argument("--serve", nargs=2, metavar=("PORT", "MARKS"), help=argparse.SUPPRESS)  # the app's process
     p.add_argument("--bare", type=int, metavar="THREADS", help=argparse.SUPPRESS)  # a bare call's process
@@ -83,7 +85,10 @@ def main(argv=None) -> dict:
     with App(args, work, marks, flags) as url:
         from gradio_client import Client
 
-        client = Client(url, verbose=False, download_files=False)
+        # plain http on localhost: certificate checks do nothing here, but with them on httpx loads the CA bundle
+        # at each of gradio_client's requests (about 20 ms, before the submit reaches the app); a browser
+        # does not pay that, so by default neither does this client
+        client = Client(url, verbose=False, download_files=False, ssl_verify=args.ssl_verify)
         page = {p["parameter_name"]: p.get("parameter_default")
                 for p in client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/txt2img"]
                 ["parameters"]}
@@ -102,7 +107,7 @@ def main(argv=None) -> dict:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores,
                     "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "settings": settings, "repeats": args.repeats, "save": not args.no_save, "workers": args.workers,
-        "same_process": args.same_process,
+        "same_process": args.same_process, "ssl_verify": args.ssl_verify,
         "bare": bare_rows, "app": app_rows,
     }
     print_table(results)
