@@ -7,10 +7,10 @@ served app took 1.5-2x the bare pipeline call (BENCHMARKS.md, issue 21). `Genera
 back over a pipe as `pipelines.wire` messages, as a Ray Serve replica does (`pipelines.workers`),
 without Ray: one child, one run at a time.
 
-- Pictures: the child makes none but the first step's streamed one (the shape of the rest); a step's
-  message carries its latents, and the front makes each picture with its own copy of the checkpoint's
-  decoder when first read (the same weights on the same kind of device: the same pixels): the page's
-  updates read the newest step's (`ui.stream.RunView.write_newest`), the rest wait for the run's end.
+- Pictures: the child makes none; a step's message carries its latents, and the front makes each
+  picture with its own copy of the checkpoint's decoder when first read (the same weights on the same
+  kind of device: the same pixels): the page's updates read the newest step's
+  (`ui.stream.RunView.write_newest`), the rest wait for the run's end.
   So the child's denoising thread shares its GIL with no decodes, and makes each step's frame itself
   (`overlap_decode=False`): with nothing to decode, a decode thread's GIL hand-offs cost it more than
   the work they moved (measured: BENCHMARKS.md, eighth session).
@@ -24,7 +24,6 @@ without Ray: one child, one run at a time.
 from __future__ import annotations
 
 import json
-import math
 import socket
 import subprocess
 import sys
@@ -206,7 +205,7 @@ def _child(conn: Connection, cache_options: dict, threads: int | None, preload: 
             token.cancel()
 
     def relay(request: GenerationRequest, source: str, token: CancelToken) -> None:
-        wire.relay(generate(request, cache, token, source=source, make_deferred=False, live_interval=math.inf),
+        wire.relay(generate(request, cache, token, source=source, make_deferred=False, live_interval=None),
                    lambda msg: send(msg, token), unmade=False)
 
     while True:

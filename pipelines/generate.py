@@ -26,6 +26,7 @@ from .previews import (
     SchedulerStep,
     X0Recorder,
     heat_overlay,
+    picture_like,
     to_pixels,
 )
 from .protocol import CancelToken, Final, GenerationError
@@ -211,7 +212,7 @@ def generate(
     cancel: CancelToken | None = None,
     source: str = BUNDLED,
     make_deferred: bool = True,
-    live_interval: float = 0.0,
+    live_interval: float | None = 0.0,
 ) -> Iterator[Frame | Final]:
     """Yield a `Frame` after every denoising step, then one `Final`.
 
@@ -224,7 +225,8 @@ def generate(
     `make_deferred` is False (a consumer that reads no picture after the run, as the
     child process: `pipelines.child`); so is the streamed view of a step that a newer
     one overtook, or that came less than `live_interval` seconds after the last one
-    made live (the page shows at most one update per `ui.events.UPDATE_INTERVAL`).
+    made live; with `live_interval` None, every one (the app's page updates decode the
+    picture each shows: `ui.stream.RunView.write_newest`).
     Closing this iterator early (a client went away) cancels the run. The run holds
     its checkpoint in `cache` (never evicted) until it ends.
     """
@@ -233,7 +235,7 @@ def generate(
 
 
 def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, source: str,
-         make_deferred: bool, live_interval: float) -> Iterator[Frame | Final]:
+         make_deferred: bool, live_interval: float | None) -> Iterator[Frame | Final]:
     # 1. The shared pipeline, and a per-run one with its own scheduler and interrupt flag
     shared = cache.pipeline(request.mode, source)
     checkpoint = cache.checkpoint(source)
@@ -304,9 +306,10 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
         # decoded now (the page shows the newest), the rest when first read or once the run is over
         # (`Deferred`), so neither the UNet nor the final image waits for previews; on CUDA all now, on the
         # side stream
-        now = views.keys() if not defer else [streamed] if live or like is None else []
+        now = views.keys() if not defer else [streamed] if live else []
         pictures = {name: decode(views[name]) for name in now}
-        like = pictures[streamed] if like is None else like
+        if like is None:
+            like = pictures[streamed] if streamed in pictures else picture_like(decode, views[streamed])
         maps = step.attention[0] / step.attention[1] if step.attention is not None else None
         kept = host.copies(dict(
             t=torch.as_tensor(step.t), latents=views["x_t"], x0=views["x0"],
@@ -442,7 +445,8 @@ class _Decoder:
     doubles the decode's peak memory.
     """
 
-    def __init__(self, make_frame, out: queue.Queue, device: torch.device, threaded: bool, interval: float = 0.0):
+    def __init__(self, make_frame, out: queue.Queue, device: torch.device, threaded: bool,
+                 interval: float | None = 0.0):
         self._make, self._out = make_frame, out
         self._interval, self._last_live = interval, float("-inf")
         self._in: queue.Queue | None = queue.Queue() if threaded else None
@@ -468,7 +472,10 @@ class _Decoder:
             self._in.put((None, None, item))
 
     def _live(self) -> bool:
-        """Whether the step at hand is made live: no newer one waits, and none was for `interval` seconds."""
+        """Whether the step at hand is made live: no newer one waits, and none was for `interval` seconds
+        (None: never)."""
+        if self._interval is None:
+            return False
         now = time.perf_counter()
         live = (self._in is None or self._in.empty()) and now - self._last_live >= self._interval
         self._last_live = now if live else self._last_live

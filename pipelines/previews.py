@@ -37,6 +37,18 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return ((images[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
 
 
+def picture_like(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
+    """An empty uint8 (H, W, 3) CPU picture of the size `decode` makes of `latents` (1, C, h, w), without
+    decoding them: the decoder's scale (8 for SD's VAE, 1 for latent->RGB) is found once, by decoding 2x2
+    latents, and kept on the decoder. For the slots of pictures a run leaves for later (`HostBuffers.deferred`)
+    when it decodes none as it goes."""
+    scale = getattr(decode, "picture_scale", None)
+    if scale is None:
+        scale = decode(torch.zeros_like(latents[:, :, :2, :2])).shape[0] // 2
+        decode.picture_scale = scale
+    return torch.empty((latents.shape[-2] * scale, latents.shape[-1] * scale, 3), dtype=torch.uint8)
+
+
 class HostCopy:
     """A tensor in host memory, or on its way there. On CUDA it is a slice of the run's pinned
     `HostBuffers` that a non-blocking copy is landing in, queued behind the work that produces it,

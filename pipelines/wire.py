@@ -22,7 +22,7 @@ from safetensors.torch import save as save_tensors
 
 from .generate import LATENTS, PICTURE, Frame
 from .outputs import png_bytes
-from .previews import Deferred, HostCopy, LatentRGB, SavedSchedule
+from .previews import Deferred, HostCopy, LatentRGB, SavedSchedule, picture_like
 from .protocol import Final, GenerationError, ModelLoadError
 from .request import GenerationRequest
 
@@ -100,6 +100,8 @@ class Reader:
             self._like = next(copy.tensor() for name, copy in copies.items() if name in msg["pictures"])
         for name, latents in DECODED.items():
             if name not in copies and latents in copies and self.decode is not None:
+                if self._like is None:  # a run that made no picture
+                    self._like = picture_like(self.decode, copies[latents].tensor())
                 slot = torch.empty_like(self._like)
                 copies[name] = HostCopy(slot, Deferred(lambda t=copies[latents]: self.decode(t.tensor()), slot))
         return Frame(step=msg["step"], total=msg["total"], view=msg["view"], seconds=msg["seconds"],

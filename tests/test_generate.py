@@ -17,7 +17,7 @@ from transformers import DPTForDepthEstimation, DPTImageProcessor
 
 from pipelines import CancelToken, Final, Frame, ModelCache, generate, layout
 from pipelines.generate import _Decoder
-from pipelines.previews import HostBuffers, HostCopy, LatentRGB, X0Recorder, latent_rgb_for
+from pipelines.previews import HostBuffers, HostCopy, LatentRGB, X0Recorder, latent_rgb_for, picture_like
 from pipelines.families import FLUX_LATENT_RGB, SD3_LATENT_RGB, SD_LATENT_RGB, SDXL_LATENT_RGB, family_named
 from pipelines.schedulers import SCHEDULER_NAMES, make_scheduler
 
@@ -84,6 +84,34 @@ def test_a_frame_keeps_both_views_and_counts_its_bytes(cache, tiny_dir, make_req
     assert frames[0].nbytes == timestep + 2 * picture + 5 * latents + picture + latents  # and the start
     assert frames[0].image.size == (64, 64)
     assert np.array_equal(pixels(frames[0].image), pixels(frames[0].x0_pixels.pil()))  # the x0 view streams
+
+
+def test_a_run_that_makes_no_picture_live_decodes_none_before_its_final_image(cache, tiny_dir, make_request,
+                                                                            monkeypatch):
+    """`live_interval=None` (the app's runs on a CPU: each page update decodes the picture it shows): before
+    the final image the run decodes nothing but 2x2 latents, once, to size its pictures' slots; each picture,
+    read later, is the decoder's own on its frame's latents."""
+    checkpoint = cache.checkpoint(str(tiny_dir))
+    vae, sizes = checkpoint.full_vae, []
+
+    def counted(latents):
+        sizes.append(tuple(latents.shape[-2:]))
+        return vae(latents)
+
+    monkeypatch.setattr(type(checkpoint), "decoder", lambda self, preview: counted)
+    frames, at_final = [], None
+    for item in generate(make_request(steps=4, preview="full-vae"), cache, source=str(tiny_dir), live_interval=None):
+        if isinstance(item, Final):
+            at_final = list(sizes), [f.xt_pixels.made or f.x0_pixels.made or f.start_pixels is not None
+                                     and f.start_pixels.made for f in frames]
+        else:
+            frames.append(item)
+    assert at_final == ([(2, 2)], [False] * 4) and counted.picture_scale > 1
+    with torch.no_grad():
+        for f in frames:
+            assert torch.equal(f.xt_pixels.tensor(), vae(f.latents.tensor()).cpu())
+            assert torch.equal(f.x0_pixels.tensor(), vae(f.x0.tensor()).cpu())
+        assert torch.equal(frames[0].start_pixels.tensor(), vae(frames[0].start_latents.tensor()).cpu())
 
 
 @pytest.mark.parametrize("view", ["x0", "x_t"])
@@ -498,3 +526,13 @@ def test_compiled_unet_streams_every_step_without_recompiling(tiny_dir, make_req
         assert np.array_equal(pixels(finals[0].image), pixels(expected))
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("preview", ["latent-rgb", "full-vae"])
+def test_picture_like_is_the_size_and_dtype_the_decoder_makes(cache, tiny_dir, preview):
+    checkpoint = cache.checkpoint(str(tiny_dir))
+    decode = checkpoint.decoder(preview)
+    latents = torch.randn(1, checkpoint.base.vae.config.latent_channels, 5, 3)
+    for _ in range(2):  # the second from the scale kept on the decoder
+        like = picture_like(decode, latents)
+        assert like.shape == decode(latents).shape and like.dtype == torch.uint8

@@ -240,8 +240,8 @@ class RunView:
 
     def write_newest(self) -> None:
         """Write the newest step's picture if `save_frame` left it, decoding it now: the one the page's next
-        update shows. On a CPU a run makes no picture as it goes but its first (`pipelines.generate`'s
-        `live_interval`, which the app sets to infinity), so each update decodes the one it shows."""
+        update shows. On a CPU the app's runs make no picture as they go (`pipelines.generate`'s `live_interval`
+        None), so each update decodes the one it shows."""
         if self._unwritten and self._unwritten[-1].step == self.step:
             self._write(self._unwritten.pop())
 
