@@ -201,7 +201,7 @@ def create_demo(args: argparse.Namespace, cache: ModelCache, workers=None) -> gr
         if workers is not None:
             return workers.generate(request, token, source)
         # on a CPU each page update decodes the picture it shows (`RunView.write_newest`), so the run makes none
-        return generate(request, cache, token, source=source, live_interval=None)
+        return generate(request, cache, token, source=source, live=False)
 
     spec = AppSpec(
         generate=run,

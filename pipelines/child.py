@@ -205,7 +205,7 @@ def _child(conn: Connection, cache_options: dict, threads: int | None, preload: 
             token.cancel()
 
     def relay(request: GenerationRequest, source: str, token: CancelToken) -> None:
-        wire.relay(generate(request, cache, token, source=source, make_deferred=False, live_interval=None),
+        wire.relay(generate(request, cache, token, source=source, make_deferred=False, live=False),
                    lambda msg: send(msg, token), unmade=False)
 
     while True:

@@ -49,9 +49,10 @@ class Frame:
     Both views are pictures made by the run's own preview decoder, from
     `NoiseSchedule.shown` x_t and the scheduler's x0; the timeline shows these very
     pixels and never decodes again (so it cannot drift from what streamed). On a CPU
-    the view not streamed, and the first frame's start, are made when first read, or
-    by the run once its consumer is done with it (`previews.Deferred`): the same
-    decoder on the same latents, so the same pixels.
+    the view not streamed, the first frame's start, and the streamed view of a step not
+    made live (`generate`'s `live`), are made when first read, or by the run once its
+    consumer is done with it (`previews.Deferred`): the same decoder on the same
+    latents, so the same pixels.
     """
 
     step: int  # 1-based
@@ -212,7 +213,7 @@ def generate(
     cancel: CancelToken | None = None,
     source: str = BUNDLED,
     make_deferred: bool = True,
-    live_interval: float | None = 0.0,
+    live: bool = True,
 ) -> Iterator[Frame | Final]:
     """Yield a `Frame` after every denoising step, then one `Final`.
 
@@ -222,20 +223,20 @@ def generate(
     first frame the run's starting latents), so the timeline shows what the run
     made without loading a model; on a CPU the view not streamed is made after the
     final image (`Frame`), on a thread of its own once the consumer is done, unless
-    `make_deferred` is False (a consumer that reads no picture after the run, as the
-    child process: `pipelines.child`); so is the streamed view of a step that a newer
-    one overtook, or that came less than `live_interval` seconds after the last one
-    made live; with `live_interval` None, every one (the app's page updates decode the
-    picture each shows: `ui.stream.RunView.write_newest`).
+    `make_deferred` is False (a consumer that reads no picture but those made live, as
+    the child process: `pipelines.child`; its frames then have None for the rest); so is
+    the streamed view of a step that a newer one overtook, and with `live` False of
+    every step (the app: each page update decodes the picture it shows,
+    `ui.stream.RunView.write_newest`).
     Closing this iterator early (a client went away) cancels the run. The run holds
     its checkpoint in `cache` (never evicted) until it ends.
     """
     with cache.running(source):
-        yield from _run(request, cache, cancel or CancelToken(), source, make_deferred, live_interval)
+        yield from _run(request, cache, cancel or CancelToken(), source, make_deferred, live)
 
 
 def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, source: str,
-         make_deferred: bool, live_interval: float | None) -> Iterator[Frame | Final]:
+         make_deferred: bool, live: bool) -> Iterator[Frame | Final]:
     # 1. The shared pipeline, and a per-run one with its own scheduler and interrupt flag
     shared = cache.pipeline(request.mode, source)
     checkpoint = cache.checkpoint(source)
@@ -288,11 +289,11 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
 
     schedule: NoiseSchedule | None = None  # made with the first frame, from what the first callback saw
 
-    like: torch.Tensor | None = None  # the run's first picture: the shape and dtype of every deferred one
+    like: torch.Tensor | None = None  # the shape and dtype of every deferred picture of the run
 
-    def make_frame(step: _Step, live: bool = True) -> Frame:
+    def make_frame(step: _Step, live: bool) -> Frame:
         """The step's pictures and host copies, on the decode thread (on CUDA its side stream); `live`:
-        no newer step (nor the run's end) waits behind this one, and none was live for `live_interval`."""
+        make the streamed view now (`_Decoder._live`)."""
         nonlocal schedule, like
         i, first = step.index, step.index == 0
         if first:
@@ -302,13 +303,13 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
         views = {"x_t": schedule.shown(unpack(step.latents), i + 1), "x0": unpack(recorder.x0_of(step.scheduler_step))}
         if first:
             views["start"] = schedule.shown(unpack(step.start), 0)
-        # on a CPU, where a decode costs about a UNet step, only the streamed view of the newest step is
-        # decoded now (the page shows the newest), the rest when first read or once the run is over
-        # (`Deferred`), so neither the UNet nor the final image waits for previews; on CUDA all now, on the
-        # side stream
+        # on a CPU, where a decode costs about a UNet step, at most the streamed view of the newest step is
+        # decoded now, the rest when first read or once the run is over (`Deferred`), so neither the UNet
+        # nor the final image waits for previews; on CUDA all now, on the side stream
         now = views.keys() if not defer else [streamed] if live else []
         pictures = {name: decode(views[name]) for name in now}
-        if like is None:
+        later = [name for name in views if name not in pictures]
+        if later and make_deferred and like is None:
             like = pictures[streamed] if streamed in pictures else picture_like(decode, views[streamed])
         maps = step.attention[0] / step.attention[1] if step.attention is not None else None
         kept = host.copies(dict(
@@ -325,7 +326,10 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
                 depth = to_pixels(control * 2 - 1)
             kept |= host.copies({"start_latents": views["start"], "start_pixels": pictures.get("start"),
                                  "depth_pixels": depth})
-        for name in [name for name in views if name not in pictures]:  # from the host copies of its latents
+        for name in later:  # from the host copies of its latents; None for a consumer that reads none of them
+            if not make_deferred:
+                kept[PICTURE[name]] = None
+                continue
             rows = dict(row=i, rows=step.total) if name != "start" else {}  # the start is once a run
             latents = kept[LATENTS[name]]
             kept[PICTURE[name]] = host.deferred(PICTURE[name], lambda latents=latents: decode(latents.tensor()),
@@ -369,7 +373,7 @@ def _run(request: GenerationRequest, cache: ModelCache, cancel: CancelToken, sou
             decoder.finish(err)
 
     # 5. Run, relay frames, finish with the final image
-    decoder = _Decoder(make_frame, frames, cache.device, threaded=cache.overlap_decode, interval=live_interval)
+    decoder = _Decoder(make_frame, frames, cache.device, threaded=cache.overlap_decode, live=live)
     worker = threading.Thread(target=work, name="stepwise-run", daemon=True)
     worker.start()
     shown: list[Frame] = []
@@ -439,16 +443,14 @@ class _Decoder:
     model one decode costs about 0.8 of a UNet step, so two a step fell behind the
     UNet and the final image waited for that backlog: on a CPU the view not
     streamed is decoded later, and so is the streamed one of a step that a newer
-    step (or the run's end) waits behind, or that comes less than `interval`
-    seconds after the last live one (`make_frame`'s `live`). One call per view rather than a batch
+    step (or the run's end) waits behind, or of every step when not `live`
+    (`make_frame`'s `live`). One call per view rather than a batch
     of two: a batch saved ~10% on CPU, changes the pixels (different kernels), and
     doubles the decode's peak memory.
     """
 
-    def __init__(self, make_frame, out: queue.Queue, device: torch.device, threaded: bool,
-                 interval: float | None = 0.0):
-        self._make, self._out = make_frame, out
-        self._interval, self._last_live = interval, float("-inf")
+    def __init__(self, make_frame, out: queue.Queue, device: torch.device, threaded: bool, live: bool = True):
+        self._make, self._out, self._live_wanted = make_frame, out, live
         self._in: queue.Queue | None = queue.Queue() if threaded else None
         self._stream = torch.cuda.Stream(device) if threaded and device.type == "cuda" else None
         if threaded:
@@ -472,14 +474,8 @@ class _Decoder:
             self._in.put((None, None, item))
 
     def _live(self) -> bool:
-        """Whether the step at hand is made live: no newer one waits, and none was for `interval` seconds
-        (None: never)."""
-        if self._interval is None:
-            return False
-        now = time.perf_counter()
-        live = (self._in is None or self._in.empty()) and now - self._last_live >= self._interval
-        self._last_live = now if live else self._last_live
-        return live
+        """Whether the step at hand is made live: `live` asked for, and no newer step waits behind it."""
+        return self._live_wanted and (self._in is None or self._in.empty())
 
     def _run(self) -> None:
         while True:

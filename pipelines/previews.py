@@ -44,7 +44,10 @@ def picture_like(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.
     when it decodes none as it goes."""
     scale = getattr(decode, "picture_scale", None)
     if scale is None:
-        scale = decode(torch.zeros_like(latents[:, :, :2, :2])).shape[0] // 2
+        probe = decode(torch.zeros_like(latents[:, :, :2, :2]))
+        scale = probe.shape[0] // 2
+        if probe.shape[:2] != (2 * scale, 2 * scale):
+            raise ValueError(f"the preview decoder made {tuple(probe.shape)} of 2x2 latents, not a whole scale")
         decode.picture_scale = scale
     return torch.empty((latents.shape[-2] * scale, latents.shape[-1] * scale, 3), dtype=torch.uint8)
 
@@ -90,7 +93,7 @@ class Deferred:
     """A `HostCopy`'s `ready` whose tensor is made when it is first read, not when its frame was:
     `make()` runs once, on the first thread that reads (`synchronize`), and lands in the copy's
     slot. On a CPU a run's frames defer the pictures the page does not stream, and the streamed one
-    of a step a newer step overtook (`pipelines.generate`);
+    of a step a newer step overtook, or of every step (the app's runs: `pipelines.generate`'s `live`);
     the same decoder on the same latents gives the same pixels whenever it runs. A `make` that
     raises raises to that reader, and the next read tries again."""
 

@@ -81,7 +81,7 @@ class Reader:
         self.schedule: SavedSchedule | None = None
         self.tokens: tuple[str, ...] = ()
         self.latent_rgb: LatentRGB | None = None
-        self._like: torch.Tensor | None = None  # the run's first picture: the shape and dtype of the rest
+        self._like: torch.Tensor | None = None  # the shape and dtype of the run's pictures
 
     def read(self, msg: dict) -> Frame | Final:
         if "error" in msg:
@@ -96,8 +96,8 @@ class Reader:
             self.latent_rgb = LatentRGB.from_dict(run["latent_rgb"]) if run["latent_rgb"] else None
         copies = {name: HostCopy(tensor) for name, tensor in load_tensors(msg["tensors"]).items()}
         copies |= {name: HostCopy(torch.from_numpy(np.array(_image(png)))) for name, png in msg["pictures"].items()}
-        if self._like is None and msg["pictures"]:
-            self._like = next(copy.tensor() for name, copy in copies.items() if name in msg["pictures"])
+        if self._like is None:  # a decoded picture (not the depth map), or the size the decoder makes
+            self._like = next((copies[name].tensor() for name in DECODED if name in msg["pictures"]), None)
         for name, latents in DECODED.items():
             if name not in copies and latents in copies and self.decode is not None:
                 if self._like is None:  # a run that made no picture

@@ -69,8 +69,8 @@ def test_each_endpoint_streams_its_steps_and_a_final_image(client, scene_file, a
         extra = dict(extra, image=handle_file(scene_file))
     updates = stream(client, api_name, **extra)
     shown = [int(u[OUT["preview"]][-8:-4]) for u in updates if u[OUT["final"]] is None]  # step_0001.jpg: 1
-    # steps faster than UPDATE_INTERVAL share an update, and on a CPU a step a newer one overtook is drawn after
-    # the final image: each update shows the newest step drawn so far; the last update's gallery every step
+    # steps faster than UPDATE_INTERVAL share an update, and on a CPU a step no update showed is drawn after
+    # the final image: each update shows the newest step; the last update's gallery every step
     assert shown[0] == 1 and shown == sorted(shown) and len(shown) <= steps
     final = updates[-1]
     gallery = final[OUT["gallery"]]

@@ -30,19 +30,21 @@ def run(child, request, source, cancel=None):
     return [i for i in items if isinstance(i, Frame)], [i for i in items if isinstance(i, Final)]
 
 
+@pytest.mark.parametrize("mode", ["txt2img", "depth2img"])
 @pytest.mark.parametrize("preview", ["full-vae", "latent-rgb"])
-def test_a_run_in_the_child_is_the_one_process_run(child, cache, tiny_dir, make_request, preview):
-    """Every step, every picture (those the child left out made here from their latents), every tensor and
-    the final image are the one-process run's."""
-    request = make_request(steps=5, preview=preview, view="x0", record_attention=True)
+def test_a_run_in_the_child_is_the_one_process_run(child, cache, tiny_dir, make_request, preview, mode):
+    """Every step, every picture (made here from their latents: the child makes none; a depth2img run's depth
+    map, at the latents' size, is no picture's size), every tensor and the final image are the one-process
+    run's."""
+    request = make_request(mode, steps=5, preview=preview, view="x0", record_attention=True)
     alone = list(generate(request, cache, source=str(tiny_dir)))
     frames, [final] = run(child, request, str(tiny_dir))
-    assert [f.step for f in frames] == [1, 2, 3, 4, 5]
+    assert [f.step for f in frames] == [f.step for f in alone[:-1]] == list(range(1, len(frames) + 1))
     # the child made no picture: this process makes each, from its latents, when read
     assert not any(f.x0_pixels.made or f.xt_pixels.made or (f.start_pixels and f.start_pixels.made) for f in frames)
     assert np.array_equal(pixels(final.image), pixels(alone[-1].image)) and final.notes == alone[-1].notes
     for mine, theirs in zip(frames, alone[:-1], strict=True):
-        for name in (*PICTURES, "latents", "x0", "noise_pred", "attention"):
+        for name in (*PICTURES, "depth_pixels", "latents", "x0", "noise_pred", "attention"):
             a, b = getattr(mine, name), getattr(theirs, name)
             assert (a is None) == (b is None) and (a is None or torch.equal(a.tensor(), b.tensor())), name
 

@@ -88,7 +88,7 @@ def test_a_frame_keeps_both_views_and_counts_its_bytes(cache, tiny_dir, make_req
 
 def test_a_run_that_makes_no_picture_live_decodes_none_before_its_final_image(cache, tiny_dir, make_request,
                                                                             monkeypatch):
-    """`live_interval=None` (the app's runs on a CPU: each page update decodes the picture it shows): before
+    """`live=False` (the app's runs on a CPU: each page update decodes the picture it shows): before
     the final image the run decodes nothing but 2x2 latents, once, to size its pictures' slots; each picture,
     read later, is the decoder's own on its frame's latents."""
     checkpoint = cache.checkpoint(str(tiny_dir))
@@ -100,7 +100,7 @@ def test_a_run_that_makes_no_picture_live_decodes_none_before_its_final_image(ca
 
     monkeypatch.setattr(type(checkpoint), "decoder", lambda self, preview: counted)
     frames, at_final = [], None
-    for item in generate(make_request(steps=4, preview="full-vae"), cache, source=str(tiny_dir), live_interval=None):
+    for item in generate(make_request(steps=4, preview="full-vae"), cache, source=str(tiny_dir), live=False):
         if isinstance(item, Final):
             at_final = list(sizes), [f.xt_pixels.made or f.x0_pixels.made or f.start_pixels is not None
                                      and f.start_pixels.made for f in frames]
@@ -178,17 +178,19 @@ def test_the_decode_thread_makes_a_step_live_only_when_no_newer_step_or_end_wait
     assert made == [(1, True), (2, False), (3, False)]
 
 
-def test_the_decode_thread_makes_a_step_live_at_most_once_an_interval():
-    """`live_interval`: the page shows at most one update per `ui.events.UPDATE_INTERVAL`, so a step that
-    comes sooner after the last live one is made later, even with nothing queued behind it."""
+@pytest.mark.parametrize("threaded", [True, False])
+@pytest.mark.parametrize("live", [True, False])
+def test_a_step_with_none_behind_it_is_made_live_only_when_the_run_asks(live, threaded):
+    """`live=False` (the app's runs on a CPU: each page update decodes the picture it shows) makes no step
+    live, even with nothing queued behind it; `live=True` each such step, on the decode thread or inline."""
     made, out = [], queue.Queue()
     decoder = _Decoder(lambda step, live: made.append((step, live)) or step, out, torch.device("cpu"),
-                       threaded=True, interval=60)
+                       threaded=threaded, live=live)
     for step in (1, 2):
         decoder.submit(step)
         assert out.get(timeout=10) == step  # each step alone in the queue
     decoder.finish(None)  # the thread ends: no decode thread outlives its run
-    assert out.get(timeout=10) is None and made == [(1, True), (2, False)]
+    assert out.get(timeout=10) is None and made == [(1, live), (2, live)]
 
 
 def test_a_runs_reads_of_the_pipelines_tokenizer_hold_the_run_lock(cache, tiny_dir, make_request, monkeypatch):

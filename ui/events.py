@@ -241,11 +241,11 @@ class Runner:
                             yield done(view.gallery)
                         return
                     # The final image goes out first; then the keeper thread writes the run's folder (every
-                    # file synced: 0.1-0.5 s for the bundled model's 20 steps, the most with full-VAE previews on a
-                    # CPU, whose view not streamed is decoded then: `pipelines.generate`). Gradio resumes this generator
-                    # once it has sent the update, so the writing does not take the GIL from the update's
-                    # postprocessing. The event ends once the folder is written; a client that left (the
-                    # generator closed at the yield) does not stop it.
+                    # file synced: 0.1-0.5 s for the bundled model's 20 steps, the most with full-VAE previews on
+                    # a CPU, whose pictures no update showed are decoded then: `pipelines.generate`). Gradio
+                    # resumes this generator once it has sent the update, so the writing does not take the GIL
+                    # from the update's postprocessing. The event ends once the folder is written; a client
+                    # that left (the generator closed at the yield) does not stop it.
                     folder = self.outputs.reserve(req)
                     try:
                         yield done(gallery, info + _saved_in(folder))

@@ -223,8 +223,8 @@ class RunView:
 
     def save_frame(self, frame) -> None:
         """Write the step's picture once and show it: preview, gallery, progress. A picture not made yet
-        (on a CPU, a step a newer one overtook: `pipelines.generate`) is written by `complete`, so the
-        stream never waits for its decode."""
+        (on a CPU, the app's runs make none as they go: `pipelines.generate`) is written by `write_newest`
+        when an update shows it, or by `complete`, so the stream never waits for a decode it does not show."""
         self.show_frame(frame)
         if frame.pixels.made:
             self._write(frame)
@@ -240,8 +240,8 @@ class RunView:
 
     def write_newest(self) -> None:
         """Write the newest step's picture if `save_frame` left it, decoding it now: the one the page's next
-        update shows. On a CPU the app's runs make no picture as they go (`pipelines.generate`'s `live_interval`
-        None), so each update decodes the one it shows."""
+        update shows. On a CPU the app's runs make no picture as they go (`pipelines.generate`'s `live`
+        False), so each update decodes the one it shows."""
         if self._unwritten and self._unwritten[-1].step == self.step:
             self._write(self._unwritten.pop())
 
