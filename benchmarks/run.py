@@ -4,9 +4,10 @@
 
 Prints a table and writes JSON. Every figure is a median over `--repeats` runs, and
 every comparison is measured side by side, interleaved, in this one process.
-1. streaming: the app's generation path (each step decoded and stored as a frame)
-   vs the bare diffusers call with no callback, same model, settings and seed: to the
-   final image, and to every picture of the run made (the view not streamed comes later).
+1. streaming: the app's generation path (each step stored as a frame, the newest one's picture
+   decoded at the page's update pace) vs the bare diffusers call with no callback, same model,
+   settings and seed: to the final image, and to every picture of the run made (on a CPU those no
+   update showed come after the final image).
    With it, the step callback's own time per step on the denoising thread.
 2. server: Gradio's per-yield work (handler + postprocess) as runs grow.
 3. cache: img2img after txt2img; switching between two checkpoints under a budget.
@@ -40,6 +41,7 @@ from pipelines.cache import BUNDLED, bundled_folder
 from pipelines.generate import _per_run, pipeline_inputs
 from pipelines.schedulers import make_scheduler
 from pipelines.tiny import save_tiny_checkpoint
+from ui.events import UPDATE_INTERVAL
 from ui.layout import AppSpec, build_app
 from ui.stream import RunView
 
@@ -57,14 +59,19 @@ def bare_run(cache: ModelCache, req, source: str):
 
 
 def app_run(cache: ModelCache, req, source: str, folder: Path, marks: dict | None = None):
-    """The app's path: every step decoded, encoded once and stored, as the UI does. Returns once every
-    picture of the run is made, as the outputs folder saves them (on a CPU the view not streamed is made
-    after the final image: `pipelines.generate`), so none of its work spills into what runs next;
-    `marks["final"]`, when given: the perf_counter() time the final image came."""
-    view = RunView(folder)
-    for item in generate(req, cache, source=source):
+    """The app's path, as `ui.events.Runner` takes it: a run that makes no picture as it goes
+    (`generate(live=False)`; on CUDA every picture is made anyway, on the side stream), every step
+    stored, and at most once per `UPDATE_INTERVAL` the newest step's picture decoded and written
+    (`RunView.write_newest`), as each page update does. Returns once every picture of the run is made, as
+    the outputs folder saves them, so none of its work spills into what runs next; `marks["final"]`,
+    when given: the perf_counter() time the final image came."""
+    view, shown = RunView(folder), float("-inf")
+    for item in generate(req, cache, source=source, live=False):
         if hasattr(item, "step"):
             view.add_frame(item)
+            if time.monotonic() - shown >= UPDATE_INTERVAL:
+                shown = time.monotonic()
+                view.write_newest()
         elif marks is not None:
             marks["final"] = time.perf_counter()
     view.complete()
