@@ -60,12 +60,14 @@ def test_fresh_captions_are_drawn_as_they_say(generated, settings, key):
 
 
 def test_seeds_differ_where_the_caption_leaves_room(pipe, settings):
-    """A partial caption: four seeds give four pictures (size and place are the seed's), each of them a red circle."""
+    """A partial caption: four seeds give four pictures (size, background and the exact place are the
+    seed's), each of them a red circle, in the centre that an unnamed position means."""
     images = pipe(["a red circle"] * 4, width=settings["width"], height=settings["height"],
                   generator=[torch.Generator().manual_seed(i) for i in range(4)], **sample_kw(settings)).images
     a = np.stack([np.asarray(im, np.float32) for im in images])
     assert min(np.abs(a[i] - a[j]).mean() for i in range(4) for j in range(i + 1, 4)) > 5.0
-    assert sum(analyse(im)["shape"] == "circle" and analyse(im)["colour"] == "red" for im in images) >= 3
+    got = [analyse(im) for im in images]
+    assert sum(g["shape"] == "circle" and g["colour"] == "red" and g["position"] == "center" for g in got) >= 3, got
 
 
 def test_img2img_keeps_the_layout_at_low_strength_and_follows_the_caption_at_high(pipe, settings):

@@ -64,3 +64,21 @@ def test_captions_are_whole_word_tokens_that_fit(tok):
     assert S.canonical_caption(dict(background="yellow", objects=[
         dict(shape="circle", colour="red", position="left"), dict(shape="square", colour="orange", position="right")])) \
         == "a red circle on the left and an orange square on the right, yellow background"
+
+
+def test_a_caption_leaves_positions_out_only_where_they_are_the_default():
+    """An unnamed position means the centre (two objects: the first named on the left), except where a
+    depth map places the objects (`any_layout`)."""
+    rng = np.random.default_rng([19, 5])
+    words = {"left", "right", "top", "bottom", "center", "centre", "middle"}
+    left_open = {False: set(), True: set()}
+    for _ in range(2000):
+        s = S.sample_scene(rng)
+        for any_layout in (False, True):
+            cap = S.random_caption(s, rng, p_drop=0.0, any_layout=any_layout).lower()
+            if "circle" in cap or "square" in cap or "triangle" in cap or "cross" in cap or "shape" in cap:
+                if not words & set(cap.replace(",", " ").split()):
+                    left_open[any_layout].add(tuple(o["position"] for o in s["objects"]))
+    assert left_open[False] == {("center",), ("left", "right")}
+    assert left_open[True] == {(p,) for p in S.POSITIONS} | {("left", "right"), ("right", "left"),
+                                                             ("top", "bottom"), ("bottom", "top")}

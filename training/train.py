@@ -164,24 +164,31 @@ def ema_update(ema, model, decay):
 
 
 def quick_eval_txt2img(vae, te, tok, unet, n, seed, guidance, steps):
+    """Share right per attribute on `n` fresh full captions of one object, plus "partial": shape right
+    on `n` partial captions (training.evaluate's four forms in turn)."""
     from diffusers import StableDiffusionPipeline
+    from .evaluate import partial_caption
     from .scorer import score
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
                                    scheduler=make_inference_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    rng = np.random.default_rng([seed, 7])
-    sc = [S.sample_scene(rng, 1) for _ in range(n)]  # the targets are for one object
+    # the targets are for one object; streams 7 and 9 are the checks' own (training.evaluate uses others)
+    full = [(S.canonical_caption(s), S.named(s)) for s in (S.sample_scene(np.random.default_rng([seed, 7]), 1)
+                                                            for _ in range(n))]
+    rng = np.random.default_rng([seed, 9])
+    part = [partial_caption(S.sample_scene(rng, 1), i % 4) for i in range(n)]
     acc = {}
-    for i in range(0, n, 20):
-        chunk = sc[i:i + 20]
+    for i in range(0, 2 * n, 20):
+        chunk = (full + part)[i:i + 20]
         g = [torch.Generator().manual_seed(seed * 1000 + i + j) for j in range(len(chunk))]
-        ims = pipe([S.canonical_caption(s) for s in chunk], height=RES, width=RES, num_inference_steps=steps,
+        ims = pipe([c for c, _ in chunk], height=RES, width=RES, num_inference_steps=steps,
                    guidance_scale=guidance, generator=g).images
-        for im, s in zip(ims, chunk):
-            for k, v in score(im, S.named(s)).items():
-                acc[k] = acc.get(k, 0) + v
-    return {k: v / n for k, v in acc.items()}
+        for k, (im, (_, want)) in enumerate(zip(ims, chunk)):
+            got = score(im, want)
+            for key, v in (got.items() if i + k < n else [("partial", got["shape"])]):
+                acc[key] = acc.get(key, 0) + v
+    return {k: v / n for k, v in acc.items()}  # counts over n: 76 of 80 is 0.95 exactly, at the bar
 
 
 def shape_weight(depth: torch.Tensor, extra: float) -> torch.Tensor:
@@ -286,7 +293,7 @@ def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, t
     while step < steps:
         rng = np.random.default_rng([args.seed, tag, step])
         idx = rng.integers(0, len(scs), bs)
-        caps = [S.random_caption(scs[i], rng) for i in idx]
+        caps = [S.random_caption(scs[i], rng, any_layout=depth) for i in idx]
         ids = tokenize(tok, caps).to(DEV)
         ti = torch.from_numpy(idx).to(DEV)
         x0 = lat[ti]
@@ -331,10 +338,10 @@ def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, t
 
 
 # phase 1's 40-caption checks: below the issue's shape and position bars (40 captions are noisy); phase 2 decides
-TARGETS_QUICK = {**TARGETS, "shape": 0.875, "position": 0.9}
+TARGETS_QUICK = {**TARGETS, "shape": 0.875, "position": 0.9, "partial": 0.85}
 # phase 2 stops above the issue's shape target: the first check to cross a bar is the luckiest of its
 # kind (training/NOTES.md, sessions 7 and 17), and this one decides what ships
-TARGETS_SHAPE = {**TARGETS, "shape": 0.95}
+TARGETS_SHAPE = {**TARGETS, "shape": 0.95, "partial": 0.9}
 
 
 # ---------------------------------------------------------------------------------------- depth UNet
