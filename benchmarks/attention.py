@@ -59,23 +59,24 @@ CAPTION_STREAM = 1800  # second entry of the caption generator's seed; no traini
 WORDS = ("shape", "colour", "background")  # the headline's words: the scene's shape, its colour, the control
 
 
-def fresh_scenes(n: int, seed: int) -> list[dict]:
-    """`n` scenes (training/scenes.py's `sample_scene`) from a caption stream the training never drew from."""
-    rng = np.random.default_rng([seed, CAPTION_STREAM])
-    return [S.sample_scene(rng) for _ in range(n)]
+def fresh_scenes(n: int, seed: int, n_objects: int = 1, stream: int = CAPTION_STREAM) -> list[dict]:
+    """`n` scenes of `n_objects` objects (training/scenes.py's `sample_scene`) from a caption stream the
+    training never drew from."""
+    rng = np.random.default_rng([seed, stream])
+    return [S.sample_scene(rng, n_objects) for _ in range(n)]
 
 
-def object_box(scene: dict, grid: int) -> tuple[float, float, float, float]:
-    """(x0, y0, x1, y1) of the scene's shape in latent pixels of a `grid` x `grid` latent, clipped to the
-    grid, from the geometry `training.scenes.shape_mask` draws (square half-side 0.88 r; triangle
-    circumradius 1.25 r, apex up, base at cy + R/2: a triangle at the top can reach past the edge)."""
-    cx, cy, r = scene["cx"] * grid, scene["cy"] * grid, scene["r"] * grid
-    if scene["shape"] == "circle":
+def object_box(obj: dict, grid: int) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of one object of a scene in latent pixels of a `grid` x `grid` latent, clipped to
+    the grid, from the geometry `training.scenes.shape_mask` draws (square half-side 0.9 r; triangle
+    circumradius 1.2 r, apex up, base at cy + R/2: a triangle at the top can reach past the edge)."""
+    cx, cy, r = obj["cx"] * grid, obj["cy"] * grid, obj["r"] * grid
+    if obj["shape"] in ("circle", "cross"):
         half_w, top, bottom = r, cy - r, cy + r
-    elif scene["shape"] == "square":
-        half_w, top, bottom = 0.88 * r, cy - 0.88 * r, cy + 0.88 * r
+    elif obj["shape"] == "square":
+        half_w, top, bottom = 0.9 * r, cy - 0.9 * r, cy + 0.9 * r
     else:
-        big_r = 1.25 * r
+        big_r = 1.2 * r
         half_w, top, bottom = big_r * np.sqrt(3) / 2, cy - big_r, cy + big_r / 2
     return max(cx - half_w, 0.0), max(top, 0.0), min(cx + half_w, grid), min(bottom, grid)
 
@@ -105,13 +106,14 @@ class CaptionRun:
     layer_sides: dict[str, int] | None = None  # each layer's own grid side (16, 8 or 4 on the micro UNet)
 
     def words(self) -> dict[str, int]:
-        """Token index of the shape word, the colour word and "background" (each one token of the micro
-        tokenizer; the scene's background colour differs from its shape's)."""
-        return {"shape": self.tokens.index(self.scene["shape"]), "colour": self.tokens.index(self.scene["colour"]),
+        """Token index of the (first) object's shape word, its colour word and "background" (each one
+        token of the micro tokenizer; the scene's background colour differs from its objects')."""
+        o = self.scene["objects"][0]
+        return {"shape": self.tokens.index(o["shape"]), "colour": self.tokens.index(o["colour"]),
                 "background": self.tokens.index("background")}
 
     def box(self) -> tuple[float, float, float, float]:
-        return object_box(self.scene, self.maps.shape[-1])
+        return object_box(self.scene["objects"][0], self.maps.shape[-1])
 
 
 def run_caption(cache: ModelCache, source: str, settings: dict, scene: dict, seed: int,
@@ -238,8 +240,25 @@ def caption_row(run: CaptionRun, mid: int) -> dict:
     row = {"prompt": run.prompt, "box": [round(v, 2) for v in run.box()]}
     for word, k in run.words().items():
         row[word] = {"peak": [int(v) for v in peak(maps[k])], "inside": bool(peaks_inside(maps[k], run.box()))}
-    row["image_matches"] = score(run.image, run.scene)
+    row["image_matches"] = score(run.image, S.named(run.scene))
     return row
+
+
+def binding(runs: list[CaptionRun]) -> dict:
+    """Two-object captions: share of colour words whose mid-run map (step N//2) peaks inside their own
+    object's box, and share whose peak is nearer their own object's centre than the other's."""
+    mid = mid_step(runs[0].maps.shape[0])
+    grid = runs[0].maps.shape[-1]
+    inside, nearer = [], []
+    for r in runs:
+        objects = r.scene["objects"]
+        for o, other in zip(objects, objects[::-1]):
+            m = r.maps[mid - 1][r.tokens.index(o["colour"])]
+            inside.append(peaks_inside(m, object_box(o, grid)))
+            row, col = peak(m)
+            d_own, d_other = (np.hypot(col + 0.5 - x["cx"] * grid, row + 0.5 - x["cy"] * grid) for x in (o, other))
+            nearer.append(d_own < d_other)
+    return {"mid_step": mid, "inside": float(np.mean(inside)), "nearer": float(np.mean(nearer))}
 
 
 def _box_pixels(box, grid: int) -> int:

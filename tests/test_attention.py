@@ -9,7 +9,8 @@ bars leave one caption of slack for a CPU whose float rounding moves a near-tied
 import numpy as np
 import pytest
 
-from benchmarks.attention import WORDS, fresh_scenes, mid_step, object_box, peaks_inside, run_caption, shares
+from benchmarks.attention import (WORDS, CaptionRun, binding, fresh_scenes, mid_step, object_box, peaks_inside,
+                                  run_caption, shares)
 from pipelines import ModelCache, layout
 from pipelines.cache import bundled_folder
 from training import scenes as S
@@ -31,7 +32,8 @@ def runs():
 def test_maps_are_per_token_probabilities_on_the_latent_grid(runs):
     for run in runs:
         assert run.maps.shape == (20, len(run.tokens), 16, 16)
-        assert run.tokens[:3] == ("a", run.scene["colour"], run.scene["shape"]) or run.tokens[0] == "an"
+        o = run.scene["objects"][0]
+        assert run.tokens[1:3] == (o["colour"], o["shape"]) and run.tokens[0] in ("a", "an")
         assert run.maps.min() >= 0
         # the prompt's tokens leave out the start, end and padding positions: their share is what is left of 1
         assert run.maps.sum(axis=1).max() <= 1 + 1e-3
@@ -62,15 +64,15 @@ def test_shape_and_colour_words_peak_inside_the_object_and_background_does_not(r
 def test_object_box_holds_the_rendered_shape_in_latent_pixels():
     rng = np.random.default_rng([18, 99])
     for _ in range(60):
-        scene = S.sample_scene(rng)
-        x0, y0, x1, y1 = object_box(scene, 16)
-        mask = S.shape_mask(scene["shape"], scene["cx"] * 16, scene["cy"] * 16, scene["r"] * 16, 16, 16, ss=16)
-        rows, cols = np.nonzero(mask > 0)
-        # every covered latent pixel touches the box, and the box reaches no further than the coverage
-        # (give or take the mask's sampling step, 1/16 of a pixel)
-        assert x0 >= cols.min() - 1 / 16 and x1 <= cols.max() + 1 + 1 / 16
-        assert y0 >= rows.min() - 1 / 16 and y1 <= rows.max() + 1 + 1 / 16
-        assert x0 < cols.min() + 1 and x1 > cols.max() and y0 < rows.min() + 1 and y1 > rows.max()
+        for obj in S.sample_scene(rng)["objects"]:
+            x0, y0, x1, y1 = object_box(obj, 16)
+            mask = S.shape_mask(obj["shape"], obj["cx"] * 16, obj["cy"] * 16, obj["r"] * 16, 16, 16, ss=16)
+            rows, cols = np.nonzero(mask > 0)
+            # every covered latent pixel touches the box, and the box reaches no further than the coverage
+            # (give or take the mask's sampling step, 1/16 of a pixel)
+            assert x0 >= cols.min() - 1 / 16 and x1 <= cols.max() + 1 + 1 / 16
+            assert y0 >= rows.min() - 1 / 16 and y1 <= rows.max() + 1 + 1 / 16
+            assert x0 < cols.min() + 1 and x1 > cols.max() and y0 < rows.min() + 1 and y1 > rows.max()
 
 
 def test_a_peak_counts_inside_when_its_pixel_centre_is_in_the_box():
@@ -79,3 +81,15 @@ def test_a_peak_counts_inside_when_its_pixel_centre_is_in_the_box():
     assert peaks_inside(m, (7.5, 4.5, 9.0, 6.0))
     assert not peaks_inside(m, (7.6, 4.0, 9.0, 6.0))
     assert not peaks_inside(m, (6.0, 2.0, 9.0, 4.4))
+
+
+def test_binding_counts_each_colour_word_on_its_own_object():
+    objects = [dict(shape="circle", colour="red", position="left", size="small", cx=0.25, cy=0.5, r=0.15),
+               dict(shape="square", colour="blue", position="right", size="small", cx=0.75, cy=0.5, r=0.15)]
+    scene = dict(background="yellow", objects=objects)
+    tokens = tuple(S.canonical_caption(scene).replace(",", " ,").split())
+    maps = np.zeros((20, len(tokens), 16, 16), np.float32)
+    maps[9, tokens.index("red"), 8, 4] = 1  # step 10: on the red circle
+    maps[9, tokens.index("blue"), 8, 3] = 1  # on the red circle too: bound to the wrong object
+    maps[0, tokens.index("blue"), 8, 12] = 1  # another step's peak does not count
+    assert binding([CaptionRun(scene, "", tokens, maps, None)]) == {"mid_step": 10, "inside": 0.5, "nearer": 0.5}

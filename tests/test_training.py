@@ -13,7 +13,7 @@ from training import train
 
 TOY = ["--threads", "2", "--vae-steps", "2", "--eval-every-vae", "2", "--n-latents", "64",
        "--unet-batch", "4", "--unet-steps", "4", "--eval-every-unet", "2", "--shape-steps", "2",
-       "--eval-every-shape", "2", "--quick-n", "2", "--steps", "2", "--guidance-grid", "2.0",
+       "--eval-every-shape", "2", "--quick-n", "2", "--quick-n-shape", "2", "--steps", "2", "--guidance-grid", "2.0",
        "--depth-steps", "2", "--eval-every-depth", "2", "--quick-n-depth", "2", "--dpt-steps", "2",
        "--dpt-batch", "2"]
 
@@ -107,12 +107,19 @@ def test_same_seed_same_weights(toy_run, tmp_path, monkeypatch):
 
 
 def test_shape_disagreement_marks_corners_not_the_middle():
-    scene = dict(shape="circle", cx=0.5, cy=0.5, r=S.SIZE)
-    m = train.shape_disagreement([scene])[0, 0].numpy()
+    r = S.SIZES["big"]
+    obj = dict(shape="circle", cx=0.5, cy=0.5, r=r)
+    m = train.shape_disagreement([dict(background="blue", objects=[obj])])[0, 0].numpy()
     c = train.LATENT // 2
     assert m[c, c] == 0 and m[0, 0] == 0  # inside every shape / outside every shape
-    r = S.SIZE * train.LATENT
-    corner = int(c + 0.88 * r * 0.95)  # inside the square's corner, outside the circle
+    corner = c + int(0.9 * r * train.LATENT) - 1  # wholly inside the square's corner; the circle covers part of it
     assert m[corner, corner] == 1
     assert 0 < m.sum() < m.size / 2
     assert np.isin(m, [0, 1]).all()
+
+
+def test_two_objects_mark_both():
+    objs = [dict(shape="square", cx=0.25, cy=0.5, r=0.15), dict(shape="circle", cx=0.75, cy=0.5, r=0.15)]
+    m = train.shape_disagreement([dict(background="blue", objects=objs)])[0, 0].numpy()
+    half = train.LATENT // 2
+    assert m[:, :half].sum() == m[:, half:].sum() > 0  # the same pixels around each centre

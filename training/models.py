@@ -1,13 +1,16 @@
 """Model configurations of the micro Stable Diffusion (same classes as SD 1.5 / SD 2-depth)."""
 from __future__ import annotations
 
+import torch
+
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
-RES = 64
-LATENT = 16
+RES = 128
+LATENT = 16  # SD's 8x latent factor
 TEXT_DIM = 64
-MAX_TOKENS = 20
+MAX_TOKENS = 32
+TOKEN_EMBED_SCALE = 8.0
 
 SCHED_KW = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -15,11 +18,17 @@ SCHED_KW = dict(
 )
 
 
+VAE_CHANNELS = (16, 32, 64, 64)
+
+
 def make_vae() -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        # four levels, three 2x downsamples: SD's 8x latent factor
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        # 4 groups: 4 channels per group at the 16-channel level. One channel per group is instance norm,
+        # which takes away the flat background's colour, and the decoder drew it wrong away from the shapes
+        block_out_channels=VAE_CHANNELS, layers_per_block=1, latent_channels=4, norm_num_groups=4,
         sample_size=RES, scaling_factor=1.0, mid_block_add_attention=False,
     )
 
@@ -30,7 +39,14 @@ def make_text_encoder(vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
         num_attention_heads=2, max_position_embeddings=MAX_TOKENS, projection_dim=TEXT_DIM,
         bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
     )
-    return CLIPTextModel(cfg)
+    te = CLIPTextModel(cfg)
+    # CLIP's init gives token embeddings std 0.02 against attention outputs of std ~1, so a frozen random
+    # encoder's output for a word was mostly the average of the words before it: "red" and "circle" got
+    # nearly one attention map. Scaled 8x, a word keeps its identity (cos 0.78 between "red" in two
+    # captions, against -0.14) and still carries some context (training/NOTES.md, session 8).
+    with torch.no_grad():
+        te.get_input_embeddings().weight.mul_(TOKEN_EMBED_SCALE)
+    return te
 
 
 UNET_CHANNELS = (32, 64, 64)

@@ -1,8 +1,9 @@
 """Deterministic analysis of a generated scene image (no learned components).
 
-background = nearest palette colour to the median border colour; shape pixels = pixels far from the
-background colour; colour = nearest palette colour to the median shape pixel; position = nearest anchor to
-the shape centroid; shape = best IoU against circle / square / triangle templates fitted to the bounding box.
+background = nearest palette colour to the median border colour; object pixels = pixels far from the
+background colour (in the half of the image where each of two objects belongs); colour = nearest palette
+colour to the median object pixel; position = nearest anchor to the object's centroid; shape = best IoU
+against circle / square / triangle / cross templates fitted to the object's bounding box.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from .scenes import ANCHORS, PALETTE, POSITIONS
 
 _PAL = np.array(list(PALETTE.values()), np.float32)
 _NAMES = list(PALETTE)
+# the half of the image (x0, y0, x1, y1 as fractions) where an object of a two-object scene must be
+HALVES = {"left": (0, 0, 0.5, 1), "right": (0.5, 0, 1, 1), "top": (0, 0, 1, 0.5), "bottom": (0, 0.5, 1, 1)}
 
 
 def nearest_colour(rgb) -> str:
@@ -27,19 +30,27 @@ def _templates(x0, y0, x1, y1, h, w):
     square = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
     t = (ys - y0) / max(y1 - y0, 1e-6)
     tri = (t >= 0) & (t <= 1) & (np.abs(xs - cx) <= t * rx)
-    return {"circle": circle, "square": square, "triangle": tri}
+    dx, dy = np.abs(xs - cx) / rx, np.abs(ys - cy) / ry  # the renderer's arm half-width is 0.36 of the arm
+    cross = square & ((dx <= 0.36) | (dy <= 0.36))
+    return {"circle": circle, "square": square, "triangle": tri, "cross": cross}
 
 
-def analyse(img) -> dict:
-    """img: HxWx3 uint8 array or PIL image. Returns dict(colour, shape, position, background, fill, area)."""
+def analyse(img, region=None) -> dict:
+    """img: HxWx3 uint8 array or PIL image; region: (x0, y0, x1, y1) fractions to look for the object in
+    (default: everywhere). Returns dict(colour, shape, position, background, fill, area); colour, shape
+    and position are None where no object was found."""
     a = np.asarray(img.convert("RGB") if hasattr(img, "convert") else img).astype(np.float32)
     h, w, _ = a.shape
     b = max(1, h // 32)
     border = np.concatenate([a[:b].reshape(-1, 3), a[-b:].reshape(-1, 3), a[:, :b].reshape(-1, 3), a[:, -b:].reshape(-1, 3)])
     bg_rgb = np.median(border, 0)
     background = nearest_colour(bg_rgb)
-    dist = np.sqrt(((a - bg_rgb[None, None]) ** 2).sum(-1))
-    mask = dist > 60
+    mask = np.sqrt(((a - bg_rgb[None, None]) ** 2).sum(-1)) > 60
+    if region is not None:
+        x0, y0, x1, y1 = region
+        keep = np.zeros_like(mask)
+        keep[int(y0 * h):int(y1 * h), int(x0 * w):int(x1 * w)] = True
+        mask &= keep
     out = dict(background=background, colour=None, shape=None, position=None, area=int(mask.sum()), fill=0.0)
     if mask.sum() < (h * w) // 200:
         return out
@@ -61,6 +72,22 @@ def analyse(img) -> dict:
 
 
 def score(img, want: dict) -> dict:
-    """Per-attribute correctness (bool) for the attributes present in `want`."""
-    got = analyse(img)
-    return {k: got[k] == want[k] for k in ("colour", "shape", "position", "background") if want.get(k) is not None}
+    """Per-attribute correctness (bool) for what `want` names: {"background": ..., "objects": [{"colour",
+    "shape", "position"}, ...]}, any key left out or None. One object: keys colour, shape, position,
+    background. Two objects (each looked for in its own half): background, colour and shape (both
+    objects right), and both (both colours and both shapes right)."""
+    objs = want.get("objects", [])
+    out = {}
+    if want.get("background") is not None:
+        out["background"] = analyse(img)["background"] == want["background"]
+    if len(objs) == 1:
+        got = analyse(img)
+        out.update({k: got[k] == v for k, v in objs[0].items() if k in ("colour", "shape", "position") and v is not None})
+    elif objs:
+        got = [analyse(img, HALVES[o["position"]]) for o in objs]
+        for k in ("colour", "shape"):
+            if all(o.get(k) for o in objs):
+                out[k] = all(g[k] == o[k] for g, o in zip(got, objs))
+        if "colour" in out and "shape" in out:
+            out["both"] = out["colour"] and out["shape"]
+    return out

@@ -62,7 +62,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
 
 
-def heldout_images(seed: int, n: int = 64) -> np.ndarray:
+def heldout_images(seed: int, n: int = 32) -> np.ndarray:
     _, imgs, _ = S.render_batch(n, np.random.default_rng([seed, 999]), RES)
     return imgs
 
@@ -85,7 +85,11 @@ def stage_vae(args, run: Path):
     while step < total:
         rng = np.random.default_rng([args.seed, 1, step])
         _, imgs, masks = S.render_batch(bs, rng, RES)
-        x = to_tensor(imgs).to(DEV)
+        # the VAE is convolutional: it learns as much per pixel from a 64x64 crop, at a quarter of the cost
+        c = args.vae_crop
+        oy, ox = (rng.integers(0, (RES - c) // 8 + 1, 2) * 8) if c < RES else (0, 0)
+        imgs, masks = imgs[:, oy:oy + c, ox:ox + c], np.ascontiguousarray(masks[:, oy:oy + c, ox:ox + c])
+        x = to_tensor(np.ascontiguousarray(imgs)).to(DEV)
         # up-weight the shape and its surroundings: the flat background dominates the pixels otherwise
         m = torch.from_numpy(masks).to(DEV)[:, None]
         w = 1.0 + args.vae_shape_weight * (F.max_pool2d(m, 5, 1, 2) > 0.01).float()
@@ -106,7 +110,7 @@ def stage_vae(args, run: Path):
         if step % args.eval_every_vae == 0 or step == total:
             vae.eval()
             with torch.no_grad():
-                p = psnr(vae.decode(vae.encode(held).latent_dist.mode()).sample, held)
+                p = psnr(torch.cat([vae.decode(vae.encode(h).latent_dist.mode()).sample for h in held.split(8)]), held)
             vae.train()
             done = p >= args.vae_target or step >= total
             log(run, f"vae step {step} held-out PSNR {p:.2f} dB" + (" -> target reached" if p >= args.vae_target else ""))
@@ -132,14 +136,15 @@ def stage_latents(args, run: Path, vae):
     if path.exists():
         return torch.load(path)
     rng = np.random.default_rng([args.seed, 2])
-    scenes, imgs, depths = S.render_batch(args.n_latents, rng, RES)
-    lat = []
+    scenes, lat, depth = [], [], []
     with torch.no_grad():
-        for i in range(0, len(imgs), 256):
-            lat.append(vae.encode(to_tensor(imgs[i:i + 256]).to(DEV)).latent_dist.mode().cpu())
-    lat = torch.cat(lat)
+        for i in range(0, args.n_latents, 256):
+            sc, imgs, depths = S.render_batch(min(256, args.n_latents - i), rng, RES)
+            scenes += sc
+            lat.append(vae.encode(to_tensor(imgs).to(DEV)).latent_dist.mode().cpu())
+            depth.append(prep_depth(torch.from_numpy(0.1 + depths).float()))
+    lat, depth = torch.cat(lat), torch.cat(depth)
     sf = float(1.0 / lat.std())
-    depth = prep_depth(torch.from_numpy(0.1 + depths).float())
     data = dict(latents=lat * sf, scaling_factor=sf, depth=depth, scenes=scenes)
     torch.save(data, path)
     log(run, f"latents: {tuple(lat.shape)} scaling_factor {sf:.4f}")
@@ -159,24 +164,31 @@ def ema_update(ema, model, decay):
 
 
 def quick_eval_txt2img(vae, te, tok, unet, n, seed, guidance, steps):
+    """Share right per attribute on `n` fresh full captions of one object, plus "partial": shape right
+    on `n` partial captions (training.evaluate's four forms in turn)."""
     from diffusers import StableDiffusionPipeline
+    from .evaluate import partial_caption
     from .scorer import score
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
                                    scheduler=make_inference_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    rng = np.random.default_rng([seed, 7])
-    sc = [S.sample_scene(rng) for _ in range(n)]
+    # the targets are for one object; streams 7 and 9 are the checks' own (training.evaluate uses others)
+    full = [(S.canonical_caption(s), S.named(s)) for s in (S.sample_scene(np.random.default_rng([seed, 7]), 1)
+                                                            for _ in range(n))]
+    rng = np.random.default_rng([seed, 9])
+    part = [partial_caption(S.sample_scene(rng, 1), i % 4) for i in range(n)]
     acc = {}
-    for i in range(0, n, 20):
-        chunk = sc[i:i + 20]
+    for i in range(0, 2 * n, 20):
+        chunk = (full + part)[i:i + 20]
         g = [torch.Generator().manual_seed(seed * 1000 + i + j) for j in range(len(chunk))]
-        ims = pipe([S.canonical_caption(s) for s in chunk], height=RES, width=RES, num_inference_steps=steps,
+        ims = pipe([c for c, _ in chunk], height=RES, width=RES, num_inference_steps=steps,
                    guidance_scale=guidance, generator=g).images
-        for im, s in zip(ims, chunk):
-            for k, v in score(im, s).items():
-                acc[k] = acc.get(k, 0) + v
-    return {k: v / n for k, v in acc.items()}
+        for k, (im, (_, want)) in enumerate(zip(ims, chunk)):
+            got = score(im, want)
+            for key, v in (got.items() if i + k < n else [("partial", got["shape"])]):
+                acc[key] = acc.get(key, 0) + v
+    return {k: v / n for k, v in acc.items()}  # counts over n: 76 of 80 is 0.95 exactly, at the bar
 
 
 def shape_weight(depth: torch.Tensor, extra: float) -> torch.Tensor:
@@ -191,9 +203,10 @@ def shape_disagreement(scenes) -> torch.Tensor:
     would differ: the corners and edges that tell the shapes apart, under one latent pixel wide."""
     out = np.zeros((len(scenes), 1, LATENT, LATENT), np.float32)
     for i, s in enumerate(scenes):
-        m = np.stack([S.shape_mask(k, s["cx"] * LATENT, s["cy"] * LATENT, s["r"] * LATENT, LATENT, LATENT, ss=8)
-                      for k in S.SHAPES])
-        out[i, 0] = m.max(0) - m.min(0) > 0.02
+        for o in s["objects"]:
+            m = np.stack([S.shape_mask(k, o["cx"] * LATENT, o["cy"] * LATENT, o["r"] * LATENT, LATENT, LATENT, ss=8)
+                          for k in S.SHAPES])
+            out[i, 0] = np.maximum(out[i, 0], m.max(0) - m.min(0) > 0.02)
     return torch.from_numpy(out)
 
 
@@ -234,7 +247,8 @@ def stage_unet(args, run: Path, vae, data):
     # shape goes, so phase 1 draws a share of its timesteps there.
     ema = train_unet(args, run, "unet", data, te, tok, unet, steps=args.unet_steps, lr=args.unet_lr,
                      warm=200, tag=3, noise_seed=args.seed * 100003, eval_every=args.eval_every_unet,
-                     evaluate=evaluate, targets=TARGETS_QUICK, weight=near,
+                     evaluate=evaluate, targets=TARGETS_QUICK,
+                     weight=lambda: near() + args.corner_weight_1 * shape_disagreement(data["scenes"]),
                      t_focus=(args.high_t_frac, args.high_t_min, 1000))
     if args.shape_steps == 0:
         return ema, te, tok
@@ -245,7 +259,7 @@ def stage_unet(args, run: Path, vae, data):
                      steps=args.shape_steps, lr=args.shape_lr, warm=50, tag=6,
                      noise_seed=args.seed * 100003 + 60_000_000, eval_every=args.eval_every_shape,
                      evaluate=lambda ema_u: evaluate(ema_u, args.quick_n_shape, args.seed + 2),
-                     targets=TARGETS_QUICK, t_focus=(0.6, 300, 800),
+                     targets=TARGETS_SHAPE, t_focus=(0.6, 300, 800),
                      weight=lambda: near() + args.corner_weight * shape_disagreement(data["scenes"]))
     return ema, te, tok
 
@@ -279,7 +293,7 @@ def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, t
     while step < steps:
         rng = np.random.default_rng([args.seed, tag, step])
         idx = rng.integers(0, len(scs), bs)
-        caps = [S.random_caption(scs[i], rng) for i in idx]
+        caps = [S.random_caption(scs[i], rng, any_layout=depth) for i in idx]
         ids = tokenize(tok, caps).to(DEV)
         ti = torch.from_numpy(idx).to(DEV)
         x0 = lat[ti]
@@ -323,8 +337,11 @@ def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, t
     return ema_u
 
 
-# the issue's targets, a little stricter where 40 captions are noisiest
-TARGETS_QUICK = {**TARGETS, "shape": 0.875, "position": 0.9}
+# phase 1's 40-caption checks: below the issue's shape and position bars (40 captions are noisy); phase 2 decides
+TARGETS_QUICK = {**TARGETS, "shape": 0.875, "position": 0.9, "partial": 0.85}
+# phase 2 stops above the issue's shape target: the first check to cross a bar is the luckiest of its
+# kind (training/NOTES.md, sessions 7 and 17), and this one decides what ships
+TARGETS_SHAPE = {**TARGETS, "shape": 0.95, "partial": 0.9}
 
 
 # ---------------------------------------------------------------------------------------- depth UNet
@@ -339,15 +356,16 @@ def quick_eval_depth(vae, te, tok, dunet, n, seed, guidance, steps, strength=0.8
     rng = np.random.default_rng([seed, 8])
     ok = {"position": 0, "colour": 0}
     for i in range(n):
-        s = S.sample_scene(rng)
+        s = S.sample_scene(rng, 1)
         _, depth = S.render(s, RES)
+        o = s["objects"][0]
         init = Image.new("RGB", (RES, RES), S.PALETTE[s["background"]])
-        im = pipe(f"a {s['colour']} {s['shape']}, {s['background']} background", image=init,
+        im = pipe(f"{S.object_phrase(o)}, {s['background']} background", image=init,
                   depth_map=torch.from_numpy(0.1 + depth)[None], strength=strength, num_inference_steps=steps,
                   guidance_scale=guidance, generator=torch.Generator().manual_seed(seed * 1000 + i)).images[0]
         got = analyse(im)
-        ok["position"] += got["position"] == s["position"]
-        ok["colour"] += got["colour"] == s["colour"]
+        ok["position"] += got["position"] == o["position"]
+        ok["colour"] += got["colour"] == o["colour"]
     return {k: v / n for k, v in ok.items()}
 
 
@@ -463,12 +481,13 @@ def stage_export(args, run: Path, vae, data, unet, te, tok, dunet, dpt, proc):
     layout.write_latent_rgb(out, fit_latent_rgb(vae, data))
     examples = [
         "a red circle on the left, blue background", "a yellow triangle at the top, black background",
-        "a white square in the center, purple background", "a green circle at the bottom, orange background",
-        "a blue triangle on the right, yellow background", "an orange square on the left, green background",
+        "a red circle on the left and a blue square on the right, yellow background",
+        "a white cross in the center, purple background", "a big green square at the bottom, orange background",
+        "a purple triangle at the top and a white circle at the bottom, black background", "a red circle",
     ]
     cfg = {"width": RES, "height": RES, "steps": args.steps, "guidance_scale": guidance, "scheduler": "DDIM",
            "example_prompts": examples,
-           "vocabulary": {"shapes": S.SHAPES, "colours": S.COLOURS,
+           "vocabulary": {"shapes": S.SHAPES, "colours": S.COLOURS, "sizes": list(S.SIZES),
                           "positions": [S.POSITION_PHRASE[p] for p in S.POSITIONS]}}
     layout.write_card(out, cfg)
     log(run, f"export: wrote {out} (guidance {guidance}, dtype {dt})")
@@ -483,13 +502,14 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     # VAE
     ap.add_argument("--vae-steps", type=int, default=2000)
-    ap.add_argument("--vae-batch", type=int, default=8)
+    ap.add_argument("--vae-crop", type=int, default=64, help="train on random crops this size (multiple of 8)")
+    ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--vae-kl", type=float, default=1e-6)
-    ap.add_argument("--vae-target", type=float, default=31.0)
-    ap.add_argument("--vae-shape-weight", type=float, default=9.0)
+    ap.add_argument("--vae-target", type=float, default=33.0)
+    ap.add_argument("--vae-shape-weight", type=float, default=4.0)
     ap.add_argument("--eval-every-vae", type=int, default=200)
-    ap.add_argument("--n-latents", type=int, default=16000)
+    ap.add_argument("--n-latents", type=int, default=20000)
     # UNet (the text encoder stays frozen)
     ap.add_argument("--unet-steps", type=int, default=4000)
     ap.add_argument("--unet-channels", type=int, nargs="+", default=list(UNET_CHANNELS))
@@ -503,19 +523,20 @@ def main():
     ap.add_argument("--shape-steps", type=int, default=1000, help="phase 2 cap; 0 skips phase 2")
     ap.add_argument("--shape-lr", type=float, default=5e-4)
     ap.add_argument("--corner-weight", type=float, default=20.0)
+    ap.add_argument("--corner-weight-1", type=float, default=8.0, help="phase 1's weight on the pixels that tell the shapes apart")
     ap.add_argument("--eval-every-shape", type=int, default=250)
-    ap.add_argument("--quick-n-shape", type=int, default=120, help="captions in phase 2's stop check and in the export's guidance ranking")
+    ap.add_argument("--quick-n-shape", type=int, default=80, help="captions in phase 2's stop check and in the export's guidance ranking")
     ap.add_argument("--quick-n", type=int, default=40)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--guidance-grid", type=float, nargs="+", default=[2.0, 4.0, 6.0])
     # depth UNet
-    ap.add_argument("--depth-steps", type=int, default=500)
+    ap.add_argument("--depth-steps", type=int, default=300)
     ap.add_argument("--depth-lr", type=float, default=5e-4)
-    ap.add_argument("--eval-every-depth", type=int, default=125)
+    ap.add_argument("--eval-every-depth", type=int, default=150)
     ap.add_argument("--quick-n-depth", type=int, default=25)
     # DPT
-    ap.add_argument("--dpt-steps", type=int, default=1000)
+    ap.add_argument("--dpt-steps", type=int, default=400)
     ap.add_argument("--dpt-batch", type=int, default=32)
     ap.add_argument("--dpt-lr", type=float, default=1e-3)
     ap.add_argument("--fp16", type=int, default=1)
