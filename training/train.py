@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines import layout
+from pipelines.capture import cross_attention_probs
 
 from . import scenes as S
 from .models import (LATENT, MAX_TOKENS, RES, make_dpt, make_inference_scheduler, make_text_encoder,
@@ -163,6 +164,12 @@ def ema_update(ema, model, decay):
             pe.lerp_(pm, 1 - decay)
 
 
+# The checks sample from generator seeds no training stream draws (phase 1: seed * 100003 + step; phase
+# 2: that + 60_000_000; depth UNet: seed * 100019 + step): sampled from noise the UNet was trained on,
+# the checks read 100% shape where fresh noise gave 90% (training/NOTES.md, session 18).
+CHECK_NOISE = 2 ** 32
+
+
 def quick_eval_txt2img(vae, te, tok, unet, n, seed, guidance, steps):
     """Share right per attribute on `n` fresh full captions of one object, plus "partial": shape right
     on `n` partial captions (training.evaluate's four forms in turn)."""
@@ -181,7 +188,7 @@ def quick_eval_txt2img(vae, te, tok, unet, n, seed, guidance, steps):
     acc = {}
     for i in range(0, 2 * n, 20):
         chunk = (full + part)[i:i + 20]
-        g = [torch.Generator().manual_seed(seed * 1000 + i + j) for j in range(len(chunk))]
+        g = [torch.Generator().manual_seed(CHECK_NOISE + seed * 1000 + i + j) for j in range(len(chunk))]
         ims = pipe([c for c, _ in chunk], height=RES, width=RES, num_inference_steps=steps,
                    guidance_scale=guidance, generator=g).images
         for k, (im, (_, want)) in enumerate(zip(ims, chunk)):
@@ -219,6 +226,78 @@ def sample_timesteps(n, gen, focus, num_train):
     near = torch.randint(lo, hi, (n,), generator=gen, device=DEV)
     pick = torch.rand(n, generator=gen, device=DEV) < frac
     return torch.where(pick, near, t)
+
+
+# ------------------------------------------------------------------------------------- word grounding
+class CrossAttentionMaps:
+    """Installed on a UNet, keeps every cross-attention layer's softmax(Q K^T) of each call, averaged
+    over heads: `maps`, a list of (B, HW, T) float32 tensors that keep their gradient (the app's maps,
+    pipelines.capture, are the same probabilities without it). The caller clears `maps`."""
+
+    def __init__(self, unet):
+        self.maps: list[torch.Tensor] = []
+        unet.set_attn_processor({
+            name: _Keeping(proc, self.maps) if unet.get_submodule(name.removesuffix(".processor")).is_cross_attention
+            else proc for name, proc in unet.attn_processors.items()})
+
+
+class _Keeping:
+    """A cross-attention layer's processor that first keeps the layer's head-averaged probabilities."""
+
+    def __init__(self, processor, maps: list):
+        self.processor, self.maps = processor, maps
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        self.maps.append(cross_attention_probs(attn, hidden_states, encoder_hidden_states).mean(1))
+        return self.processor(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+def named_objects(tok, ids: torch.Tensor, scenes) -> torch.Tensor:
+    """(B, T) long: for each token of the tokenized captions `ids` (B, T), the index of the scene's
+    object that its word names (its colour, its shape or "shape", its size), or -1. Captions name the
+    objects in the scene's order and no two objects share a colour (training/scenes.py)."""
+    out = torch.full(ids.shape, -1, dtype=torch.long)
+    for b, (row, scene) in enumerate(zip(ids.tolist(), scenes)):
+        colours = [o["colour"] for o in scene["objects"]]
+        seen = {"shape": 0, "size": 0}
+        for t, token in enumerate(tok.convert_ids_to_tokens(row)):
+            word = token.removesuffix("</w>")
+            if word in colours:
+                out[b, t] = colours.index(word)
+            elif word in S.SHAPES or word == "shape" or word in S.SIZES:
+                kind = "size" if word in S.SIZES else "shape"
+                out[b, t] = min(seen[kind], len(colours) - 1)
+                seen[kind] += 1
+    return out
+
+
+def object_masks(scenes, n_objects: int = 2) -> torch.Tensor:
+    """(B, n_objects, LATENT, LATENT) float32: 1 on the latent pixels each object covers at all, 0 else."""
+    out = np.zeros((len(scenes), n_objects, LATENT, LATENT), np.float32)
+    for b, s in enumerate(scenes):
+        for k, o in enumerate(s["objects"]):
+            cx, cy, r = o["cx"] * LATENT, o["cy"] * LATENT, o["r"] * LATENT
+            out[b, k] = S.shape_mask(o["shape"], cx, cy, r, LATENT, LATENT) > 0
+    return torch.from_numpy(out)
+
+
+def grounding_loss(maps: list[torch.Tensor], token_obj: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's token loss (Wang et al., CVPR 2024, eq. 3): for each word that names an object,
+    (1 - the share of its attention that falls inside the object's mask) ** 2, averaged over those
+    words and over the layers. maps: (B, HW, T) per layer; token_obj: (B, T) from `named_objects`;
+    masks: (B, O, LATENT, LATENT), average-pooled to each layer's side."""
+    named = token_obj >= 0
+    if not named.any():
+        return torch.zeros((), device=masks.device)
+    idx = token_obj.clamp_min(0)
+    per_layer = []
+    for a in maps:
+        m = F.adaptive_avg_pool2d(masks, math.isqrt(a.shape[1])).flatten(2)  # (B, O, HW)
+        m = torch.gather(m, 1, idx[..., None].expand(-1, -1, m.shape[-1]))  # (B, T, HW)
+        a = a.transpose(1, 2)
+        inside = (a * m).sum(-1) / a.sum(-1).clamp_min(1e-8)
+        per_layer.append((1 - inside).pow(2)[named].mean())
+    return torch.stack(per_layer).mean()
 
 
 def targets_met(acc: dict, targets: dict) -> bool:
@@ -259,18 +338,20 @@ def stage_unet(args, run: Path, vae, data):
                      steps=args.shape_steps, lr=args.shape_lr, warm=50, tag=6,
                      noise_seed=args.seed * 100003 + 60_000_000, eval_every=args.eval_every_shape,
                      evaluate=lambda ema_u: evaluate(ema_u, args.quick_n_shape, args.seed + 2),
-                     targets=TARGETS_SHAPE, t_focus=(0.6, 300, 800),
+                     targets=TARGETS_SHAPE, t_focus=(0.6, 300, 800), ground=args.ground_weight,
                      weight=lambda: near() + args.corner_weight * shape_disagreement(data["scenes"]))
     return ema, te, tok
 
 
 def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, tag, noise_seed, eval_every,
-               evaluate, targets, weight=None, t_focus=None, depth=False):
+               evaluate, targets, weight=None, t_focus=None, depth=False, ground=0.0):
     """Train `unet` (v-prediction) from checkpoint run/<name>.pt; returns the EMA UNet.
     The loss is weighted per latent pixel by `weight()` (built only if this phase still trains), or plain
     MSE; `t_focus` = (share, lo, hi) of timesteps drawn from [lo, hi); `depth` concatenates the prepared
-    depth map as a fifth input channel (SD 2-depth). Stops when `evaluate(ema)` reaches `targets`, or
-    after `steps`. `tag` and `noise_seed` give the phase its own random streams."""
+    depth map as a fifth input channel (SD 2-depth); `ground` > 0 adds that times `grounding_loss`,
+    which keeps each colour, shape and size word's cross-attention on its own object. Stops when
+    `evaluate(ema)` reaches `targets`, or after `steps`. `tag` and `noise_seed` give the phase its own
+    random streams."""
     ck = run / f"{name}.pt"
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -288,8 +369,9 @@ def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, t
     dep = data["depth"].to(DEV) if depth else None
     weight = weight().to(DEV) if weight else None
     bs = args.unet_batch
+    attention = CrossAttentionMaps(unet) if ground else None  # after the EMA copy: the EMA UNet samples plainly
     t0 = time.time()
-    run_loss = 0.0
+    run_loss = run_ground = 0.0
     while step < steps:
         rng = np.random.default_rng([args.seed, tag, step])
         idx = rng.integers(0, len(scs), bs)
@@ -314,6 +396,12 @@ def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, t
         else:
             w = weight[ti]
             loss = ((pred - target).pow(2) * w).sum() / (w.sum() * pred.shape[1])
+        if attention:
+            g_loss = grounding_loss(attention.maps, named_objects(tok, ids, [scs[i] for i in idx]).to(DEV),
+                                    object_masks([scs[i] for i in idx]).to(DEV))
+            attention.maps.clear()
+            run_ground += g_loss.item()
+            loss = loss + ground * g_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -323,8 +411,9 @@ def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, t
         ema_update(ema_u, unet, decay)
         run_loss += loss.item()
         if step % 50 == 0:
-            log(run, f"{name} step {step} loss {run_loss / 50:.4f} ({time.time() - t0:.0f}s)")
-            run_loss = 0.0
+            log(run, f"{name} step {step} loss {run_loss / 50:.4f}"
+                + (f" grounding {run_ground / 50:.4f}" if attention else "") + f" ({time.time() - t0:.0f}s)")
+            run_loss = run_ground = 0.0
         if step % eval_every == 0 or step == steps:
             acc = evaluate(ema_u)
             ok = targets_met(acc, targets)
@@ -362,7 +451,7 @@ def quick_eval_depth(vae, te, tok, dunet, n, seed, guidance, steps, strength=0.8
         init = Image.new("RGB", (RES, RES), S.PALETTE[s["background"]])
         im = pipe(f"{S.object_phrase(o)}, {s['background']} background", image=init,
                   depth_map=torch.from_numpy(0.1 + depth)[None], strength=strength, num_inference_steps=steps,
-                  guidance_scale=guidance, generator=torch.Generator().manual_seed(seed * 1000 + i)).images[0]
+                  guidance_scale=guidance, generator=torch.Generator().manual_seed(CHECK_NOISE + seed * 1000 + i)).images[0]
         got = analyse(im)
         ok["position"] += got["position"] == o["position"]
         ok["colour"] += got["colour"] == o["colour"]
@@ -520,7 +609,8 @@ def main():
     ap.add_argument("--unet-lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--eval-every-unet", type=int, default=500)
-    ap.add_argument("--shape-steps", type=int, default=1000, help="phase 2 cap; 0 skips phase 2")
+    ap.add_argument("--shape-steps", type=int, default=2000, help="phase 2 cap; 0 skips phase 2")
+    ap.add_argument("--ground-weight", type=float, default=0.2, help="phase 2's weight on grounding_loss")
     ap.add_argument("--shape-lr", type=float, default=5e-4)
     ap.add_argument("--corner-weight", type=float, default=20.0)
     ap.add_argument("--corner-weight-1", type=float, default=8.0, help="phase 1's weight on the pixels that tell the shapes apart")
