@@ -123,3 +123,60 @@ def test_two_objects_mark_both():
     m = train.shape_disagreement([dict(background="blue", objects=objs)])[0, 0].numpy()
     half = train.LATENT // 2
     assert m[:, :half].sum() == m[:, half:].sum() > 0  # the same pixels around each centre
+
+
+def test_named_objects_gives_each_word_its_object():
+    from training.models import MAX_TOKENS
+    from training.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(S.VOCAB_WORDS, MAX_TOKENS)
+    two = dict(background="yellow", objects=[dict(shape="circle", colour="red", size="big"),
+                                             dict(shape="circle", colour="blue", size="small")])
+    one = dict(background="red", objects=[dict(shape="square", colour="blue", size="big")])
+    captions = ["A BIG red circle on the left and a small blue circle on the right, yellow background",
+                "red background, a blue shape", ""]
+    ids = train.tokenize(tok, captions)
+    got = train.named_objects(tok, ids, [two, one, one])
+    words = [[t.removesuffix("</w>") for t in tok.convert_ids_to_tokens(row)] for row in ids.tolist()]
+    named = [{(w, i) for w, o in zip(ws, row.tolist()) for i in [o] if o >= 0} for ws, row in zip(words, got)]
+    assert named[0] == {("big", 0), ("red", 0), ("circle", 0), ("small", 1), ("blue", 1), ("circle", 1)}
+    assert named[1] == {("blue", 0), ("shape", 0)}  # "red" names the background here, not the object
+    assert named[2] == set()
+
+
+def test_grounding_loss_is_the_share_of_attention_outside_the_object():
+    masks = torch.zeros(1, 2, train.LATENT, train.LATENT)
+    masks[0, 0, :, :4] = 1  # object 0: the left quarter
+    masks[0, 1, :, 8:] = 1  # object 1: the right half
+    token_obj = torch.tensor([[-1, 0, 1]])
+    hw = train.LATENT ** 2
+    a = torch.zeros(1, hw, 3)
+    a[0, :, 0] = 1.0  # an unnamed token: not counted
+    a[0, :, 1] = masks[0, 0].flatten()  # all of it inside object 0
+    a[0, :, 2] = 1.0  # spread evenly: half of it inside object 1
+    assert float(train.grounding_loss([a], token_obj, masks)) == pytest.approx((0 + 0.5 ** 2) / 2)
+    coarse = torch.nn.functional.avg_pool2d(a.transpose(1, 2).reshape(1, 3, 16, 16), 4).flatten(2).transpose(1, 2)
+    assert float(train.grounding_loss([a, coarse], token_obj, masks)) == pytest.approx(0.125)  # pooled alike
+    assert float(train.grounding_loss([a], torch.full((1, 3), -1), masks)) == 0
+
+
+def test_cross_attention_maps_keep_the_gradient_and_leave_the_output_alone():
+    from training.models import TEXT_DIM
+
+    torch.manual_seed(0)
+    unet = train.make_unet().eval()
+    x, t, text = torch.randn(2, 4, train.LATENT, train.LATENT), torch.tensor([500, 900]), torch.randn(2, 5, TEXT_DIM)
+    with torch.no_grad():
+        plain = unet(x, t, text).sample
+    attention = train.CrossAttentionMaps(unet)
+    out = unet(x, t, text).sample
+    torch.testing.assert_close(out, plain)
+    sides = sorted(round(m.shape[1] ** 0.5) for m in attention.maps)
+    assert sides == [4] * 4 + [8] * 3 + [16] * 3  # down 1 + mid 1 + up 2 at 4x4; down 1 + up 2 at 8 and 16
+    for m in attention.maps:
+        assert m.shape[0] == 2 and m.shape[2] == 5
+        torch.testing.assert_close(m.sum(-1), torch.ones(m.shape[:2]))
+    masks = torch.zeros(2, 2, train.LATENT, train.LATENT)
+    masks[:, 0, 4:12, 4:12] = 1
+    train.grounding_loss(attention.maps, torch.tensor([[-1, 0, 0, -1, -1]] * 2), masks).backward()
+    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_q.weight.grad.abs().sum() > 0
