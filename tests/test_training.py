@@ -13,7 +13,7 @@ from training import train
 
 TOY = ["--threads", "2", "--vae-steps", "2", "--eval-every-vae", "2", "--n-latents", "64",
        "--unet-batch", "4", "--unet-steps", "4", "--eval-every-unet", "2", "--shape-steps", "2",
-       "--eval-every-shape", "2", "--quick-n", "2", "--quick-n-shape", "2", "--steps", "2", "--guidance-grid", "2.0",
+       "--eval-every-shape", "2", "--quick-n", "2", "--quick-n-shape", "2", "--steps", "2", "--guidance-grid", "2.0", "--guidance-n", "2",
        "--depth-steps", "2", "--eval-every-depth", "2", "--quick-n-depth", "2", "--dpt-steps", "2",
        "--dpt-batch", "2"]
 

@@ -256,8 +256,10 @@ CONTACT_PROMPTS = [
 ]
 
 
-def contact_sheet(pipe, cfg, path, seed=0, n_seeds=4):
-    """One row per caption in CONTACT_PROMPTS, one column per seed (`seed` .. `seed + n_seeds - 1`)."""
+def contact_sheet(pipe, cfg, path, seed, n_seeds=4):
+    """One row per caption in CONTACT_PROMPTS, one column per seed (`seed` .. `seed + n_seeds - 1`; main
+    passes `--seed` x 100000, which no training stream draws: phase 1's noise seeds 0-3999 drew better
+    pictures than fresh ones, training/NOTES.md, session 18)."""
     prompts = [p for p in CONTACT_PROMPTS for _ in range(n_seeds)]
     ims = generate(pipe, prompts, cfg, [seed + i % n_seeds for i in range(len(prompts))])
     w, cap_w, font = cfg["width"], 250, ImageFont.load_default()
@@ -350,7 +352,7 @@ def main():
     print(table)
     print(f"eval time {time.time() - t_start:.0f}s")
     if not args.no_write:
-        contact_sheet(pipe, cfg, Path(args.model) / layout.CONTACT_SHEET)
+        contact_sheet(pipe, cfg, Path(args.model) / layout.CONTACT_SHEET, args.seed * 100_000)
         Path(args.results).write_text(
             "# Stepwise micro model: evaluation\n\n"
             f"Command: `{cmd.strip()}` (torch threads {args.threads}; CPU; {time.time() - t_start:.0f} s)\n\n"

@@ -545,10 +545,11 @@ def stage_export(args, run: Path, vae, data, unet, te, tok, dunet, dpt, proc):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vae.register_to_config(scaling_factor=data["scaling_factor"])
-    # pick the guidance scale on fresh captions, as many as phase 2's stop check: 40 were too noisy to rank
+    # pick the guidance scale on fresh captions: 80 were too noisy to rank (partial captions read 89% at
+    # guidance 2 and 82% at 4 on 80; 88% and 93% on 160 others, training/NOTES.md, session 19)
     best = None
     for g in args.guidance_grid:
-        acc = quick_eval_txt2img(vae, te, tok, unet, args.quick_n_shape, args.seed + 1, g, args.steps)
+        acc = quick_eval_txt2img(vae, te, tok, unet, args.guidance_n, args.seed + 1, g, args.steps)
         log(run, f"export: guidance {g} quick eval {acc}")
         if best is None or min(acc.values()) > best[1]:
             best = (g, min(acc.values()))
@@ -615,11 +616,12 @@ def main():
     ap.add_argument("--corner-weight", type=float, default=20.0)
     ap.add_argument("--corner-weight-1", type=float, default=8.0, help="phase 1's weight on the pixels that tell the shapes apart")
     ap.add_argument("--eval-every-shape", type=int, default=250)
-    ap.add_argument("--quick-n-shape", type=int, default=80, help="captions in phase 2's stop check and in the export's guidance ranking")
+    ap.add_argument("--quick-n-shape", type=int, default=80, help="captions in phase 2's stop check")
     ap.add_argument("--quick-n", type=int, default=40)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0)
-    ap.add_argument("--guidance-grid", type=float, nargs="+", default=[2.0, 4.0, 6.0])
+    ap.add_argument("--guidance-grid", type=float, nargs="+", default=[2.0, 3.0, 4.0, 6.0])
+    ap.add_argument("--guidance-n", type=int, default=200, help="captions of each kind that rank the guidance scales")
     # depth UNet
     ap.add_argument("--depth-steps", type=int, default=300)
     ap.add_argument("--depth-lr", type=float, default=5e-4)
