@@ -75,7 +75,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def url(tiny_dir):
     """The app on the tiny model, served on localhost for this test module (its own cache)."""
-    demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir), "--preset", "micro-txt2img"]),
+    demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir)]),
                                   ModelCache(device="cpu"))
     demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
     yield demo.local_url

@@ -29,7 +29,7 @@ def server_cache():
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, server_cache):
-    args = app_module.parse_args(["--model", str(tiny_dir), "--preset", "micro-txt2img"])
+    args = app_module.parse_args(["--model", str(tiny_dir)])
     demo = app_module.create_demo(args, server_cache)
     demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
     yield demo

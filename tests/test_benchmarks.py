@@ -103,7 +103,7 @@ def test_attention_benchmark_prints_the_shares_of_each_word(tmp_path, capsys):
     saved = json.loads((tmp_path / "a.json").read_text())
     assert saved["mid_step"] == 10 and saved["caption_stream"] == [18, 1800]
     assert set(saved["headline"]) == {"shape", "colour", "background"} and len(saved["per_step_shape"]) == 20
-    assert [row["prompt"] for row in saved["captions_rows"]] == ["a black circle at the top, white background"]
+    assert [row["prompt"] for row in saved["captions_rows"]] == ["an orange triangle at the bottom, green background"]
 
 
 def test_attention_cost_benchmark_times_off_and_on_in_a_child_process():

@@ -183,6 +183,7 @@ def test_inside_the_denoiser_follows_the_step_slider_and_the_token(page):
     """With attention recorded: noise_pred, what the step removed, the guidance pair and its difference,
     a token's map over x0 and every token's, and the guidance plot, each with content, each changing
     with the step; another token chip, another overlay."""
+    page.locator("#prompt textarea").fill("a red circle on the left, blue background")  # words to map
     set_number(page, "steps", 6)
     page.locator("#record-attention input").check()
     page.click("#generate-txt2img")

@@ -10,7 +10,7 @@ from .test_browser import SHOTS, browser, scrub_and_export, set_number  # noqa: 
 @pytest.fixture
 def serve(serve_tiny, tmp_path):
     """serve(*flags): the app on the tiny model saving in tmp_path/outputs; closed after the test."""
-    return lambda *flags: serve_tiny("--preset", "micro-txt2img", "--outputs", str(tmp_path / "outputs"), *flags)
+    return lambda *flags: serve_tiny("--outputs", str(tmp_path / "outputs"), *flags)
 
 
 @pytest.fixture

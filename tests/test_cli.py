@@ -65,13 +65,15 @@ RUN = dict(prompt="a red circle on the left, blue background", negative_prompt="
 
 def test_16_bit_depth_map_case_is_used_at_its_full_range(app_py):
     final = list(Client(app_py.url, verbose=False).submit(
-        **RUN, steps=8, image=handle_file(str(CASES / "rgba_transparent.png")),
+        **dict(RUN, width=128, height=128), steps=8, image=handle_file(str(CASES / "rgba_transparent.png")),
         depth_map=handle_file(str(CASES / "depth16.png")), strength=1.0, api_name="/depth2img"))[-1]
     shown = np.asarray(Image.open(final[OUT["depth"]]).convert("L")).astype(int)
     # 60000 (near, left) down to 1000 (far, right), at the 16x16 latents: every level from white to black
     # in order; cut to 8 bits it was refused as flat (all 255), or a map with values under 255 lost the rest
     assert shown.shape == (16, 16) and np.abs(shown - np.arange(255, -1, -17)).max() <= 1
-    assert "depth_map:" not in final[OUT["info"]]  # used as sent: nothing to say about it
+    # the 64x64 case runs at the bundled model's 128x128: its size is the one thing to say about it
+    notes = [line for line in final[OUT["info"]].splitlines() if "depth_map:" in line]
+    assert notes == ["⚠ depth_map: resized from 64x64 to 128x128"], notes
 
 
 def img2img(url: str, case: str) -> tuple[np.ndarray, str]:
@@ -103,8 +105,9 @@ def test_dynamic_prompts_settings_case_loads_its_settings_and_reports_the_templa
               "CFG 7.0, scheduler Euler a.")
     not_loaded = ["line after the settings line, not loaded: Template: a {cat|dog}, masterpiece",
                   "line after the settings line, not loaded: Negative Template: ugly",
-                  # the bundled model is 64 px (sides 16..256)
-                  "size 512x768 does not fit the loaded model (width: must be between 16 and 256, got 512): kept yours"]
+                  # the bundled model is 128 px (sides 16..512)
+                  "size 512x768 does not fit the loaded model (height: must be between 16 and 512, got 768): "
+                  "kept yours"]
     assert got["error"] is None and got["toasts"] == [("info", loaded), ("warning", "; ".join(not_loaded))]
     skip = {"__type__": "update"}
     assert got["outputs"][:8] == ["a cat, masterpiece", "ugly", 1234, 20, 7.0, skip, skip, "Euler a"]

@@ -40,10 +40,11 @@ def test_limits_follow_the_model(tiny_dir):
 
 def test_bundled_limits_and_presets():
     checkpoint = ModelCache(device="cpu").checkpoint("bundled")
-    assert checkpoint.native_side == 64 and checkpoint.limits().max_side == 256
+    assert checkpoint.native_side == 128 and checkpoint.limits().max_side == 512
     demo = demo_for("bundled")
     offered = {value for _, value in component(demo, label="Preset").choices}
-    assert offered == {"micro-txt2img", "micro-img2img", "micro-depth2img"}  # no 512 px SD presets on a 64 px model
+    # no 512x512 SD presets on a 128 px model (at most 4x its pixels: 256x256)
+    assert offered == {"micro-txt2img", "micro-img2img", "micro-depth2img"}
 
 
 def test_presets_that_do_not_fit_are_not_offered_or_taken(tiny_dir):
@@ -108,7 +109,8 @@ def test_importing_app_builds_nothing():
     assert not any(isinstance(v, (gr.Blocks, ModelCache)) for v in vars(module).values())
 
 
-def test_the_readme_client_example_runs_as_written(tiny_dir, tmp_path, monkeypatch):
+def test_the_readme_client_example_runs_as_written(tmp_path, monkeypatch):
+    """On the bundled model, as `python app.py` serves it: the example's sizes are the bundled model's."""
     from pathlib import Path
 
     from .test_app import free_port
@@ -116,7 +118,7 @@ def test_the_readme_client_example_runs_as_written(tiny_dir, tmp_path, monkeypat
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme[readme.index("### From scripts"):]
     code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
-    demo = demo_for(tiny_dir)
+    demo = demo_for("bundled")
     demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
     try:
         monkeypatch.chdir(tmp_path)
@@ -136,8 +138,8 @@ def test_the_readme_client_example_runs_as_written(tiny_dir, tmp_path, monkeypat
     run, tokens = scope["run"], scope["tokens"]
     n, c, h, w = run["x0"].shape
     assert n == 20 and run["latents"].shape == (21, c, h, w) and run["attention"].shape == (20, len(tokens), h, w)
-    assert "".join(tokens) == "aredcircleontheleft,bluebackground"  # the tiny tokenizer reads letters
-    assert scope["g"] == 4.0
+    assert tokens == ["a", "red", "circle", "on", "the", "left", ",", "blue", "background"]
+    assert scope["g"] == 3.0  # the example's guidance_scale
 
 
 def test_set_up_is_two_commands_and_ci_runs_the_second():

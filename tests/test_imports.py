@@ -94,7 +94,7 @@ def test_the_bundled_model_has_the_bundled_layout():
     assert (folder / layout.DEPTH_ESTIMATOR / "preprocessor_config.json").is_file()
     rgb = layout.read_latent_rgb(folder)
     assert len(rgb["matrix"]) == 4 and all(len(row) == 3 for row in rgb["matrix"]) and len(rgb["bias"]) == 3
-    assert layout.read_card(folder)["width"] == 64
+    assert layout.read_card(folder)["width"] == 128
 
 
 def _layout_paths(tree: ast.AST) -> list[int]:

@@ -132,14 +132,14 @@ def micro():
 def test_step_zero_is_the_noised_input_image(cache, micro, make_request, scene, tmp_path, mode, scheduler):
     """At strength 0.1 a run starts from the input image's latents with a little noise
     (noise level 0.335 on the micro model's schedule): step 0 shows that, not the seed's noise."""
-    req = make_request(mode, steps=20, strength=0.1, preview="full-vae", scheduler=scheduler)
-    view = record(req, cache, micro, tmp_path / mode)
+    big = scene.resize((128, 128), Image.NEAREST)  # the micro model's native size
+    kw = dict(steps=20, preview="full-vae", scheduler=scheduler, width=128, height=128)
+    view = record(make_request(mode, strength=0.1, image=big, **kw), cache, micro, tmp_path / mode)
     inspector = Inspector(Anatomy(micro))
     start, x0, _, info, *_ = inspector.show([view], 0, None, 0)
-    noise, *_ = inspector.show([record(make_request(steps=20, preview="full-vae", scheduler=scheduler), cache,
-                                       micro, tmp_path / "txt2img")], 0, None, 0)
-    error = np.abs(pixels(start).astype(float) - pixels(scene)).mean()
-    assert error < 30 and np.abs(pixels(noise).astype(float) - pixels(scene)).mean() > 60
+    noise, *_ = inspector.show([record(make_request(**kw), cache, micro, tmp_path / "txt2img")], 0, None, 0)
+    error = np.abs(pixels(start).astype(float) - pixels(big)).mean()
+    assert error < 30 and np.abs(pixels(noise).astype(float) - pixels(big)).mean() > 60
     assert x0 is None and "input image's latents, noised to strength 0.1" in info
     assert len(view.frames) == 2 and view.levels[0] == pytest.approx(0.335, abs=1e-3)
 

@@ -34,7 +34,7 @@ BASE = dict(COMMON, steps=STEPS)
 @pytest.fixture(scope="module")
 def served(tiny_dir):
     cache = ModelCache(device="cpu")
-    demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir), "--preset", "micro-txt2img"]), cache)
+    demo = app_module.create_demo(app_module.parse_args(["--model", str(tiny_dir)]), cache)
     demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
     yield SimpleNamespace(demo=demo, cache=cache, url=demo.local_url, source=str(tiny_dir))
     demo.close()

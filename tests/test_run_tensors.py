@@ -25,7 +25,7 @@ def micro():
 
 
 def micro_request(mode, scene, **overrides):
-    raw = dict(mode=mode, prompt=PROMPT, seed=5, steps=8, guidance_scale=4.0, width=64, height=64, scheduler="DDIM",
+    raw = dict(mode=mode, prompt=PROMPT, seed=5, steps=8, guidance_scale=4.0, width=128, height=128, scheduler="DDIM",
                preview="latent-rgb", view="x0", strength=0.75)
     if mode != "txt2img":
         raw["image"] = scene
@@ -129,12 +129,12 @@ def test_an_empty_prompt_records_no_maps_and_says_so(micro, scene):
 
 
 def test_a_prompt_past_the_models_own_token_limit_is_noted_at_that_limit(micro, scene):
-    # the bundled tokenizer reads 20 tokens (its model_max_length), not CLIP's usual 77
-    frames, final = run(micro_request("txt2img", scene, prompt=" ".join([PROMPT] * 3), record_attention=True), micro)
-    assert len(frames[0].tokens) == 18  # 20 less the start and end markers
-    # 27 words and the two markers: the first 18 words are read, the third caption is cut
+    # the bundled tokenizer reads 32 tokens (its model_max_length), not CLIP's usual 77
+    frames, final = run(micro_request("txt2img", scene, prompt=" ".join([PROMPT] * 4), record_attention=True), micro)
+    assert len(frames[0].tokens) == 30  # 32 less the start and end markers
+    # 36 words and the two markers: the first 30 words are read, the fourth caption is cut after "circle"
     assert [n for n in final.notes if n.startswith("prompt:")] == [
-        "prompt: 29 tokens, CLIP reads 20; cut off: “a red circle on the left , blue background”"]
+        "prompt: 38 tokens, CLIP reads 32; cut off: “on the left , blue background”"]
 
 
 def test_a_stopped_run_gives_the_tensors_of_the_steps_it_made(micro, tmp_path):
@@ -153,7 +153,7 @@ def test_a_stopped_run_gives_the_tensors_of_the_steps_it_made(micro, tmp_path):
 
     store = RunStore(tmp_path)
     handler = Runner(stop_after_three, store, micro.checkpoint("bundled").limits(), "micro").handler("txt2img")
-    *_, last = handler(SimpleNamespace(session_hash="s"), prompt=PROMPT, seed=1, steps=12, width=64, height=64,
+    *_, last = handler(SimpleNamespace(session_hash="s"), prompt=PROMPT, seed=1, steps=12, width=128, height=128,
                        scheduler="DDIM", record_attention=True)
     assert last[OUT["info"]].startswith("Stopped at step 3/12")
     with safe_open(last[OUT["tensors"]], framework="pt") as f:

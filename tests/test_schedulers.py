@@ -191,12 +191,14 @@ def test_ideal_denoiser_catches_each_misfit(sd_config):
 # ---------------------------------------------------------------- real runs
 
 def run(cache, source, name, steps, seed=0):
-    """One txt2img run through `generate` at 64x64: the final image as float pixels (H, W, 3), 0..255.
+    """One txt2img run through `generate` at the micro model's native 128x128 (64x64 for the tiny model):
+    the final image as float pixels (H, W, 3), 0..255.
 
     Every frame's latents and x0 must be finite (a NaN would decode to a flat black image).
     """
+    side = 128 if source == str(MICRO) else 64
     req = GenerationRequest(mode="txt2img", prompt="a red circle on the left, blue background", seed=seed,
-                            steps=steps, guidance_scale=4.0, width=64, height=64, scheduler=name)
+                            steps=steps, guidance_scale=4.0, width=side, height=side, scheduler=name)
     out = list(generate(req, cache, source=source))
     frames = [o for o in out if isinstance(o, Frame)]
     (final,) = [o for o in out if isinstance(o, Final)]

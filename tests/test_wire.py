@@ -89,7 +89,7 @@ class Loopback:
 
 
 def test_the_app_on_workers_streams_their_frames_and_lets_their_concurrency_run(tiny_dir, cache):
-    args = app_module.parse_args(["--model", str(tiny_dir), "--preset", "micro-txt2img"])
+    args = app_module.parse_args(["--model", str(tiny_dir)])
     demo = app_module.create_demo(args, cache, Loopback(cache))
     demo.launch(prevent_thread_lock=True, **app_module.launch_options("127.0.0.1", free_port()))
     try:
