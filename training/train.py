@@ -174,28 +174,21 @@ def quick_eval_txt2img(vae, te, tok, unet, n, seed, guidance, steps):
     """Share right per attribute on `n` fresh full captions of one object, plus "partial": shape right
     on `n` partial captions (training.evaluate's four forms in turn)."""
     from diffusers import StableDiffusionPipeline
-    from .evaluate import partial_caption
-    from .scorer import score
+    from .evaluate import partial_caption, scored
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
                                    scheduler=make_inference_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    cfg = {"width": RES, "height": RES, "steps": steps, "guidance_scale": guidance}
     # the targets are for one object; streams 7 and 9 are the checks' own (training.evaluate uses others)
     full = [(S.canonical_caption(s), S.named(s)) for s in (S.sample_scene(np.random.default_rng([seed, 7]), 1)
                                                             for _ in range(n))]
     rng = np.random.default_rng([seed, 9])
     part = [partial_caption(S.sample_scene(rng, 1), i % 4) for i in range(n)]
-    acc = {}
-    for i in range(0, 2 * n, 20):
-        chunk = (full + part)[i:i + 20]
-        g = [torch.Generator().manual_seed(CHECK_NOISE + seed * 1000 + i + j) for j in range(len(chunk))]
-        ims = pipe([c for c, _ in chunk], height=RES, width=RES, num_inference_steps=steps,
-                   guidance_scale=guidance, generator=g).images
-        for k, (im, (_, want)) in enumerate(zip(ims, chunk)):
-            got = score(im, want)
-            for key, v in (got.items() if i + k < n else [("partial", got["shape"])]):
-                acc[key] = acc.get(key, 0) + v
-    return {k: v / n for k, v in acc.items()}  # counts over n: 76 of 80 is 0.95 exactly, at the bar
+    first = CHECK_NOISE + seed * 1000
+    acc, _, _ = scored(pipe, cfg, *zip(*full), range(first, first + n))
+    partial, _, _ = scored(pipe, cfg, *zip(*part), range(first + n, first + 2 * n))
+    return {**acc, "partial": partial["shape"]}  # means of n: 76 of 80 is 0.95 exactly, at the bar
 
 
 def shape_weight(depth: torch.Tensor, extra: float) -> torch.Tensor:
@@ -397,11 +390,12 @@ def train_unet(args, run: Path, name, data, te, tok, unet, *, steps, lr, warm, t
             w = weight[ti]
             loss = ((pred - target).pow(2) * w).sum() / (w.sum() * pred.shape[1])
         if attention:
-            g_loss = grounding_loss(attention.maps, named_objects(tok, ids, [scs[i] for i in idx]).to(DEV),
-                                    object_masks([scs[i] for i in idx]).to(DEV))
+            batch = [scs[i] for i in idx]
+            grounding = grounding_loss(attention.maps, named_objects(tok, ids, batch).to(DEV),
+                                       object_masks(batch).to(DEV))
             attention.maps.clear()
-            run_ground += g_loss.item()
-            loss = loss + ground * g_loss
+            run_ground += grounding.item()
+            loss = loss + ground * grounding
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
